@@ -1,0 +1,64 @@
+"""Prometheus metrics of one node.
+
+Each node has its own registry, so several nodes in one process (tests,
+devnet) never mix their figures; ``/metrics`` exposes that registry.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+#: Ops counted under their own label; anything else is "other", so a client
+#: inventing op names cannot grow the label set without bound.
+KNOWN_OPS = frozenset({
+    "register", "peers", "time", "info", "hello", "exchange",
+    "publish", "subscribe", "unsubscribe",
+})
+
+
+class NodeMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections = Gauge(
+            "foxnode_connections", "Open WebSocket connections",
+            ["kind"], registry=r)
+        self.requests = Counter(
+            "foxnode_requests", "Requests answered, by op and status",
+            ["op", "status"], registry=r)
+        self.bad_messages = Counter(
+            "foxnode_bad_messages", "Messages that were not valid requests", registry=r)
+        self.store_size = Gauge(
+            "foxnode_peer_store_size", "Addresses in the peer store", registry=r)
+        self.store_writes = Histogram(
+            "foxnode_peer_store_write_seconds",
+            "Time to write and fsync the peers file (one write commits many changes)",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r)
+        self.peer_connections = Gauge(
+            "foxnode_peer_connections", "Live handshaken peer connections",
+            ["direction"], registry=r)
+        self.dials = Counter(
+            "foxnode_dials", "Outbound dial attempts, by result", ["result"], registry=r)
+        self.disconnects = Counter(
+            "foxnode_peer_disconnects", "Peer connections ended, by reason", ["reason"], registry=r)
+        self.gossip_received = Counter(
+            "foxnode_gossip_envelopes_received", "Envelopes received from peers, by outcome",
+            ["outcome"], registry=r)
+        self.gossip_sent = Counter(
+            "foxnode_gossip_envelopes_sent", "Envelopes forwarded to peers", registry=r)
+        self.gossip_delivered = Counter(
+            "foxnode_gossip_deliveries", "Messages delivered to local subscribers", registry=r)
+        self.send_dropped = Counter(
+            "foxnode_send_dropped", "Frames dropped because a connection's send queue was full",
+            ["kind"], registry=r)
+        self.rate_limited = Counter(
+            "foxnode_rate_limited", "Requests refused by a rate limit", registry=r)
+
+    def count_request(self, op: str, status: int) -> None:
+        self.requests.labels(op if op in KNOWN_OPS else "other", str(status)).inc()
+
+    def watch_store(self, size: Callable[[], int]) -> None:
+        self.store_size.set_function(size)

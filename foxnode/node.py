@@ -1,0 +1,220 @@
+"""The node: what each op does, independent of sockets.
+
+A ``Node`` is the handler behind every WebSocket connection (see
+protocol.py). Ops are plain methods taking the connection and the request's
+``args`` and returning a ``codec.Reply`` or a Deferred of one, so they are
+tested by calling them. The peer manager (peers.py) and gossip (gossip.py)
+hang off the node and receive the connections' events.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import attrs
+import orjson
+from twisted.internet.defer import Deferred
+
+from foxnode import PROTOCOL_VERSION, __version__, address, codec, logs
+from foxnode.identity import Identity
+from foxnode.metrics import NodeMetrics
+from foxnode.store import REGISTER, PeerStore, StoreWriteError
+
+log = logs.logger(__name__)
+
+
+@attrs.frozen
+class NodeConfig:
+    """What a node is told at start; validated once, by tap.py."""
+
+    network: str = "foxchain"
+    #: the URL other nodes should dial; None: announce the port only
+    advertise: str | None = None
+    bootstrap: tuple[str, ...] = ()
+    #: addresses one ``register`` request may carry
+    max_register_addrs: int = 100
+    max_message_size: int = 1 << 20
+
+
+Op = Callable[[Any, Any], Any]
+
+
+class Node:
+    def __init__(self, reactor: Any, config: NodeConfig, identity: Identity,
+                 store: PeerStore, metrics: NodeMetrics | None = None) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.identity = identity
+        self.store = store
+        self.metrics = metrics or NodeMetrics()
+        self.metrics.watch_store(lambda: len(self.store))
+        self.started = reactor.seconds()
+        #: the TCP port we listen on, once listening
+        self.listen_port: int | None = None
+        self.connections: set = set()
+        self._peers_cache: tuple[int, Any] = (-1, None)
+        self._ops: dict[str, Op] = {
+            "register": self.op_register,
+            "peers": self.op_peers,
+            "time": self.op_time,
+            "info": self.op_info,
+        }
+        #: callbacks run with the list of newly stored addresses (the dialer)
+        self.on_new_addresses: list[Callable[[list[str]], None]] = []
+        #: extra sources of ``info`` fields and event handlers, installed by
+        #: the peer manager and gossip
+        self.event_handlers: dict[str, Callable[[Any, codec.Event], None]] = {}
+        self.lost_hooks: list[Callable[[Any, int | None, str | None], None]] = []
+        self.start_hooks: list[Callable[[], None]] = []
+        self.stop_hooks: list[Callable[[], None]] = []
+
+    @property
+    def node_id(self) -> str:
+        return self.identity.node_id
+
+    def add_op(self, name: str, op: Op) -> None:
+        self._ops[name] = op
+
+    def start(self) -> None:
+        """Begin the node's own activity (dialing peers), once listening."""
+        for hook in self.start_hooks:
+            hook()
+
+    def stop(self) -> Deferred:
+        """Stop activity and flush the peer store; fires when it is on disk."""
+        for hook in self.stop_hooks:
+            hook()
+        return self.store.close()
+
+    # -- ConnectionHandler -------------------------------------------------------
+
+    def connection_opened(self, conn: Any) -> None:
+        self.connections.add(conn)
+        self.metrics.connections.labels(conn.direction).inc()
+        log.debug("connection opened: {conn}", conn=conn.describe())
+
+    def handle_request(self, conn: Any, request: codec.Request) -> Any:
+        op = self._ops.get(request.op)
+        if op is None:
+            self.metrics.count_request("other", 404)
+            return codec.not_found_op(request.op)
+        result = op(conn, request.args)
+        if isinstance(result, codec.Reply):
+            self.metrics.count_request(request.op, result.status)
+        else:
+            result.addCallback(self._counted, request.op)
+        return result
+
+    def _counted(self, reply: codec.Reply, op: str) -> codec.Reply:
+        self.metrics.count_request(op, reply.status)
+        return reply
+
+    def handle_event(self, conn: Any, event: codec.Event) -> None:
+        handler = self.event_handlers.get(event.name)
+        if handler is None:
+            log.debug("{conn}: ignored event {name!r}", conn=conn.describe(), name=event.name)
+            return
+        handler(conn, event)
+
+    def connection_lost(self, conn: Any, code: int | None, reason: str | None) -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.metrics.connections.labels(conn.direction).dec()
+        for hook in self.lost_hooks:
+            hook(conn, code, reason)
+
+    # -- the lab's ops ---------------------------------------------------------------
+
+    def op_register(self, conn: Any, args: Any) -> Any:
+        if not isinstance(args, dict) or "addr" not in args:
+            return codec.missing_args("register", "addr")
+        given = args["addr"]
+        if not isinstance(given, list):
+            given = [given]
+        valid: list[str] = []
+        rejected: list[dict[str, Any]] = []
+        limit = self.config.max_register_addrs
+        for i, addr in enumerate(given):
+            if i >= limit:
+                rejected.append({"addr": addr, "reason": f"more than {limit} addresses in one request"})
+                continue
+            try:
+                valid.append(address.parse(addr).url)
+            except address.InvalidAddress as e:
+                rejected.append({"addr": addr if isinstance(addr, str) else repr(addr)[:100], "reason": str(e)})
+        result = self.store.add(valid, REGISTER)
+        rejected.extend(result.rejected)
+        response = {"accepted": result.accepted, "rejected": rejected}
+        if result.accepted:
+            for notify in self.on_new_addresses:
+                notify(result.accepted)
+
+        def written(_: Any) -> codec.Reply:
+            return codec.accepted(response)
+
+        def failed(failure: Any) -> codec.Reply:
+            failure.trap(StoreWriteError)
+            return codec.unavailable(f"Peer store unavailable: {failure.value}; nothing was registered.")
+
+        return result.durable.addCallbacks(written, failed)
+
+    def op_peers(self, conn: Any, args: Any) -> codec.Reply:
+        generation, cached = self._peers_cache
+        if generation != self.store.generation:
+            # Serialized once per change of the address set, not per request.
+            cached = orjson.Fragment(orjson.dumps({"peers": self.store.addresses()}))
+            self._peers_cache = (self.store.generation, cached)
+        return codec.ok(cached)
+
+    def op_time(self, conn: Any, args: Any) -> codec.Reply:
+        return codec.ok({"time": time.time(), "time_zone": time.strftime("%Z")})
+
+    def op_info(self, conn: Any, args: Any) -> codec.Reply:
+        return codec.ok(self.info(conn))
+
+    # -- views -----------------------------------------------------------------------
+
+    def listen_address(self, conn: Any = None) -> str | None:
+        """Where this node can be reached: ``--advertise``, or the local
+        address the asking connection came in on."""
+        if self.config.advertise:
+            return self.config.advertise
+        if self.listen_port is None:
+            return None
+        host = conn.local_host if conn is not None else "127.0.0.1"
+        return address.with_host(self.listen_port, host)
+
+    def live_peers(self) -> list[dict[str, Any]]:
+        return [
+            {"node_id": c.node_id, "addr": c.peer_addr, "direction": c.direction}
+            for c in self.connections if c.node_id is not None
+        ]
+
+    def info(self, conn: Any = None) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "network": self.config.network,
+            "version": __version__,
+            "protocol": PROTOCOL_VERSION,
+            "listen": self.listen_address(conn),
+            "uptime": round(self.reactor.seconds() - self.started, 3),
+            "connected": self.live_peers(),
+        }
+
+    def health(self) -> dict[str, Any]:
+        live = self.live_peers()
+        return {
+            "status": "ok",
+            "node_id": self.node_id,
+            "network": self.config.network,
+            "version": __version__,
+            "uptime": round(self.reactor.seconds() - self.started, 3),
+            "peers": {
+                "known": len(self.store),
+                "connected": len(live),
+                "inbound": sum(1 for p in live if p["direction"] == "in"),
+                "outbound": sum(1 for p in live if p["direction"] == "out"),
+            },
+            "connections": len(self.connections),
+        }

@@ -1,0 +1,314 @@
+"""The Autobahn WebSocket protocols, server and client.
+
+They are thin: each frame goes through the codec and becomes a call on a
+*handler* (the node, or a plain client); what the handler returns becomes a
+frame. Both directions of every connection can carry requests, replies and
+events, so a node that dialed a peer answers that peer's requests over the
+same socket, exactly as the listening side does.
+
+Replies leave in request order, even when a later request (``time``) is
+answered before an earlier one (a ``register`` waiting for the disk).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from typing import Any, Protocol as TypingProtocol
+
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout, maybeDeferred
+from foxnode import logs
+from twisted.python.failure import Failure
+
+from foxnode import codec
+
+NONCE_HEADER = "X-Foxnode-Nonce"
+INTERNAL_ERROR = codec.Reply(500, "Internal error; the node logged it.")
+
+#: Close codes (RFC 6455 and the private range 4000-4999 for foxnode reasons)
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_TRY_AGAIN = 1013
+
+
+class ConnectionHandler(TypingProtocol):
+    """What a protocol calls; the node implements it, and so does a client."""
+
+    def connection_opened(self, conn: "FoxConnection") -> None: ...
+
+    def handle_request(self, conn: "FoxConnection", request: codec.Request) -> Any: ...
+
+    def handle_event(self, conn: "FoxConnection", event: codec.Event) -> None: ...
+
+    def connection_lost(self, conn: "FoxConnection", code: int | None, reason: str | None) -> None: ...
+
+
+class RequestFailed(Exception):
+    """A request whose connection closed before its reply came."""
+
+
+class FoxConnection:
+    """The part the server and client protocols share (a mixin on top of
+    Autobahn's protocol classes)."""
+
+    _log = logs.logger(__name__)  # Autobahn owns ``.log``
+    direction = "?"
+    #: Shown in logs and ``info``; set by the node once a peer said hello.
+    node_id: str | None = None
+    #: The address other nodes dial to reach the remote (peers only).
+    peer_addr: str | None = None
+
+    def _fox_init(self) -> None:
+        self._pending: dict[str, Deferred] = {}
+        self._next_request = 0
+        self._replies: deque = deque()
+        self._lost_reported = False
+        self.fox_open = False
+        self._open_waiters: list[Deferred] = []
+        self._close_waiters: list[Deferred] = []
+        self._closed_result: tuple | None = None
+        self.close_code: int | None = None
+        self.close_reason: str | None = None
+        self.created = time.monotonic()
+        #: free-form per-connection state for the handler (rate limits, peer info)
+        self.fox_state: dict[str, Any] = {}
+
+    # -- what the handler uses -------------------------------------------------
+
+    @property
+    def handler(self) -> ConnectionHandler:
+        return self.factory.handler
+
+    @property
+    def remote_host(self) -> str:
+        return getattr(self.transport.getPeer(), "host", "?")
+
+    @property
+    def remote_port(self) -> int:
+        return getattr(self.transport.getPeer(), "port", 0)
+
+    @property
+    def local_host(self) -> str:
+        return getattr(self.transport.getHost(), "host", "?")
+
+    def describe(self) -> str:
+        who = self.node_id[:12] if self.node_id else "client"
+        return f"{who}@{self.remote_host}:{self.remote_port} ({self.direction})"
+
+    def when_opened(self) -> Deferred:
+        """Fires with this protocol once the WebSocket is open, or fails
+        with ``RequestFailed`` if it closes before."""
+        d: Deferred = Deferred()
+        if self.fox_open:
+            d.callback(self)
+        elif self._closed_result is not None:
+            d.errback(RequestFailed(f"connection closed before it opened ({self.close_code}: {self.close_reason})"))
+        else:
+            self._open_waiters.append(d)
+        return d
+
+    def when_closed(self) -> Deferred:
+        """Fires with ``(was_open, code, reason)`` once the connection is gone."""
+        d: Deferred = Deferred()
+        if self._closed_result is not None:
+            d.callback(self._closed_result)
+        else:
+            self._close_waiters.append(d)
+        return d
+
+    def request(self, op: str, args: Any = None, timeout: float | None = 30.0) -> Deferred:
+        """Send a request; the Deferred fires with its ``codec.Reply``."""
+        self._next_request += 1
+        rid = f"r{self._next_request}"
+        d: Deferred = Deferred()
+        self._pending[rid] = d
+        if timeout is not None:
+            d.addTimeout(timeout, self.factory.reactor)
+            d.addErrback(self._forget, rid)
+        self.send_frame(codec.encode_request(op, args, rid))
+        return d
+
+    def _forget(self, failure: Failure, rid: str) -> Failure:
+        self._pending.pop(rid, None)
+        return failure
+
+    def send_frame(self, frame: bytes) -> None:
+        if self.fox_open:
+            self.sendMessage(frame, isBinary=False)
+
+    def close(self, code: int = CLOSE_NORMAL, reason: str | None = None) -> None:
+        """Close with a close frame; the reason is at most 123 bytes of UTF-8."""
+        if reason is not None:
+            reason = reason.encode("utf-8")[:123].decode("utf-8", "ignore")
+        if self.fox_open:
+            self.sendClose(code, reason)
+        else:
+            self.dropConnection(abort=True)
+
+    # -- Autobahn callbacks ------------------------------------------------------
+
+    def onOpen(self) -> None:
+        self.fox_open = True
+        try:
+            self.handler.connection_opened(self)
+        except Exception:
+            self._log.failure("connection_opened failed for {conn}", conn=self.describe())
+            self.close(1011, "internal error")
+            return
+        if self.fox_open:
+            waiters, self._open_waiters = self._open_waiters, []
+            for d in waiters:
+                d.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        try:
+            message = codec.decode(payload)
+        except codec.CodecError as e:
+            has_id, rid = (False, None) if e.reply is codec.PARSE_ERROR else codec.request_id_of(payload)
+            self._log.debug("{conn}: bad message: {why}", conn=self.describe(), why=e.reply.error)
+            self._queue_reply(e.reply, has_id, rid)
+            return
+        if isinstance(message, codec.Request):
+            try:
+                result = self.handler.handle_request(self, message)
+            except Exception:
+                self._log.failure("op {op} failed for {conn}", op=message.op, conn=self.describe())
+                result = INTERNAL_ERROR
+            self._queue_reply(result, message.has_id, message.id)
+        elif isinstance(message, codec.Response):
+            waiting = self._pending.pop(message.id, None) if isinstance(message.id, str) else None
+            if waiting is not None:
+                waiting.callback(message.reply)
+            else:
+                self._log.debug("{conn}: reply to no request ({id!r})", conn=self.describe(), id=message.id)
+        else:
+            try:
+                self.handler.handle_event(self, message)
+            except Exception:
+                self._log.failure("event {event} failed for {conn}", event=message.name, conn=self.describe())
+
+    def _queue_reply(self, result: Any, has_id: bool, rid: Any) -> None:
+        if not isinstance(result, Deferred) and not self._replies:
+            self.send_frame(codec.encode_reply(result, has_id, rid))
+            return
+        slot = [None]
+        self._replies.append(slot)
+        d = maybeDeferred(lambda: result)
+        d.addErrback(self._internal_error)
+        d.addCallback(self._reply_ready, slot, has_id, rid)
+
+    def _internal_error(self, failure: Failure) -> codec.Reply:
+        self._log.failure("request failed for {conn}", failure, conn=self.describe())
+        return INTERNAL_ERROR
+
+    def _reply_ready(self, reply: codec.Reply, slot: list, has_id: bool, rid: Any) -> None:
+        slot[0] = codec.encode_reply(reply, has_id, rid)
+        while self._replies and self._replies[0][0] is not None:
+            self.send_frame(self._replies.popleft()[0])
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        was_open, self.fox_open = self.fox_open, False
+        self.close_code = code
+        self.close_reason = reason
+        pending, self._pending = self._pending, {}
+        for d in pending.values():
+            d.errback(RequestFailed(f"connection closed ({code}: {reason})"))
+        self._replies.clear()
+        waiters, self._open_waiters = self._open_waiters, []
+        for d in waiters:
+            d.errback(RequestFailed(f"connection closed before it opened ({code}: {reason})"))
+        if not self._lost_reported:
+            self._lost_reported = True
+            try:
+                self.handler.connection_lost(self, code, reason)
+            except Exception:
+                self._log.failure("connection_lost failed for {conn}", conn=self.describe())
+        self._closed_result = (was_open, code, reason)
+        waiters, self._close_waiters = self._close_waiters, []
+        for d in waiters:
+            d.callback(self._closed_result)
+
+
+class FoxServerProtocol(FoxConnection, WebSocketServerProtocol):
+    direction = "in"
+
+    def connectionMade(self) -> None:
+        self._fox_init()
+        self.handshake_nonce = os.urandom(16).hex()
+        super().connectionMade()
+
+    def onConnect(self, request: Any) -> tuple[None, dict[str, str]]:
+        # A fresh nonce in the upgrade response lets a dialing node prove
+        # its identity in its very first message (see peers.py).
+        return None, {NONCE_HEADER: self.handshake_nonce}
+
+
+class FoxClientProtocol(FoxConnection, WebSocketClientProtocol):
+    direction = "out"
+    server_nonce: str | None = None
+
+    def connectionMade(self) -> None:
+        self._fox_init()
+        super().connectionMade()
+
+    def onConnect(self, response: Any) -> None:
+        self.server_nonce = response.headers.get(NONCE_HEADER.lower())
+
+
+def _apply_options(factory: Any, max_message_size: int, ping_interval: float, ping_timeout: float,
+                   open_timeout: float) -> None:
+    factory.setProtocolOptions(
+        maxFramePayloadSize=max_message_size,
+        maxMessagePayloadSize=max_message_size,
+        # Idle and half-open connections are found by pings, not by TCP.
+        autoPingInterval=ping_interval,
+        autoPingTimeout=ping_timeout,
+        openHandshakeTimeout=open_timeout,
+        closeHandshakeTimeout=2,
+        # Always say why with a close frame (1007 for bad UTF-8, 1009 for
+        # too big), rather than just dropping the TCP connection.
+        failByDrop=False,
+        utf8validateIncoming=True,
+        tcpNoDelay=True,
+    )
+
+
+class FoxServerFactory(WebSocketServerFactory):
+    protocol = FoxServerProtocol
+
+    def __init__(self, handler: ConnectionHandler, reactor: Any, *,
+                 max_message_size: int = 1 << 20, ping_interval: float = 30.0,
+                 ping_timeout: float = 15.0, open_timeout: float = 10.0) -> None:
+        super().__init__(reactor=reactor)
+        self.handler = handler
+        self.reactor = reactor
+        _apply_options(self, max_message_size, ping_interval, ping_timeout, open_timeout)
+        # The lab's node accepted any origin; browsers on other pages may talk to us.
+        self.setProtocolOptions(allowedOrigins=["*"], perMessageCompressionAccept=lambda offers: None)
+
+
+class FoxClientFactory(WebSocketClientFactory):
+    protocol = FoxClientProtocol
+
+    def __init__(self, url: str, handler: ConnectionHandler, reactor: Any, *,
+                 max_message_size: int = 1 << 20, ping_interval: float = 30.0,
+                 ping_timeout: float = 15.0, open_timeout: float = 10.0,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(url, reactor=reactor, headers=headers or {})
+        self.handler = handler
+        self.reactor = reactor
+        _apply_options(self, max_message_size, ping_interval, ping_timeout, open_timeout)
+
+
+__all__ = [
+    "ConnectionHandler", "FoxConnection", "FoxServerProtocol", "FoxClientProtocol",
+    "FoxServerFactory", "FoxClientFactory", "RequestFailed", "DeferredTimeout",
+]

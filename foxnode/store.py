@@ -1,0 +1,360 @@
+"""The peer store: every address the node knows, in a human-readable JSON
+file that never loses an acknowledged write.
+
+Durability: a ``commit()`` Deferred fires only after the file holding the
+change was written to a temporary file, fsynced, renamed over the old one
+and the directory fsynced. Group commit: while one write is on its way to
+the disk, every change made meanwhile waits for the *next* write, so a burst
+of concurrent registers costs two fsyncs, not one per request. Bookkeeping
+updates (handshakes, failures) are only marked dirty and flushed lazily.
+
+The file is never overwritten when it could not be read: ``load`` refuses
+with a ``StoreError`` naming the file and the fault.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import attrs
+import orjson
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from foxnode import logs
+from twisted.python.failure import Failure
+
+from foxnode import address
+
+FORMAT = "foxnode/peers"
+VERSION = 1
+DEFAULT_MAX_PEERS = 10_000
+
+#: Sources of an address, as stored in its record.
+BOOTSTRAP = "bootstrap"
+REGISTER = "register"
+EXCHANGE = "exchange"
+HANDSHAKE = "handshake"
+
+log = logs.logger(__name__)
+
+
+class StoreError(Exception):
+    """The peers file cannot be used; the message names the file and fault."""
+
+
+class StoreWriteError(Exception):
+    """Writing the peers file failed; acknowledged nothing."""
+
+
+@attrs.define
+class PeerRecord:
+    addr: str
+    added: float
+    source: str
+    #: node id behind the address, once a handshake showed it
+    node_id: str | None = None
+    last_handshake: float | None = None
+    last_seen: float | None = None
+    failures: int = 0
+    last_error: str | None = None
+    #: the address turned out to be this node itself: never dial it
+    is_self: bool = False
+
+    @property
+    def verified(self) -> bool:
+        return self.last_handshake is not None
+
+    def to_json(self) -> dict[str, Any]:
+        d = attrs.asdict(self)
+        del d["addr"]
+        return d
+
+
+_FIELDS: dict[str, tuple[type, ...]] = {
+    "added": (int, float),
+    "source": (str,),
+    "node_id": (str, type(None)),
+    "last_handshake": (int, float, type(None)),
+    "last_seen": (int, float, type(None)),
+    "failures": (int,),
+    "last_error": (str, type(None)),
+    "is_self": (bool,),
+}
+
+
+def _record_from_json(addr: str, raw: Any, path: Path) -> PeerRecord:
+    where = f"peers file {path}: peer {addr!r}"
+    try:
+        address.parse(addr)
+    except address.InvalidAddress as e:
+        raise StoreError(f"{where}: invalid address ({e})") from None
+    if not isinstance(raw, dict):
+        raise StoreError(f"{where}: record is not an object")
+    values: dict[str, Any] = {}
+    for name, types in _FIELDS.items():
+        if name not in raw:
+            if name in ("added", "source"):
+                raise StoreError(f"{where}: missing field {name!r}")
+            continue
+        value = raw[name]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise StoreError(f"{where}: field {name!r} has the wrong type")
+        values[name] = value
+    if values.get("failures", 0) < 0:
+        raise StoreError(f"{where}: field 'failures' is negative")
+    return PeerRecord(addr=addr, **values)
+
+
+def load(path: str | os.PathLike, max_peers: int = DEFAULT_MAX_PEERS) -> list[PeerRecord]:
+    """Read and validate the peers file; a missing file is an empty store."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise StoreError(f"peers file {path}: cannot read ({e.strerror})") from None
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise StoreError(f"peers file {path}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise StoreError(f"peers file {path}: top level is not an object")
+    if doc.get("format") != FORMAT:
+        raise StoreError(f"peers file {path}: 'format' is not {FORMAT!r}")
+    if doc.get("version") != VERSION:
+        raise StoreError(f"peers file {path}: unsupported version {doc.get('version')!r}")
+    peers = doc.get("peers")
+    if not isinstance(peers, dict):
+        raise StoreError(f"peers file {path}: 'peers' is not an object")
+    if len(peers) > max_peers:
+        raise StoreError(f"peers file {path}: {len(peers)} peers, more than the limit {max_peers}")
+    return [_record_from_json(addr, raw, path) for addr, raw in peers.items()]
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash at any moment leaves
+    either the old or the new file, never a mix; runs in a thread."""
+    directory = path.parent
+    tmp = directory / f".{path.name}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        os.unlink(tmp)
+        raise
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+@attrs.define(eq=False)
+class AddResult:
+    accepted: list[str]
+    rejected: list[dict[str, str]]
+    #: fires when every accepted address is on disk
+    durable: Deferred
+
+
+class PeerStore:
+    """The node's known addresses, in memory, mirrored to one JSON file."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        path: str | os.PathLike,
+        records: Iterable[PeerRecord] = (),
+        max_peers: int = DEFAULT_MAX_PEERS,
+        flush_delay: float = 2.0,
+        on_write: Callable[[float], None] | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self.path = Path(path)
+        self.max_peers = max_peers
+        self.flush_delay = flush_delay
+        self._on_write = on_write
+        self._records: dict[str, PeerRecord] = {r.addr: r for r in records}
+        #: bumped on every change of the set of addresses, so callers can cache
+        self.generation = 0
+        self._writing = False
+        self._waiters: list[Deferred] = []
+        self._lazy_call: Any = None
+        self._dirty = False
+        self.writes = 0
+
+    @classmethod
+    def open(cls, reactor: Any, path: str | os.PathLike, **kw: Any) -> "PeerStore":
+        records = load(path, kw.get("max_peers", DEFAULT_MAX_PEERS))
+        return cls(reactor, path, records, **kw)
+
+    # -- reading ---------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, addr: str) -> bool:
+        return addr in self._records
+
+    def get(self, addr: str) -> PeerRecord | None:
+        return self._records.get(addr)
+
+    def addresses(self) -> list[str]:
+        return list(self._records)
+
+    def records(self) -> list[PeerRecord]:
+        return list(self._records.values())
+
+    # -- changing ----------------------------------------------------------
+
+    def add(self, addrs: Iterable[str], source: str, now: float | None = None) -> AddResult:
+        """Add valid, already-parsed addresses; returns which were taken and
+        a Deferred for their durability. Full stores evict never-verified
+        and failing addresses first; bootstrap addresses are never evicted."""
+        now = time.time() if now is None else now
+        accepted: list[str] = []
+        rejected: list[dict[str, str]] = []
+        fresh = []
+        for addr in addrs:
+            if addr in self._records or addr in fresh:
+                accepted.append(addr)
+            else:
+                fresh.append(addr)
+        overflow = len(self._records) + len(fresh) - self.max_peers
+        if overflow > 0:
+            victims = self._eviction_candidates(overflow)
+            for victim in victims:
+                del self._records[victim.addr]
+            log.info("peer store full: evicted {n} unverified or failing addresses", n=len(victims))
+            room = self.max_peers - len(self._records)
+            for addr in fresh[room:]:
+                rejected.append({"addr": addr, "reason": "peer store is full"})
+            fresh = fresh[:room]
+        for addr in fresh:
+            self._records[addr] = PeerRecord(addr=addr, added=now, source=source)
+            accepted.append(addr)
+        if fresh or overflow > 0:
+            self.generation += 1
+            durable = self.commit()
+        elif accepted:
+            # Already known; but maybe not yet on disk if another writer's
+            # commit is still in flight, so wait for the disk all the same.
+            durable = self.commit() if (self._writing or self._waiters or self._dirty) else _succeed()
+        else:
+            durable = _succeed()
+        return AddResult(accepted, rejected, durable)
+
+    def _eviction_candidates(self, count: int) -> list[PeerRecord]:
+        evictable = [
+            r for r in self._records.values()
+            if r.source != BOOTSTRAP and (not r.verified or r.failures > 0 or r.is_self)
+        ]
+        # Worst first: never verified, then most failures, then oldest.
+        evictable.sort(key=lambda r: (r.verified, -r.failures, r.added))
+        return evictable[:count]
+
+    def remove(self, addr: str) -> None:
+        if self._records.pop(addr, None) is not None:
+            self.generation += 1
+            self.mark_dirty()
+
+    def update(self, addr: str, **fields: Any) -> PeerRecord | None:
+        """Change bookkeeping fields of a record; written lazily."""
+        record = self._records.get(addr)
+        if record is None:
+            return None
+        for name, value in fields.items():
+            setattr(record, name, value)
+        self.mark_dirty()
+        return record
+
+    # -- writing -------------------------------------------------------------
+
+    def mark_dirty(self) -> None:
+        self._dirty = True
+        if self._lazy_call is None or not self._lazy_call.active():
+            self._lazy_call = self._reactor.callLater(self.flush_delay, self._lazy_flush)
+
+    def _lazy_flush(self) -> None:
+        self._lazy_call = None
+        if self._dirty:
+            self.commit().addErrback(lambda f: None)  # logged by _written
+
+    def commit(self) -> Deferred:
+        """Deferred that fires once every change made so far is on disk."""
+        d: Deferred = Deferred()
+        self._waiters.append(d)
+        self._dirty = True
+        if not self._writing:
+            self._start_write()
+        return d
+
+    def snapshot(self) -> bytes:
+        doc = {
+            "format": FORMAT,
+            "version": VERSION,
+            "peers": {addr: r.to_json() for addr, r in self._records.items()},
+        }
+        return orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n"
+
+    def _start_write(self) -> None:
+        self._writing = True
+        waiters, self._waiters = self._waiters, []
+        self._dirty = False
+        data = self.snapshot()
+        started = time.monotonic()
+        d = deferToThreadPool(
+            self._reactor, self._reactor.getThreadPool(), write_atomically, self.path, data
+        )
+        d.addBoth(self._written, waiters, started)
+
+    def _written(self, result: Any, waiters: list[Deferred], started: float) -> None:
+        self._writing = False
+        if isinstance(result, Failure):
+            error = result.value
+            self._dirty = True
+            log.error("cannot write peers file {path}: {error}", path=str(self.path), error=error)
+            for w in waiters:
+                w.errback(StoreWriteError(f"cannot write peers file: {_describe(error)}"))
+        else:
+            self.writes += 1
+            if self._on_write is not None:
+                self._on_write(time.monotonic() - started)
+            for w in waiters:
+                w.callback(None)
+        if self._waiters:
+            self._start_write()
+
+    def close(self) -> Deferred:
+        """Flush pending changes; for service shutdown."""
+        if self._lazy_call is not None and self._lazy_call.active():
+            self._lazy_call.cancel()
+        self._lazy_call = None
+        if self._dirty or self._writing or self._waiters:
+            d = self.commit()
+            d.addErrback(lambda f: None)
+            return d
+        return _succeed()
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__
+
+
+def _succeed() -> Deferred:
+    d: Deferred = Deferred()
+    d.callback(None)
+    return d

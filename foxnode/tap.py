@@ -1,0 +1,179 @@
+"""``twistd foxnode``: the command-line options and the service they build.
+
+``Options`` validates everything once, at the edge; ``makeService`` is short
+and declarative: identity, peer store, node, web site, listening endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application import service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.python import usage
+from zope.interface import implementer
+
+from foxnode import address, identity, logs
+from foxnode.metrics import NodeMetrics
+from foxnode.node import Node, NodeConfig
+from foxnode.protocol import CLOSE_GOING_AWAY, FoxServerFactory
+from foxnode.store import BOOTSTRAP, PeerStore, StoreError
+from foxnode.web import make_site
+
+log = logs.logger(__name__)
+
+
+def _positive_int(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise ValueError("must be at least 1")
+    return n
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run a foxnode: the foxchain peer-to-peer node. One port serves the node's "
+        "page (/), the WebSocket endpoint (/ws), /healthz and /metrics."
+    )
+    optParameters = [
+        ["port", "p", 9000, "TCP port to listen on, all interfaces.", int],
+        ["listen", None, None,
+         "A Twisted server endpoint string instead of --port "
+         "(tcp:9000:interface=127.0.0.1, ssl:9443:privateKey=key.pem, systemd:domain=INET:index=0)."],
+        ["peers-file", None, "peers.json", "The JSON peer store."],
+        ["data-dir", None, ".", "Where the node keeps its key (and other state)."],
+        ["advertise", None, None, "The ws:// or wss:// address other nodes should dial to reach this node."],
+        ["network", None, "foxchain", "Nodes only peer within one network."],
+        ["max-register-addrs", None, 100, "Most addresses one register request may carry.", _positive_int],
+        ["max-message-size", None, 1 << 20, "Largest WebSocket message accepted, in bytes.", _positive_int],
+    ]
+    optFlags = [
+        ["debug", None, "Debug logging."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["peer"] = []
+
+    def opt_peer(self, url: str) -> None:
+        """A bootstrap peer (ws:// or wss:// URL) to dial; repeatable."""
+        try:
+            self["peer"].append(address.parse(url).url)
+        except address.InvalidAddress as e:
+            raise usage.UsageError(f"--peer {url}: {e}") from None
+
+    def postOptions(self) -> None:
+        if self["listen"] is None:
+            if not 0 <= self["port"] <= 65535:
+                raise usage.UsageError(f"--port {self['port']}: out of range 0..65535")
+            # serverFromString wants "tcp:9000", not a bare port number.
+            self["listen"] = f"tcp:{self['port']}"
+        if self["advertise"] is not None:
+            try:
+                address.parse(self["advertise"])
+            except address.InvalidAddress as e:
+                raise usage.UsageError(f"--advertise {self['advertise']}: {e}") from None
+        if not self["network"] or len(self["network"]) > 64:
+            raise usage.UsageError("--network: give a name of 1 to 64 characters")
+
+    def node_config(self) -> NodeConfig:
+        return NodeConfig(
+            network=self["network"],
+            advertise=self["advertise"],
+            bootstrap=tuple(self["peer"]),
+            max_register_addrs=self["max-register-addrs"],
+            max_message_size=self["max-message-size"],
+        )
+
+
+@implementer(IStreamServerEndpoint)
+class _ReportingEndpoint:
+    """Wraps the configured endpoint to learn the port it really bound
+    (``tcp:0`` in tests, or whatever systemd handed over)."""
+
+    def __init__(self, endpoint: Any, on_listening: Any) -> None:
+        self._endpoint = endpoint
+        self._on_listening = on_listening
+
+    def listen(self, factory: Any) -> Deferred:
+        return self._endpoint.listen(factory).addCallback(self._on_listening)
+
+
+class NodeService(service.MultiService):
+    """The running node: its listening port and its long-lived parts."""
+
+    def __init__(self, reactor: Any, node: Node, endpoint: Any, site: Any) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.node = node
+        self.site = site
+        self.port: Any = None
+        self._listening: list[Deferred] = []
+        endpoint = _ReportingEndpoint(endpoint, self._bound)
+        from twisted.application.internet import StreamServerEndpointService
+
+        listener = StreamServerEndpointService(endpoint, site)
+        # Fail twistd's start when the port cannot be bound, rather than log and idle.
+        listener._raiseSynchronously = True
+        listener.setServiceParent(self)
+
+    def _bound(self, port: Any) -> Any:
+        self.port = port
+        self.node.listen_port = port.getHost().port
+        log.info("foxnode {node_id} listening on port {port}, network {network!r}",
+                 node_id=self.node.node_id, port=self.node.listen_port, network=self.node.config.network)
+        waiters, self._listening = self._listening, []
+        for d in waiters:
+            d.callback(port)
+        return port
+
+    def when_listening(self) -> Deferred:
+        if self.port is not None:
+            return succeed(self.port)
+        d: Deferred = Deferred()
+        self._listening.append(d)
+        return d
+
+    def startService(self) -> None:
+        super().startService()
+        self.node.start()
+
+    def stopService(self) -> Deferred:
+        stopped = super().stopService()
+        for conn in list(self.node.connections):
+            conn.close(CLOSE_GOING_AWAY, "node shutting down")
+        d = DeferredList([stopped, self.node.stop()], consumeErrors=True)
+        return d.addCallback(lambda _: None)
+
+
+def makeService(config: Options, reactor: Any = None) -> NodeService:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    logs.set_debug(bool(config["debug"]))
+    try:
+        node_identity = identity.load_or_create(config["data-dir"])
+    except identity.IdentityError as e:
+        raise SystemExit(f"foxnode: cannot start: {e}") from None
+    metrics = NodeMetrics()
+    try:
+        store = PeerStore.open(reactor, config["peers-file"],
+                               on_write=metrics.store_writes.observe)
+    except StoreError as e:
+        raise SystemExit(f"foxnode: cannot start: {e}") from None
+    node_config = config.node_config()
+    if node_config.bootstrap:
+        store.add(node_config.bootstrap, BOOTSTRAP)
+    node = Node(reactor, node_config, node_identity, store, metrics)
+    ws_factory = FoxServerFactory(node, reactor, max_message_size=node_config.max_message_size)
+    site = make_site(node, ws_factory)
+    endpoint = serverFromString(reactor, config["listen"])
+    log.info("foxnode {node_id}: peers file {path} ({n} known), data dir {dir}",
+             node_id=node.node_id, path=os.path.abspath(config["peers-file"]),
+             n=len(store), dir=os.path.abspath(config["data-dir"]))
+    return NodeService(reactor, node, endpoint, site)
