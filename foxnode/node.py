@@ -53,6 +53,8 @@ class Node:
         #: the TCP port we listen on, once listening
         self.listen_port: int | None = None
         self.connections: set = set()
+        #: the peer manager (peers.py) once installed
+        self.peers: Any = None
         self._peers_cache: tuple[int, Any] = (-1, None)
         self._ops: dict[str, Op] = {
             "register": self.op_register,
@@ -171,7 +173,13 @@ class Node:
         return codec.ok({"time": time.time(), "time_zone": time.strftime("%Z")})
 
     def op_info(self, conn: Any, args: Any) -> codec.Reply:
-        return codec.ok(self.info(conn))
+        info = self.info(conn)
+        if isinstance(args, dict) and args.get("detail") is True and self.peers is not None:
+            # For the node's page: every known address with its dial state,
+            # and the links this node can see.
+            info["peers"] = self.peers.peer_states()
+            info["topology"] = self.peers.topology()
+        return codec.ok(info)
 
     # -- views -----------------------------------------------------------------------
 
@@ -186,9 +194,11 @@ class Node:
         return address.with_host(self.listen_port, host)
 
     def live_peers(self) -> list[dict[str, Any]]:
+        if self.peers is None:
+            return []
         return [
             {"node_id": c.node_id, "addr": c.peer_addr, "direction": c.direction}
-            for c in self.connections if c.node_id is not None
+            for c in self.peers.peers.values()
         ]
 
     def info(self, conn: Any = None) -> dict[str, Any]:

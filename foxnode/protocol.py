@@ -32,11 +32,10 @@ from foxnode import codec
 NONCE_HEADER = "X-Foxnode-Nonce"
 INTERNAL_ERROR = codec.Reply(500, "Internal error; the node logged it.")
 
-#: Close codes (RFC 6455 and the private range 4000-4999 for foxnode reasons)
+#: Close codes an application may send: 1000, or the private range
+#: 4000-4999 for foxnode's reasons (Autobahn keeps 1001-1015 for itself).
 CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_POLICY = 1008
-CLOSE_TRY_AGAIN = 1013
+CLOSE_SHUTDOWN = 4000
 
 
 class ConnectionHandler(TypingProtocol):
@@ -140,17 +139,21 @@ class FoxConnection:
         self._pending.pop(rid, None)
         return failure
 
+    def can_send(self) -> bool:
+        # Autobahn's own state: a closing connection refuses new messages.
+        return self.fox_open and self.state == self.STATE_OPEN
+
     def send_frame(self, frame: bytes) -> None:
-        if self.fox_open:
+        if self.can_send():
             self.sendMessage(frame, isBinary=False)
 
     def close(self, code: int = CLOSE_NORMAL, reason: str | None = None) -> None:
         """Close with a close frame; the reason is at most 123 bytes of UTF-8."""
         if reason is not None:
             reason = reason.encode("utf-8")[:123].decode("utf-8", "ignore")
-        if self.fox_open:
+        if self.can_send():
             self.sendClose(code, reason)
-        else:
+        elif not self.fox_open:
             self.dropConnection(abort=True)
 
     # -- Autobahn callbacks ------------------------------------------------------
@@ -161,7 +164,7 @@ class FoxConnection:
             self.handler.connection_opened(self)
         except Exception:
             self._log.failure("connection_opened failed for {conn}", conn=self.describe())
-            self.close(1011, "internal error")
+            self.close(CLOSE_SHUTDOWN, "internal error")
             return
         if self.fox_open:
             waiters, self._open_waiters = self._open_waiters, []

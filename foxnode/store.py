@@ -218,10 +218,14 @@ class PeerStore:
 
     # -- changing ----------------------------------------------------------
 
-    def add(self, addrs: Iterable[str], source: str, now: float | None = None) -> AddResult:
+    def add(self, addrs: Iterable[str], source: str, now: float | None = None,
+            durable: bool = True) -> AddResult:
         """Add valid, already-parsed addresses; returns which were taken and
         a Deferred for their durability. Full stores evict never-verified
-        and failing addresses first; bootstrap addresses are never evicted."""
+        and failing addresses first; bootstrap addresses are never evicted.
+
+        ``durable=False`` (addresses learned from peers) only marks the file
+        dirty: such additions are written with the next lazy flush."""
         now = time.time() if now is None else now
         accepted: list[str] = []
         rejected: list[dict[str, str]] = []
@@ -244,16 +248,20 @@ class PeerStore:
         for addr in fresh:
             self._records[addr] = PeerRecord(addr=addr, added=now, source=source)
             accepted.append(addr)
-        if fresh or overflow > 0:
+        if (fresh or overflow > 0) and not durable:
             self.generation += 1
-            durable = self.commit()
-        elif accepted:
+            self.mark_dirty()
+            done = _succeed()
+        elif fresh or overflow > 0:
+            self.generation += 1
+            done = self.commit()
+        elif accepted and durable:
             # Already known; but maybe not yet on disk if another writer's
             # commit is still in flight, so wait for the disk all the same.
-            durable = self.commit() if (self._writing or self._waiters or self._dirty) else _succeed()
+            done = self.commit() if (self._writing or self._waiters or self._dirty) else _succeed()
         else:
-            durable = _succeed()
-        return AddResult(accepted, rejected, durable)
+            done = _succeed()
+        return AddResult(accepted, rejected, done)
 
     def _eviction_candidates(self, count: int) -> list[PeerRecord]:
         evictable = [

@@ -19,7 +19,8 @@ from zope.interface import implementer
 from foxnode import address, identity, logs
 from foxnode.metrics import NodeMetrics
 from foxnode.node import Node, NodeConfig
-from foxnode.protocol import CLOSE_GOING_AWAY, FoxServerFactory
+from foxnode.peers import PeerConfig, PeerManager
+from foxnode.protocol import CLOSE_SHUTDOWN, FoxServerFactory
 from foxnode.store import BOOTSTRAP, PeerStore, StoreError
 from foxnode.web import make_site
 
@@ -31,6 +32,20 @@ def _positive_int(value: str) -> int:
     if n < 1:
         raise ValueError("must be at least 1")
     return n
+
+
+def _nonnegative_int(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise ValueError("must not be negative")
+    return n
+
+
+def _positive_float(value: str) -> float:
+    x = float(value)
+    if not x > 0:
+        raise ValueError("must be greater than 0")
+    return x
 
 
 class Options(usage.Options):
@@ -50,6 +65,12 @@ class Options(usage.Options):
         ["network", None, "foxchain", "Nodes only peer within one network."],
         ["max-register-addrs", None, 100, "Most addresses one register request may carry.", _positive_int],
         ["max-message-size", None, 1 << 20, "Largest WebSocket message accepted, in bytes.", _positive_int],
+        ["max-outbound", None, 8, "Most outbound peer connections.", _nonnegative_int],
+        ["max-inbound", None, 24, "Most inbound peer connections.", _nonnegative_int],
+        ["max-dialing", None, 4, "Most dials in flight at once.", _positive_int],
+        ["dial-rate", None, 4.0, "Most dials started per second.", _positive_float],
+        ["exchange-interval", None, 30.0, "Seconds between peer exchanges with each peer.", _positive_float],
+        ["cafile", None, None, "PEM file of CA certificates to verify wss:// peers with (default: system trust)."],
     ]
     optFlags = [
         ["debug", None, "Debug logging."],
@@ -77,8 +98,20 @@ class Options(usage.Options):
                 address.parse(self["advertise"])
             except address.InvalidAddress as e:
                 raise usage.UsageError(f"--advertise {self['advertise']}: {e}") from None
+        if self["cafile"] is not None and not os.path.isfile(self["cafile"]):
+            raise usage.UsageError(f"--cafile {self['cafile']}: no such file")
         if not self["network"] or len(self["network"]) > 64:
             raise usage.UsageError("--network: give a name of 1 to 64 characters")
+
+    def peer_config(self) -> PeerConfig:
+        return PeerConfig(
+            max_outbound=self["max-outbound"],
+            max_inbound=self["max-inbound"],
+            max_dialing=self["max-dialing"],
+            dial_rate=self["dial-rate"],
+            exchange_interval=self["exchange-interval"],
+            trust_roots=self["cafile"],
+        )
 
     def node_config(self) -> NodeConfig:
         return NodeConfig(
@@ -145,7 +178,7 @@ class NodeService(service.MultiService):
     def stopService(self) -> Deferred:
         stopped = super().stopService()
         for conn in list(self.node.connections):
-            conn.close(CLOSE_GOING_AWAY, "node shutting down")
+            conn.close(CLOSE_SHUTDOWN, "node shutting down")
         d = DeferredList([stopped, self.node.stop()], consumeErrors=True)
         return d.addCallback(lambda _: None)
 
@@ -170,6 +203,7 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
     if node_config.bootstrap:
         store.add(node_config.bootstrap, BOOTSTRAP)
     node = Node(reactor, node_config, node_identity, store, metrics)
+    PeerManager(node, config.peer_config())
     ws_factory = FoxServerFactory(node, reactor, max_message_size=node_config.max_message_size)
     site = make_site(node, ws_factory)
     endpoint = serverFromString(reactor, config["listen"])

@@ -1,0 +1,597 @@
+"""The peer manager: which addresses to dial, the ``hello`` handshake, one
+connection per pair of nodes, and discovery by peer exchange.
+
+Dialing. A node may know thousands of addresses but keeps only a few
+outbound connections, so instead of one ``ClientService`` per address (each
+retrying its one endpoint forever) a scheduler picks, once a tick, which
+eligible addresses to dial, as go-ethereum's dial scheduler and btcd's
+connection manager do. Each dial uses Autobahn's client factory over a
+Twisted client endpoint; per-address retry delays come from Twisted's
+``backoffPolicy`` (growing, jittered, capped), reset by a good handshake.
+Outbound connections, concurrent dials and the dial rate are bounded, so a
+flood of registered addresses cannot make the node hammer anyone.
+
+Handshake. The listening side puts a fresh nonce in the WebSocket upgrade
+response (protocol.py). The dialer's ``hello`` carries its node id, network,
+protocol version, listening port or advertised address, a fresh nonce of
+its own, and its signature over the listener's nonce; the listener checks
+it and answers with its own id and its signature over the dialer's nonce.
+Either side ends the connection, with ``{code, text, retry_after?}`` in the
+reply and the code in the close frame, on: wrong network, incompatible
+version, bad proof, a connection to itself, a second connection to a node
+already connected, or too many peers.
+
+One connection per pair. When a second connection to a connected node
+completes its handshake, both sides keep the one dialed by the node with
+the greater id and close the other, so a simultaneous dial ends with
+exactly one connection, never zero.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from typing import Any
+
+import attrs
+from twisted.application.internet import backoffPolicy
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+
+from foxnode import PROTOCOL_VERSION, __version__, address, codec, identity, logs
+from foxnode.client import endpoint_for
+from foxnode.protocol import CLOSE_NORMAL, FoxClientFactory
+from foxnode.store import EXCHANGE, HANDSHAKE
+
+log = logs.logger(__name__)
+
+# Machine-readable reasons a peer connection ends, with their close codes.
+WRONG_NETWORK = "wrong-network"
+INCOMPATIBLE_VERSION = "incompatible-version"
+BAD_PROOF = "bad-proof"
+SELF = "self"
+DUPLICATE = "duplicate"
+TOO_MANY_PEERS = "too-many-peers"
+BAD_HELLO = "bad-hello"
+CLOSE_CODES = {
+    WRONG_NETWORK: 4001,
+    INCOMPATIBLE_VERSION: 4002,
+    BAD_PROOF: 4003,
+    SELF: 4004,
+    DUPLICATE: 4005,
+    TOO_MANY_PEERS: 4006,
+    BAD_HELLO: 4007,
+}
+_CODE_OF_CLOSE = {v: k for k, v in CLOSE_CODES.items()}
+
+
+@attrs.frozen
+class PeerConfig:
+    max_outbound: int = 8
+    max_inbound: int = 24
+    #: dials in flight at once, and dials started per second
+    max_dialing: int = 4
+    dial_rate: float = 4.0
+    dial_timeout: float = 10.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    #: an address failing this long without a good handshake is forgotten
+    #: (verified ones get ``forget_verified_after``); bootstrap ones never
+    forget_after: float = 3600.0
+    forget_verified_after: float = 24 * 3600.0
+    exchange_interval: float = 30.0
+    #: addresses one exchange reply carries / one exchange may add
+    exchange_sample: int = 32
+    #: most addresses learned by exchange the store may hold
+    exchange_cap: int = 2000
+    tick: float = 1.0
+    trust_roots: str | None = None
+
+
+class HandshakeRefused(Exception):
+    def __init__(self, code: str, text: str, retry_after: float | None = None) -> None:
+        super().__init__(f"{code}: {text}")
+        self.code = code
+        self.text = text
+        self.retry_after = retry_after
+
+    def reason(self) -> dict[str, Any]:
+        r: dict[str, Any] = {"code": self.code, "text": self.text}
+        if self.retry_after is not None:
+            r["retry_after"] = self.retry_after
+        return r
+
+
+def hello_proof(network: str, nonce: str, signer: str) -> bytes:
+    """What a node signs to prove it holds ``signer``'s key: the other
+    side's fresh nonce, bound to the network and the signer's id."""
+    return b"\x00".join([b"foxnode-hello/1", network.encode(), nonce.encode(), signer.encode()])
+
+
+class PeerManager:
+    def __init__(self, node: Any, config: PeerConfig | None = None) -> None:
+        self.node = node
+        self.reactor = node.reactor
+        self.config = config or PeerConfig()
+        #: node id -> the one live, handshaken connection to that node
+        self.peers: dict[str, Any] = {}
+        #: address -> connection attempt in flight, and its protocol once connected
+        self.dialing: dict[str, Deferred] = {}
+        self._dial_conns: dict[str, Any] = {}
+        self._next_attempt: dict[str, float] = {}
+        self._backoff = backoffPolicy(
+            initialDelay=self.config.backoff_initial, maxDelay=self.config.backoff_max,
+            factor=2.0, jitter=lambda: random.uniform(0, self.config.backoff_initial))
+        self._tokens = float(self.config.dial_rate)
+        self._tokens_at = self.reactor.seconds()
+        self._ticker = LoopingCall(self.tick)
+        self._ticker.clock = self.reactor
+        self._exchanger = LoopingCall(self._exchange_round)
+        self._exchanger.clock = self.reactor
+        self._soon: Any = None
+        self.running = False
+        node.peers = self
+        node.add_op("hello", self.op_hello)
+        node.add_op("exchange", self.op_exchange)
+        node.on_new_addresses.append(lambda addrs: self.tick_soon())
+        node.lost_hooks.append(self.connection_lost)
+        node.start_hooks.append(self.start)
+        node.stop_hooks.append(self.stop)
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self.running = True
+        self._ticker.start(self.config.tick, now=True)
+        self._exchanger.start(self.config.exchange_interval, now=False)
+
+    def stop(self) -> None:
+        self.running = False
+        for call in (self._ticker, self._exchanger):
+            if call.running:
+                call.stop()
+        if self._soon is not None and self._soon.active():
+            self._soon.cancel()
+        for attempt in list(self.dialing.values()):
+            attempt.cancel()
+        for conn in list(self._dial_conns.values()):
+            conn.close(CLOSE_NORMAL, "node shutting down")
+
+    def tick_soon(self) -> None:
+        if self.running and (self._soon is None or not self._soon.active()):
+            self._soon = self.reactor.callLater(0, self.tick)
+
+    # -- who is connected ----------------------------------------------------------
+
+    def outbound(self) -> int:
+        return sum(1 for c in self.peers.values() if c.direction == "out")
+
+    def inbound(self) -> int:
+        return sum(1 for c in self.peers.values() if c.direction == "in")
+
+    def _connected_addresses(self) -> set[str]:
+        return {c.fox_state.get("dial_addr") or c.peer_addr for c in self.peers.values()}
+
+    def state_of(self, record: Any, now: float) -> str:
+        if record.is_self:
+            return "self"
+        if record.node_id in self.peers or record.addr in self._connected_addresses():
+            return "connected"
+        if record.addr in self.dialing:
+            return "dialing"
+        if record.failures:
+            return "failing" if record.failures >= 3 else "backoff"
+        return "idle"
+
+    def peer_states(self, limit: int = 500) -> list[dict[str, Any]]:
+        now = self.reactor.seconds()
+        out = []
+        for r in self.node.store.records()[:limit]:
+            entry = {"addr": r.addr, "state": self.state_of(r, now), "node_id": r.node_id,
+                     "source": r.source, "failures": r.failures, "last_error": r.last_error}
+            retry = self._next_attempt.get(r.addr)
+            if retry is not None and retry > now:
+                entry["retry_in"] = round(retry - now, 1)
+            out.append(entry)
+        return out
+
+    # -- dialing ---------------------------------------------------------------------
+
+    def _take_token(self, now: float) -> bool:
+        rate = self.config.dial_rate
+        self._tokens = min(rate, self._tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
+
+    def candidates(self, now: float) -> list[Any]:
+        """Addresses worth dialing now, best first."""
+        connected_ids = set(self.peers)
+        connected_addrs = self._connected_addresses()
+        wall = time.time()
+        out = []
+        for r in self.node.store.records():
+            if (r.is_self or r.addr in self.dialing or r.addr in connected_addrs
+                    or (r.node_id is not None and r.node_id in connected_ids)
+                    or self._next_attempt.get(r.addr, 0) > now):
+                continue
+            if self._expired(r, wall):
+                self.node.store.remove(r.addr)
+                self._next_attempt.pop(r.addr, None)
+                log.info("forgot peer {addr}: failing since {since:.0f}s ({error})", addr=r.addr,
+                         since=wall - (r.last_handshake or r.added), error=r.last_error)
+                continue
+            out.append(r)
+        # Bootstrap and proven addresses first, then the least failing.
+        out.sort(key=lambda r: (r.source != "bootstrap" and not r.verified, r.failures, random.random()))
+        return out
+
+    def _expired(self, record: Any, wall: float) -> bool:
+        if record.failures == 0 or record.source == "bootstrap":
+            return False
+        limit = self.config.forget_verified_after if record.verified else self.config.forget_after
+        return wall - (record.last_handshake or record.added) > limit
+
+    def tick(self) -> None:
+        if not self.running:
+            return
+        now = self.reactor.seconds()
+        free = self.config.max_outbound - self.outbound() - len(self.dialing)
+        if free <= 0:
+            return
+        for record in self.candidates(now):
+            if free <= 0 or len(self.dialing) >= self.config.max_dialing or not self._take_token(now):
+                break
+            # Outcomes are logged and recorded by dial() itself.
+            self.dial(record.addr).addErrback(lambda f: None)
+            free -= 1
+
+    def dial(self, addr: str) -> Deferred:
+        """Connect to ``addr`` and say hello; fires with the connection or
+        fails with the reason. Bookkeeping (backoff, record) is done here."""
+        self.node.metrics.dials.labels("started").inc()
+        parsed = address.parse(addr)
+        factory = FoxClientFactory(addr, self.node, self.reactor,
+                                   max_message_size=self.node.config.max_message_size,
+                                   open_timeout=self.config.dial_timeout)
+        endpoint = endpoint_for(self.reactor, parsed, self.config.trust_roots, self.config.dial_timeout)
+        log.debug("dialing {addr}", addr=addr)
+        d = endpoint.connect(factory)
+        self.dialing[addr] = d
+
+        def opened(proto: Any) -> Deferred:
+            proto.fox_state["dial_addr"] = addr
+            self._dial_conns[addr] = proto
+            return proto.when_opened().addCallback(self._say_hello, addr)
+
+        d.addCallback(opened)
+        d.addTimeout(self.config.dial_timeout * 3, self.reactor)
+        d.addCallbacks(self._dialed, self._dial_failed, errbackArgs=(addr,))
+        d.addBoth(self._dial_done, addr)
+        return d
+
+    def _dial_done(self, result: Any, addr: str) -> Any:
+        self.dialing.pop(addr, None)
+        self._dial_conns.pop(addr, None)
+        self.tick_soon()
+        return result
+
+    def _say_hello(self, proto: Any, addr: str) -> Deferred:
+        nonce = os.urandom(16).hex()
+        server_nonce = proto.server_nonce or ""
+        args = self._hello_args(nonce)
+        args["signature"] = self.node.identity.sign(
+            hello_proof(self.node.config.network, server_nonce, self.node.node_id))
+        d = proto.request("hello", args, timeout=self.config.dial_timeout)
+        d.addCallback(self._hello_answered, proto, addr, nonce)
+        return d
+
+    def _hello_args(self, nonce: str) -> dict[str, Any]:
+        args: dict[str, Any] = {
+            "node_id": self.node.node_id,
+            "network": self.node.config.network,
+            "version": PROTOCOL_VERSION,
+            "agent": f"foxnode/{__version__}",
+            "nonce": nonce,
+        }
+        if self.node.config.advertise:
+            args["advertise"] = self.node.config.advertise
+        if self.node.listen_port is not None:
+            args["port"] = self.node.listen_port
+        return args
+
+    def _hello_answered(self, reply: codec.Reply, proto: Any, addr: str, nonce: str) -> Any:
+        if not reply.ok():
+            refusal = _refusal_from(reply)
+            proto.close(CLOSE_CODES.get(refusal.code, CLOSE_NORMAL), refusal.code)
+            raise refusal
+        try:
+            remote = self._check_hello(reply.response, nonce)
+        except HandshakeRefused as refusal:
+            proto.close(CLOSE_CODES[refusal.code], refusal.code)
+            raise
+        self._admit(proto, remote, addr)
+        return proto
+
+    def _dialed(self, proto: Any) -> Any:
+        self.node.metrics.dials.labels("connected").inc()
+        return proto
+
+    def _dial_failed(self, failure: Any, addr: str) -> Any:
+        self._record_failure(failure, addr)
+        return failure
+
+    def _record_failure(self, failure: Any, addr: str) -> None:
+        half_open = self._dial_conns.get(addr)
+        if half_open is not None and half_open.node_id is None:
+            # Timed out or refused mid-handshake: don't leave the socket behind.
+            half_open.close(CLOSE_NORMAL, "handshake failed")
+        if not self.running:
+            return None
+        store = self.node.store
+        record = store.get(addr)
+        error = failure.value
+        if isinstance(error, HandshakeRefused):
+            why = error.code
+        else:
+            why = _short_error(error)
+        self.node.metrics.dials.labels(why if isinstance(error, HandshakeRefused) else "failed").inc()
+        if record is None:
+            return None
+        now = self.reactor.seconds()
+        if isinstance(error, HandshakeRefused) and error.code == SELF:
+            store.update(addr, is_self=True, node_id=self.node.node_id, last_error="this node itself")
+            log.info("{addr} is this node itself; it will not be dialed again", addr=addr)
+            return None
+        if isinstance(error, HandshakeRefused) and error.code in (DUPLICATE, TOO_MANY_PEERS):
+            # Not the address's fault: come back later, without counting a failure.
+            self._next_attempt[addr] = now + (error.retry_after or self.config.backoff_max)
+            store.update(addr, last_error=error.code)
+            return None
+        failures = record.failures + 1
+        delay = self._backoff(failures - 1)
+        self._next_attempt[addr] = now + delay
+        store.update(addr, failures=failures, last_error=why)
+        log.info("dial {addr} failed ({why}); attempt {n}, next in {delay:.1f}s",
+                 addr=addr, why=why, n=failures, delay=delay)
+        return None
+
+    # -- the handshake, listening side --------------------------------------------------
+
+    def op_hello(self, conn: Any, args: Any) -> codec.Reply:
+        if conn.direction != "in":
+            return codec.forbidden("hello is sent by the dialing node")
+        if conn.node_id is not None:
+            return codec.forbidden("hello was already said on this connection")
+        try:
+            remote = self._check_hello(args, getattr(conn, "handshake_nonce", ""))
+            addr = self._remote_address(conn, remote)
+            self._check_admission(conn, remote)
+        except HandshakeRefused as refusal:
+            log.info("refused peer from {host}: {code} ({text})", host=conn.remote_host,
+                     code=refusal.code, text=refusal.text)
+            self.node.metrics.disconnects.labels(refusal.code).inc()
+            # Close after the reply has gone out.
+            self.reactor.callLater(0, conn.close, CLOSE_CODES[refusal.code], refusal.code)
+            return codec.Reply(403 if refusal.code != TOO_MANY_PEERS else 503,
+                               refusal.text, refusal.reason())
+        response = self._hello_args("")
+        del response["nonce"]
+        response["signature"] = self.node.identity.sign(
+            hello_proof(self.node.config.network, remote["nonce"], self.node.node_id))
+        response["observed"] = conn.remote_host
+        self._admit(conn, remote, addr)
+        return codec.ok(response)
+
+    def _remote_address(self, conn: Any, remote: dict[str, Any]) -> str | None:
+        """The address to dial the remote at: its ``advertise``, else the
+        port it announced at the address its connection came from."""
+        if remote.get("advertise"):
+            return remote["advertise"]
+        port = remote.get("port")
+        if isinstance(port, int) and 1 <= port <= 65535:
+            return address.with_host(port, conn.remote_host)
+        return None
+
+    def _check_hello(self, args: Any, my_nonce: str) -> dict[str, Any]:
+        """Validate the other side's hello (request or reply); returns it."""
+        if not isinstance(args, dict):
+            raise HandshakeRefused(BAD_HELLO, "hello needs an object of args")
+        node_id = args.get("node_id")
+        if not identity.is_node_id(node_id):
+            raise HandshakeRefused(BAD_HELLO, "hello needs a node_id (64 hex characters)")
+        network = args.get("network")
+        if network != self.node.config.network:
+            raise HandshakeRefused(WRONG_NETWORK, f"this node is on network {self.node.config.network!r}")
+        version = args.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version != PROTOCOL_VERSION:
+            raise HandshakeRefused(INCOMPATIBLE_VERSION, f"this node speaks protocol {PROTOCOL_VERSION}")
+        if not identity.verify(node_id, args.get("signature"), hello_proof(network, my_nonce, node_id)):
+            raise HandshakeRefused(BAD_PROOF, "the signature does not prove the node id")
+        if node_id == self.node.node_id:
+            raise HandshakeRefused(SELF, "this is a connection to the node itself")
+        nonce = args.get("nonce", "")
+        if "nonce" in args and (not isinstance(nonce, str) or not 16 <= len(nonce) <= 128):
+            raise HandshakeRefused(BAD_HELLO, "nonce must be a string of 16 to 128 characters")
+        advertise = args.get("advertise")
+        if advertise is not None:
+            try:
+                address.parse(advertise)
+            except address.InvalidAddress as e:
+                raise HandshakeRefused(BAD_HELLO, f"advertise: {e}") from None
+        return args
+
+    def _check_admission(self, conn: Any, remote: dict[str, Any]) -> None:
+        existing = self.peers.get(remote["node_id"])
+        if existing is not None and self._winner(existing, conn, remote["node_id"]) is existing:
+            raise HandshakeRefused(DUPLICATE, "already connected to this node",
+                                   retry_after=self.config.backoff_max)
+        if existing is None and self.inbound() >= self.config.max_inbound:
+            raise HandshakeRefused(TOO_MANY_PEERS, "this node has all the inbound peers it takes",
+                                   retry_after=self.config.backoff_max)
+
+    def _winner(self, a: Any, b: Any, remote_id: str) -> Any:
+        """Of two connections to the same node, the one both sides keep:
+        the one dialed by the node with the greater id; on a tie (both
+        dialed by the same node) the older one."""
+        def dialer(c: Any) -> str:
+            return self.node.node_id if c.direction == "out" else remote_id
+
+        if dialer(a) == dialer(b):
+            return a
+        return a if dialer(a) > dialer(b) else b
+
+    # -- a connection becomes a peer ----------------------------------------------------
+
+    def _admit(self, conn: Any, remote: dict[str, Any], addr: str | None) -> None:
+        remote_id = remote["node_id"]
+        existing = self.peers.get(remote_id)
+        if existing is not None and existing is not conn:
+            if self._winner(existing, conn, remote_id) is existing:
+                conn.close(CLOSE_CODES[DUPLICATE], DUPLICATE)
+                raise HandshakeRefused(DUPLICATE, "already connected to this node",
+                                       retry_after=self.config.backoff_max)
+            log.info("replacing connection to {peer} by the one both sides keep", peer=remote_id[:12])
+            existing.fox_state["replaced"] = True
+            existing.close(CLOSE_CODES[DUPLICATE], DUPLICATE)
+            self._forget(existing)
+        conn.node_id = remote_id
+        dial_addr = conn.fox_state.get("dial_addr")
+        conn.peer_addr = dial_addr or addr
+        self.peers[remote_id] = conn
+        self.node.metrics.peer_connections.labels(conn.direction).inc()
+        now = time.time()
+        store = self.node.store
+        if dial_addr is not None:
+            self._next_attempt.pop(dial_addr, None)
+            store.update(dial_addr, node_id=remote_id, last_handshake=now, last_seen=now,
+                         failures=0, last_error=None)
+        if addr is not None and addr != dial_addr and self._shareable_from(conn, addr):
+            store.add([addr], HANDSHAKE, durable=False)
+            store.update(addr, node_id=remote_id, last_handshake=now, last_seen=now,
+                         failures=0, last_error=None)
+        log.info("peer {peer} connected ({direction}, {addr})", peer=remote_id[:12],
+                 direction=conn.direction, addr=conn.peer_addr)
+        # Learn the remote's peers now, then every exchange_interval.
+        self.reactor.callLater(0, self.exchange_with, conn)
+
+    def _shareable_from(self, conn: Any, addr: str) -> bool:
+        try:
+            parsed = address.parse(addr)
+        except address.InvalidAddress:
+            return False
+        # An outside peer claiming a loopback address would have us dial ourselves.
+        return not parsed.is_loopback or address.is_loopback_host(conn.remote_host)
+
+    def _forget(self, conn: Any) -> None:
+        if conn.node_id is not None and self.peers.get(conn.node_id) is conn:
+            del self.peers[conn.node_id]
+            self.node.metrics.peer_connections.labels(conn.direction).dec()
+
+    def connection_lost(self, conn: Any, code: int | None, reason: str | None) -> None:
+        if conn.node_id is None or self.peers.get(conn.node_id) is not conn:
+            return
+        self._forget(conn)
+        why = _CODE_OF_CLOSE.get(code or 0) or (f"closed {code}" if code else "connection lost")
+        if reason and code not in _CODE_OF_CLOSE:
+            why += f": {reason}"
+        self.node.metrics.disconnects.labels(_CODE_OF_CLOSE.get(code or 0, "closed")).inc()
+        log.info("peer {peer} disconnected ({direction}, {addr}): {why}", peer=conn.node_id[:12],
+                 direction=conn.direction, addr=conn.peer_addr, why=why)
+        dial_addr = conn.fox_state.get("dial_addr")
+        for addr in {dial_addr, conn.peer_addr} - {None}:
+            if addr in self.node.store:
+                self.node.store.update(addr, last_seen=time.time(), last_error=why)
+                # Come back soon (jittered), as for a first retry.
+                self._next_attempt[addr] = self.reactor.seconds() + self._backoff(0)
+        self.tick_soon()
+
+    # -- peer exchange ------------------------------------------------------------------
+
+    def op_exchange(self, conn: Any, args: Any) -> codec.Reply:
+        if conn.node_id is None:
+            return codec.forbidden("exchange is for peers that said hello")
+        return codec.ok({"peers": self.sample_for(conn), "connected": list(self.peers)})
+
+    def sample_for(self, conn: Any) -> list[str]:
+        """A bounded random sample of addresses proven by a handshake."""
+        remote_is_loopback = address.is_loopback_host(conn.remote_host)
+        good = []
+        for r in self.node.store.records():
+            if r.is_self or not r.verified or r.failures or r.node_id == conn.node_id:
+                continue
+            if not remote_is_loopback and address.parse(r.addr).is_loopback:
+                continue
+            good.append(r.addr)
+        if self.node.config.advertise and self.node.config.advertise not in good:
+            good.append(self.node.config.advertise)
+        return random.sample(good, min(len(good), self.config.exchange_sample))
+
+    def exchange_with(self, conn: Any) -> Deferred | None:
+        if not conn.fox_open or self.peers.get(conn.node_id) is not conn:
+            return None
+        d = conn.request("exchange", timeout=self.config.dial_timeout)
+        d.addCallback(self._exchanged, conn)
+        d.addErrback(lambda f: log.debug("exchange with {peer} failed: {e}",
+                                         peer=conn.node_id[:12] if conn.node_id else "?", e=f.value))
+        return d
+
+    def _exchanged(self, reply: codec.Reply, conn: Any) -> None:
+        if not reply.ok() or not isinstance(reply.response, dict):
+            return
+        conn.fox_state["neighbours"] = [
+            n for n in reply.response.get("connected", [])[:256] if identity.is_node_id(n)
+        ]
+        offered = reply.response.get("peers")
+        if not isinstance(offered, list):
+            return
+        store = self.node.store
+        room = self.config.exchange_cap - sum(1 for r in store.records() if r.source == EXCHANGE)
+        learned = []
+        for addr in offered[: self.config.exchange_sample]:
+            if len(learned) >= room:
+                break
+            try:
+                parsed = address.parse(addr)
+            except address.InvalidAddress:
+                continue
+            if parsed.url in store or not self._shareable_from(conn, parsed.url):
+                continue
+            learned.append(parsed.url)
+        if learned:
+            result = store.add(learned, EXCHANGE, durable=False)
+            log.info("learned {n} addresses from {peer}", n=len(result.accepted), peer=conn.node_id[:12])
+            self.tick_soon()
+
+    def _exchange_round(self) -> None:
+        for conn in list(self.peers.values()):
+            self.exchange_with(conn)
+
+    def topology(self) -> dict[str, Any]:
+        """The nodes and links this node can see: its own connections and
+        its neighbours' (from the last exchange)."""
+        me = self.node.node_id
+        nodes = {me}
+        links = set()
+        for peer_id, conn in self.peers.items():
+            nodes.add(peer_id)
+            links.add(tuple(sorted((me, peer_id))))
+            for n in conn.fox_state.get("neighbours", []):
+                nodes.add(n)
+                links.add(tuple(sorted((peer_id, n))))
+        return {"nodes": sorted(nodes), "links": sorted(list(l) for l in links)}
+
+
+def _refusal_from(reply: codec.Reply) -> HandshakeRefused:
+    body = reply.response if isinstance(reply.response, dict) else {}
+    code = body.get("code") if body.get("code") in CLOSE_CODES else BAD_HELLO
+    retry = body.get("retry_after")
+    return HandshakeRefused(code, reply.error, retry if isinstance(retry, (int, float)) else None)
+
+
+def _short_error(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return text.splitlines()[0][:200]
