@@ -286,6 +286,7 @@ def _apply_options(factory: Any, max_message_size: int, ping_interval: float, pi
 
 class FoxServerFactory(WebSocketServerFactory):
     protocol = FoxServerProtocol
+    noisy = False
 
     def __init__(self, handler: ConnectionHandler, reactor: Any, *,
                  max_message_size: int = 1 << 20, ping_interval: float = 30.0,
@@ -300,6 +301,8 @@ class FoxServerFactory(WebSocketServerFactory):
 
 class FoxClientFactory(WebSocketClientFactory):
     protocol = FoxClientProtocol
+    # One factory per dial: "Starting factory" lines would drown the log.
+    noisy = False
 
     def __init__(self, url: str, handler: ConnectionHandler, reactor: Any, *,
                  max_message_size: int = 1 << 20, ping_interval: float = 30.0,

@@ -137,8 +137,10 @@ class NodeProcess:
 
 
 def twistd_command(directory: Path, port: int, *extra: str) -> list[str]:
+    # The twistd script installed beside this Python, as a user would run it.
+    twistd = Path(sys.executable).parent / "twistd"
     return [
-        sys.executable, "-m", "twisted", "--nodaemon", "--pidfile=", "foxnode",
+        str(twistd), "--nodaemon", "--pidfile=", "foxnode",
         "--listen", f"tcp:{port}:interface={LOOPBACK}",
         "--peers-file", str(directory / "peers.json"),
         "--data-dir", str(directory),

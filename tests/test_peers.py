@@ -41,13 +41,19 @@ def assert_one_connection_per_pair(nodes):
         assert n.node.node_id not in {p["node_id"] for p in peers}, "connected to itself"
         assert len({p["node_id"] for p in peers}) == len(peers), "two connections to one node"
         assert {p["node_id"] for p in peers} <= ids
-    # Both ends agree on every link, each seeing it from its own side.
+
+
+def links_agree(nodes):
+    """Both ends agree on every link, each seeing it from its own side. A
+    moment after a simultaneous dial they may not yet (one side has admitted
+    the winner, the other has not read that reply), so callers wait for it."""
     for a in nodes:
         for p in a.node.live_peers():
             b = next(n for n in nodes if n.node.node_id == p["node_id"])
             back = [q for q in b.node.live_peers() if q["node_id"] == a.node.node_id]
-            assert len(back) == 1
-            assert {back[0]["direction"], p["direction"]} == {"in", "out"}
+            if len(back) != 1 or {back[0]["direction"], p["direction"]} != {"in", "out"}:
+                return False
+    return True
 
 
 @pytest_twisted.ensureDeferred
@@ -66,6 +72,7 @@ async def test_six_nodes_find_each_other_from_one_bootstrap(reactor, tmp_path):
         await wait_for(reactor, lambda: all(len(n.node.live_peers()) >= 3 for n in nodes),
                        timeout=20, what="each node to hold 3+ live connections")
         assert_one_connection_per_pair(nodes)
+        await wait_for(reactor, lambda: links_agree(nodes), what="both ends to agree on every link")
         # info tells the same story.
         reply = await client.call(reactor, nodes[0].url, "info")
         assert {p["node_id"] for p in reply.response["connected"]} == set(live_ids(nodes[0]))
@@ -79,7 +86,6 @@ async def test_simultaneous_dial_keeps_exactly_one_connection(reactor, tmp_path)
     b = await start_node(reactor, tmp_path / "b", *FAST)
     try:
         # Both learn the other at the same moment and dial at once.
-        a.node.peers.dial_now = None
         a.node.store.add([b.url], "register")
         b.node.store.add([a.url], "register")
         da = a.node.peers.dial(b.url)
@@ -90,6 +96,7 @@ async def test_simultaneous_dial_keeps_exactly_one_connection(reactor, tmp_path)
                        what="one connection each")
         # Let any loser finish closing; still exactly one, the same one.
         await wait_for(reactor, lambda: not a.node.peers.dialing and not b.node.peers.dialing, what="dials over")
+        await wait_for(reactor, lambda: links_agree([a, b]), what="both ends to agree on the link")
         assert len(a.node.live_peers()) == 1 and len(b.node.live_peers()) == 1
         assert_one_connection_per_pair([a, b])
         winner_dialer = max(a.node.node_id, b.node.node_id)

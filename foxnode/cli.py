@@ -1,0 +1,747 @@
+"""The ``foxnode`` command: ask a node something, watch its gossip, or run
+a whole network of nodes on this machine.
+
+    foxnode call ws://127.0.0.1:9000/ws peers
+    foxnode call ws://127.0.0.1:9000/ws register '{"addr": "ws://127.0.0.1:9001/ws"}'
+    foxnode watch ws://127.0.0.1:9000/ws news blocks
+    foxnode devnet --nodes 3
+
+Exit codes are the same for every subcommand: 0 success, 1 the node said
+no (an error status, a dropped connection, a node that died), 2 the command
+could not do its job at all (bad usage, node unreachable, no reply in time).
+Failures are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any, Callable
+from urllib.parse import urlsplit
+
+import attrs
+import orjson
+from twisted.internet import error as net_error
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    TimeoutError as DeferredTimeout,
+    ensureDeferred,
+)
+from twisted.internet.task import deferLater, react
+
+from foxnode import __version__, address, client, codec
+from foxnode.protocol import CLOSE_NORMAL, FoxClientFactory, FoxClientProtocol, RequestFailed
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+LOOPBACK = "127.0.0.1"
+
+
+class Failed(SystemExit):
+    """Ends the command: ``message`` goes to stderr, ``code`` is the exit code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code)
+        self.message = message
+
+
+def _say(stream: IO[str], line: str) -> None:
+    stream.write(line + "\n")
+    stream.flush()
+
+
+def _sleep(reactor: Any, seconds: float) -> Deferred:
+    return deferLater(reactor, seconds)
+
+
+# -- talking to a node ------------------------------------------------------------
+
+
+def node_url(text: str) -> str:
+    """A node's WebSocket URL from the command line; ``ws://host:port``
+    without a path means the node's endpoint, ``/ws``."""
+    if text.startswith(("ws://", "wss://")) and urlsplit(text).path == "":
+        text += "/ws"
+    try:
+        return address.parse(text).url
+    except address.InvalidAddress as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a node address: {e}") from None
+
+
+def json_value(text: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON: {e}") from None
+
+
+def request_id(text: str) -> str | int | float:
+    """``--id 7`` sends the number 7, ``--id abc`` the string "abc" and
+    ``--id '"7"'`` the string "7"."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return value
+    return text
+
+
+def _split_pem(data: bytes) -> list[bytes]:
+    marker = b"-----BEGIN CERTIFICATE-----"
+    return [marker + part for part in data.split(marker)[1:]]
+
+
+def endpoint(reactor: Any, url: str, cafile: str | None, timeout: float) -> Any:
+    """The client endpoint for ``url``. ``cafile`` (wss:// only) is a PEM
+    file (one or more CA certificates) or a directory of them; without it
+    the system's trust store decides."""
+    addr = address.parse(url)
+    if addr.secure and cafile and os.path.isfile(cafile):
+        from twisted.internet import ssl
+        from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+
+        try:
+            certs = [ssl.Certificate.loadPEM(c) for c in _split_pem(Path(cafile).read_bytes())]
+        except Exception as e:  # OpenSSL's errors say little; the file is what matters
+            raise Failed(EXIT_USAGE, f"--cafile {cafile}: not a PEM certificate file ({e})") from None
+        if not certs:
+            raise Failed(EXIT_USAGE, f"--cafile {cafile}: no PEM certificate in it")
+        options = ssl.optionsForClientTLS(addr.host, trustRoot=ssl.trustRootFromCertificates(certs))
+        return wrapClientTLS(options, HostnameEndpoint(reactor, addr.host, addr.port, timeout=timeout))
+    if cafile and not os.path.exists(cafile):
+        raise Failed(EXIT_USAGE, f"--cafile {cafile}: no such file or directory")
+    return client.endpoint_for(reactor, addr, cafile if addr.secure else None, timeout)
+
+
+class _Listener:
+    """The handler of our side of a connection: it answers no ops and hands
+    pushed events to ``on_event``."""
+
+    def __init__(self, on_event: Callable[[codec.Event], None] | None = None) -> None:
+        self.on_event = on_event
+
+    def connection_opened(self, conn: Any) -> None:
+        pass
+
+    def handle_request(self, conn: Any, request: codec.Request) -> codec.Reply:
+        return codec.not_found_op(request.op)
+
+    def handle_event(self, conn: Any, event: codec.Event) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def connection_lost(self, conn: Any, code: int | None, reason: str | None) -> None:
+        pass
+
+
+class _OneCallProtocol(FoxClientProtocol):
+    """Sends one request exactly as the user gave it (their own ``id`` of
+    any JSON type, or none) and takes the first reply: replies come in
+    request order, so with one request sent, the first one is ours. It
+    fires ``factory.reply`` with the reply object as it came on the wire."""
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        waiting = self.factory.reply
+        if not waiting.called:
+            try:
+                message = codec.decode(payload)
+            except codec.CodecError:
+                message = None
+            if isinstance(message, codec.Response):
+                waiting.callback(codec.loads(payload))
+                return
+        super().onMessage(payload, isBinary)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        super().onClose(wasClean, code, reason)
+        waiting = self.factory.reply
+        if not waiting.called:
+            waiting.errback(RequestFailed(f"connection closed before the reply ({code}: {reason})"))
+
+
+def open_connection(reactor: Any, url: str, handler: Any, *, cafile: str | None = None,
+                    timeout: float = 10.0, protocol: type | None = None) -> tuple[Any, Deferred]:
+    """Dial ``url``; returns the factory and a Deferred firing with the open protocol."""
+    factory = FoxClientFactory(url, handler, reactor, open_timeout=timeout)
+    if protocol is not None:
+        factory.protocol = protocol
+    d = endpoint(reactor, url, cafile, timeout).connect(factory)
+    d.addCallback(lambda proto: proto.when_opened())
+    return factory, d
+
+
+def describe_failure(exc: BaseException, url: str, timeout: float) -> str:
+    """One line saying why ``url`` could not be reached or gave no reply."""
+    if isinstance(exc, (DeferredTimeout, net_error.TimeoutError)):
+        return f"no reply from {url} within {timeout:g}s"
+    if isinstance(exc, net_error.ConnectionRefusedError):
+        return f"cannot connect to {url}: connection refused (is the node running?)"
+    if isinstance(exc, net_error.DNSLookupError):
+        return f"cannot connect to {url}: cannot resolve the host name"
+    if isinstance(exc, net_error.ConnectError):
+        why = str(exc).strip().rstrip(".")
+        return f"cannot connect to {url}: {why or type(exc).__name__}"
+    if isinstance(exc, RequestFailed):
+        return f"{url}: {exc}"
+    module = type(exc).__module__ or ""
+    if module.startswith("OpenSSL") or "SSL" in type(exc).__name__:
+        return f"TLS with {url} failed: {exc} (a self-signed node needs --cafile)"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{url}: {type(exc).__name__}{': ' + text if text else ''}"
+
+
+def _shutdown_trigger(reactor: Any, callback: Callable[[], Any]) -> Callable[[], None]:
+    """Run ``callback`` when the reactor begins to stop (Ctrl-C, SIGTERM);
+    returns a function that removes the trigger again."""
+    handle = reactor.addSystemEventTrigger("before", "shutdown", callback)
+    return lambda: reactor.removeSystemEventTrigger(handle)
+
+
+async def _close(reactor: Any, proto: Any, wait: float = 3.0) -> None:
+    if proto is None:
+        return
+    proto.close(CLOSE_NORMAL)
+    closed = proto.when_closed()
+    closed.addTimeout(wait, reactor)
+    try:
+        await closed
+    except Exception:
+        proto.dropConnection(abort=True)
+
+
+def _write_json(value: Any, pretty: bool = False) -> None:
+    option = orjson.OPT_INDENT_2 if pretty else 0
+    sys.stdout.buffer.write(orjson.dumps(value, option=option) + b"\n")
+    sys.stdout.buffer.flush()
+
+
+async def run_call(reactor: Any, opts: argparse.Namespace) -> None:
+    url, timeout = opts.url, opts.timeout
+    proto_box: list[Any] = []
+
+    async def exchange() -> dict:
+        factory, opened = open_connection(reactor, url, _Listener(), cafile=opts.cafile,
+                                          timeout=timeout, protocol=_OneCallProtocol)
+        factory.reply = Deferred()
+        proto = await opened
+        proto_box.append(proto)
+        proto.send_frame(codec.encode_request(opts.op, opts.args, opts.id))
+        return await factory.reply
+
+    attempt = ensureDeferred(exchange())
+    attempt.addTimeout(timeout, reactor)
+    untrigger = _shutdown_trigger(reactor, attempt.cancel)
+    try:
+        reply = await attempt
+    except CancelledError:
+        raise Failed(EXIT_INTERRUPTED, "interrupted") from None
+    except Failed:
+        raise
+    except Exception as e:
+        raise Failed(EXIT_USAGE, describe_failure(e, url, timeout)) from None
+    finally:
+        untrigger()
+        if proto_box:
+            await _close(reactor, proto_box[0])
+    _write_json(reply, opts.pretty)
+    status = reply.get("status")
+    if not (isinstance(status, int) and 200 <= status < 300):
+        raise Failed(EXIT_ERROR, f"{status} {reply.get('error', '')}".rstrip())
+
+
+# -- watch -------------------------------------------------------------------------
+
+
+async def run_watch(reactor: Any, opts: argparse.Namespace) -> None:
+    url, timeout = opts.url, opts.timeout
+    state = {"stopping": False, "proto": None}
+
+    def on_event(event: codec.Event) -> None:
+        if event.name != "message" or state["stopping"]:
+            return
+        try:
+            _write_json(event.body)
+        except BrokenPipeError:
+            # The reader went away (``| head -3``): that is a normal end.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            state["stopping"] = True
+            reactor.callLater(0, reactor.stop)
+
+    def stop() -> Deferred | None:
+        state["stopping"] = True
+        proto = state["proto"]
+        if proto is not None:
+            return ensureDeferred(_close(reactor, proto, wait=2.0))
+        return None
+
+    reactor.addSystemEventTrigger("before", "shutdown", stop)
+    try:
+        _, opened = open_connection(reactor, url, _Listener(on_event), cafile=opts.cafile, timeout=timeout)
+        opened.addTimeout(timeout, reactor)
+        proto = state["proto"] = await opened
+        reply = await proto.request("subscribe", {"topics": opts.topics}, timeout=timeout)
+    except Failed:
+        raise
+    except Exception as e:
+        if state["stopping"]:
+            return
+        raise Failed(EXIT_USAGE, describe_failure(e, url, timeout)) from None
+    if not reply.ok():
+        await _close(reactor, proto)
+        raise Failed(EXIT_ERROR, f"{url} refused to subscribe: {reply.status} {reply.error}".rstrip())
+    _say(sys.stderr, f"foxnode watch: subscribed to {', '.join(opts.topics)} on {url}; Ctrl-C stops")
+    _, code, reason = await proto.when_closed()
+    if state["stopping"]:
+        return
+    why = f"{code}: {reason}" if reason else f"{code}"
+    raise Failed(EXIT_ERROR, f"the connection to {url} closed ({why})")
+
+
+# -- devnet ------------------------------------------------------------------------
+
+
+@attrs.define
+class DevNode:
+    """One node of a devnet: a ``twistd foxnode`` child on loopback."""
+
+    index: int
+    port: int
+    directory: Path
+    process: subprocess.Popen | None = None
+    node_id: str | None = None
+    #: live peer connections at the last look (None: not asked yet)
+    connected: int | None = None
+    exit_reported: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"node-{self.index}"
+
+    @property
+    def url(self) -> str:
+        return f"ws://{LOOPBACK}:{self.port}/ws"
+
+    @property
+    def page(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}/"
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "twistd.log"
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+def twistd() -> list[str]:
+    """The command that runs ``twistd`` of this Python (``python -m twisted``
+    is ``twist``, which takes other options)."""
+    script = Path(sys.executable).with_name("twistd")
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        # As twistd binds: SO_REUSEADDR, so connections of a previous run
+        # lingering in TIME_WAIT do not count as "in use".
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
+
+
+def _log_tail(path: Path, lines: int = 5) -> str:
+    try:
+        text = path.read_text(errors="replace").rstrip().splitlines()
+    except OSError:
+        return ""
+    return "\n".join("    " + line for line in text[-lines:])
+
+
+class Devnet:
+    """N ``twistd foxnode`` children on 127.0.0.1, each with its own data
+    directory DIR/node-i (key, peers file, log) and port base+i; nodes 1..N-1
+    bootstrap from node 0. Progress goes to ``out``, one line per change."""
+
+    def __init__(self, reactor: Any, directory: Path, count: int, base_port: int,
+                 network: str, *, debug: bool = False, out: IO[str] | None = None,
+                 poll_interval: float = 0.5) -> None:
+        self.reactor = reactor
+        self.directory = directory
+        self.network = network
+        self.debug = debug
+        self.out = out or sys.stdout
+        self.poll_interval = poll_interval
+        self.nodes = [DevNode(i, base_port + i, directory / f"node-{i}") for i in range(count)]
+        self._lock: int | None = None
+
+    def say(self, line: str) -> None:
+        _say(self.out, line)
+
+    def command(self, node: DevNode) -> list[str]:
+        cmd = [
+            *twistd(), "--nodaemon", "--pidfile=", "foxnode",
+            "--listen", f"tcp:{node.port}:interface={LOOPBACK}",
+            "--peers-file", str(node.directory / "peers.json"),
+            "--data-dir", str(node.directory),
+            "--network", self.network,
+        ]
+        if node.index > 0:
+            cmd += ["--peer", self.nodes[0].url]
+        if self.debug:
+            cmd.append("--debug")
+        return cmd
+
+    # -- start --------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Check the directory and the ports before starting anything."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._lock = os.open(self.directory / "devnet.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise Failed(EXIT_USAGE, f"cannot use {self.directory}: {e.strerror}") from None
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise Failed(EXIT_USAGE, f"{self.directory} is in use by another foxnode devnet") from None
+        for node in self.nodes:
+            if port_in_use(node.port):
+                raise Failed(EXIT_USAGE, f"port {node.port} ({node.name}) on {LOOPBACK} is in use; "
+                                         "a devnet of an earlier run may still be up, or choose --base-port")
+
+    def start(self) -> None:
+        last = self.nodes[-1].port
+        self.say(f"foxnode devnet: {len(self.nodes)} node(s) on {LOOPBACK}, ports {self.nodes[0].port}-{last}, "
+                 f"network {self.network!r}, data in {self.directory}")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for node in self.nodes:
+            node.directory.mkdir(parents=True, exist_ok=True)
+            with open(node.log_path, "ab") as log, open(os.devnull, "rb") as devnull:
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+                log.write(f"=== foxnode devnet: {node.name} starting at {stamp} ===\n".encode())
+                log.flush()
+                # A session of its own: Ctrl-C reaches the devnet only, which
+                # then stops every node in order.
+                node.process = subprocess.Popen(
+                    self.command(node), stdin=devnull, stdout=log, stderr=subprocess.STDOUT,
+                    cwd=node.directory, env=env, start_new_session=True,
+                )
+            self.say(f"{node.name}: starting (pid {node.process.pid}), log {node.log_path}")
+
+    async def _info(self, node: DevNode, timeout: float = 2.0) -> dict | None:
+        try:
+            reply = await client.call(self.reactor, node.url, "info", timeout=timeout)
+        except Exception:
+            return None
+        if reply.ok() and isinstance(reply.response, dict):
+            return reply.response
+        return None
+
+    def _exited(self, during_start: bool) -> list[DevNode]:
+        gone = [n for n in self.nodes if n.process is not None and not n.running() and not n.exit_reported]
+        for node in gone:
+            node.exit_reported = True
+            tail = _log_tail(node.log_path)
+            extra = "" if during_start else " (the others keep running)"
+            self.say(f"{node.name} {exit_text(node.process.returncode)}{extra}; log {node.log_path}"
+                     + (f"\n{tail}" if tail else ""))
+        return gone
+
+    async def wait_up(self, timeout: float) -> None:
+        deadline = self.reactor.seconds() + timeout
+        up = 0
+        self.say(f"nodes up: 0/{len(self.nodes)}")
+        while True:
+            if self._exited(during_start=True):
+                raise Failed(EXIT_ERROR, "a node failed to start; see its log above")
+            waiting = [n for n in self.nodes if n.node_id is None]
+            results = await DeferredList([ensureDeferred(self._info(n)) for n in waiting])
+            for node, (_, info) in zip(waiting, results):
+                if info is not None:
+                    node.node_id = str(info.get("node_id"))
+                    node.connected = len(info.get("connected") or [])
+            now_up = sum(1 for n in self.nodes if n.node_id is not None)
+            if now_up != up:
+                up = now_up
+                self.say(f"nodes up: {up}/{len(self.nodes)}")
+            if up == len(self.nodes):
+                return
+            if self.reactor.seconds() > deadline:
+                late = ", ".join(n.name for n in self.nodes if n.node_id is None)
+                raise Failed(EXIT_ERROR, f"not up after {timeout:g}s: {late}; see their logs in {self.directory}")
+            await _sleep(self.reactor, 0.2)
+
+    def show_addresses(self) -> None:
+        width = max(len(n.name) for n in self.nodes)
+        for node in self.nodes:
+            self.say(f"{node.name:<{width}}  {node.url}  {node.page}  id {node.node_id}")
+
+    # -- watch ---------------------------------------------------------------------
+
+    async def _poll_connections(self) -> bool:
+        """Ask every running node for its live peer connections; True when
+        the counts changed."""
+        alive = [n for n in self.nodes if n.running()]
+        results = await DeferredList([ensureDeferred(self._info(n)) for n in alive])
+        changed = False
+        for node, (_, info) in zip(alive, results):
+            count = None if info is None else len(info.get("connected") or [])
+            if count != node.connected:
+                node.connected, changed = count, True
+        for node in self.nodes:
+            if not node.running() and node.connected is not None:
+                node.connected, changed = None, True
+        return changed
+
+    def show_connections(self) -> None:
+        parts = []
+        for node in self.nodes:
+            if not node.running():
+                parts.append(f"{node.name} down")
+            else:
+                parts.append(f"{node.name} {'?' if node.connected is None else node.connected}")
+        self.say("live peer connections: " + ", ".join(parts))
+
+    def unconnected(self) -> list[DevNode]:
+        return [n for n in self.nodes if not n.connected]
+
+    async def wait_connected(self, timeout: float) -> None:
+        """Show the live peer connections until every node has one, or
+        until ``timeout``; then say which nodes are not connected."""
+        if len(self.nodes) == 1:
+            self.say("a single node: no peers to connect to")
+            return
+        deadline = self.reactor.seconds() + timeout
+        self.show_connections()
+        while True:
+            self._exited(during_start=False)
+            if await self._poll_connections():
+                self.show_connections()
+            if not self.unconnected():
+                self.say(f"all {len(self.nodes)} nodes connected")
+                return
+            if self.reactor.seconds() > deadline:
+                names = ", ".join(n.name for n in self.unconnected())
+                self.say(f"not connected after {timeout:g}s: {names}; the devnet keeps running "
+                         f"(see the logs in {self.directory})")
+                return
+            await _sleep(self.reactor, self.poll_interval)
+
+    async def monitor(self, interval: float = 2.0) -> None:
+        """Keep showing changes (connections, nodes that exit) until stopped."""
+        all_connected = not self.unconnected()
+        while True:
+            await _sleep(self.reactor, interval)
+            self._exited(during_start=False)
+            if not any(n.running() for n in self.nodes):
+                raise Failed(EXIT_ERROR, "every node has exited")
+            if len(self.nodes) > 1 and await self._poll_connections():
+                self.show_connections()
+                now = not self.unconnected()
+                if now and not all_connected:
+                    self.say(f"all {len(self.nodes)} nodes connected")
+                all_connected = now
+
+    # -- stop ----------------------------------------------------------------------
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM every node, wait up to ``timeout``, SIGKILL the rest."""
+        running = [n for n in self.nodes if n.running()]
+        if running:
+            self.say(f"stopping {len(running)} node(s)")
+            for node in running:
+                node.process.send_signal(signal.SIGTERM)
+            deadline = self.reactor.seconds() + timeout
+            while any(n.running() for n in running) and self.reactor.seconds() < deadline:
+                await _sleep(self.reactor, 0.05)
+            for node in running:
+                if node.running():
+                    self.say(f"{node.name} did not stop within {timeout:g}s; killing it")
+                    node.process.kill()
+            deadline = self.reactor.seconds() + 5
+            while any(n.running() for n in running) and self.reactor.seconds() < deadline:
+                await _sleep(self.reactor, 0.05)
+            for node in running:
+                code = node.process.poll()
+                # twistd ends a SIGTERM'd run by re-raising the signal on itself.
+                if code not in (0, None, -signal.SIGTERM, -signal.SIGKILL):
+                    self.say(f"{node.name} {exit_text(code)}; log {node.log_path}")
+            self.say(f"devnet stopped; data kept in {self.directory}")
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+
+async def run_devnet(reactor: Any, opts: argparse.Namespace) -> None:
+    net = Devnet(reactor, Path(opts.dir).absolute(), opts.nodes, opts.base_port, opts.network,
+                 debug=opts.debug)
+    net.prepare()
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: ensureDeferred(net.stop(opts.stop_timeout)))
+    # A closed terminal stops the devnet as Ctrl-C does (the nodes are in
+    # sessions of their own and would not notice).
+    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(reactor.stop))
+    net.start()
+    await net.wait_up(opts.start_timeout)
+    net.show_addresses()
+    await net.wait_connected(opts.connect_timeout)
+    net.say("Ctrl-C stops the devnet.")
+    await net.monitor()
+
+
+# -- command line ------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # One line, not argparse's usage block: scripts read stderr too.
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
+        return value
+
+    return parse
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range 1..65535")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    top = _Parser(
+        prog="foxnode",
+        description="Talk to foxnode nodes, or run a network of them on this machine. "
+                    "A node itself runs under twistd: twistd -n foxnode --help.",
+    )
+    top.add_argument("--version", action="version", version=f"foxnode {__version__}")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    call = sub.add_parser(
+        "call", help="send one request to a node and print the reply",
+        description="Send one request to a node and print its reply as JSON. Exit code 0 on a 2xx "
+                    "status, 1 on an error status, 2 when the node cannot be reached or does not reply.",
+        epilog="example: foxnode call --pretty ws://127.0.0.1:9000/ws info",
+    )
+    call.add_argument("url", type=node_url, metavar="URL",
+                      help="the node's WebSocket address, e.g. ws://127.0.0.1:9000/ws (no path: /ws)")
+    call.add_argument("op", metavar="OP", help="the operation, e.g. peers, time, info, register")
+    call.add_argument("args", nargs="?", type=json_value, default=None, metavar="ARGS-JSON",
+                      help="the request's args as JSON, e.g. '{\"addr\": \"ws://127.0.0.1:9001/ws\"}'")
+    call.add_argument("--id", type=request_id, default=None,
+                      help="send the request with this id (a number if it reads as one, else a string; "
+                           "'\"7\"' for the string 7); the reply echoes it")
+    call.add_argument("--pretty", action="store_true", help="indent the JSON")
+
+    watch = sub.add_parser(
+        "watch", help="print the gossip messages of some topics as they arrive",
+        description="Subscribe to topics and print each message the node pushes as one JSON line, "
+                    "until Ctrl-C (exit 0) or the connection drops (exit 1).",
+        epilog="example: foxnode watch ws://127.0.0.1:9000/ws news blocks | jq .payload",
+    )
+    watch.add_argument("url", type=node_url, metavar="URL", help="the node's WebSocket address")
+    watch.add_argument("topics", nargs="+", metavar="TOPIC", help="a topic to receive")
+
+    for p in (call, watch):
+        p.add_argument("--timeout", type=_positive(float), default=10.0, metavar="SECONDS",
+                       help="give up connecting (and, for call, waiting for the reply) after this long "
+                            "(default: %(default)s)")
+        p.add_argument("--cafile", metavar="PEM",
+                       help="for wss://: trust the CA certificate(s) in this PEM file (or directory) "
+                            "instead of the system's, e.g. for a node with a self-signed certificate")
+
+    devnet = sub.add_parser(
+        "devnet", help="run N nodes on 127.0.0.1 that form one network",
+        description="Start N nodes (twistd foxnode) on 127.0.0.1, each with its own data directory "
+                    "DIR/node-i and port BASE-PORT+i, every node after the first bootstrapping from "
+                    "node-0. Shows the nodes coming up and their live peer connections, prints each "
+                    "node's addresses, and keeps running until Ctrl-C or SIGTERM, which stop the nodes. "
+                    "DIR is kept: running again reuses it, so the nodes keep their ids and peers.",
+    )
+    devnet.add_argument("--nodes", "-n", type=_positive(int), default=3, metavar="N",
+                        help="how many nodes (default: %(default)s)")
+    devnet.add_argument("--base-port", type=_port, default=9000, metavar="P",
+                        help="node i listens on P+i (default: %(default)s)")
+    devnet.add_argument("--dir", default="devnet", metavar="DIR",
+                        help="where the nodes keep their data (default: ./%(default)s)")
+    devnet.add_argument("--network", default="foxchain", metavar="NAME",
+                        help="the network name every node is given (default: %(default)s)")
+    devnet.add_argument("--start-timeout", type=_positive(float), default=30.0, metavar="SECONDS",
+                        help="how long nodes may take to come up (default: %(default)s)")
+    devnet.add_argument("--connect-timeout", type=_positive(float), default=30.0, metavar="SECONDS",
+                        help="how long to wait for every node to have a live peer connection before "
+                             "saying which have none (default: %(default)s)")
+    devnet.add_argument("--stop-timeout", type=_positive(float), default=10.0, metavar="SECONDS",
+                        help="how long a node may take to stop before it is killed (default: %(default)s)")
+    devnet.add_argument("--debug", action="store_true", help="run the nodes with --debug logging")
+    return top
+
+
+_RUNNERS = {"call": run_call, "watch": run_watch, "devnet": run_devnet}
+
+
+async def _run(reactor: Any, opts: argparse.Namespace) -> None:
+    try:
+        await _RUNNERS[opts.command](reactor, opts)
+    except Failed as e:
+        _say(sys.stderr, f"foxnode {opts.command}: {e.message}")
+        raise SystemExit(e.code) from None
+    except SystemExit:
+        raise
+    except BaseException as e:  # a bug of ours: still one line, not a traceback
+        _say(sys.stderr, f"foxnode {opts.command}: internal error: {type(e).__name__}: {e}")
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts = parser().parse_args(argv)
+    if opts.command == "devnet" and opts.base_port + opts.nodes - 1 > 65535:
+        parser().exit(EXIT_USAGE, f"foxnode devnet: ports {opts.base_port}..{opts.base_port + opts.nodes - 1} "
+                                  "run past 65535; choose a lower --base-port\n")
+    react(_run, (opts,))
+
+
+if __name__ == "__main__":
+    main()
