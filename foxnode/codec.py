@@ -20,7 +20,7 @@ NOT_SUPPORTED = "Message body is not supported."
 
 #: Deepest JSON nesting a request may have; deeper ones cost memory and
 #: recursion for nothing a node needs.
-DEFAULT_MAX_DEPTH = 32
+DEFAULT_MAX_DEPTH = 64
 
 
 class CodecError(Exception):

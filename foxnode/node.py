@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred
 from foxnode import PROTOCOL_VERSION, __version__, address, codec, logs
 from foxnode.identity import Identity
 from foxnode.metrics import NodeMetrics
+from foxnode.protocol import CLOSE_SHUTDOWN
 from foxnode.store import REGISTER, PeerStore, StoreWriteError
 
 log = logs.logger(__name__)
@@ -35,6 +36,7 @@ class NodeConfig:
     #: addresses one ``register`` request may carry
     max_register_addrs: int = 100
     max_message_size: int = 1 << 20
+    send_queue: int = 1 << 20
 
 
 Op = Callable[[Any, Any], Any]
@@ -53,8 +55,10 @@ class Node:
         #: the TCP port we listen on, once listening
         self.listen_port: int | None = None
         self.connections: set = set()
-        #: the peer manager (peers.py) once installed
+        self.stopping = False
+        #: the peer manager (peers.py) and gossip (gossip.py) once installed
         self.peers: Any = None
+        self.gossip: Any = None
         self._peers_cache: tuple[int, Any] = (-1, None)
         self._ops: dict[str, Op] = {
             "register": self.op_register,
@@ -84,7 +88,11 @@ class Node:
             hook()
 
     def stop(self) -> Deferred:
-        """Stop activity and flush the peer store; fires when it is on disk."""
+        """Stop activity, close every connection and flush the peer store;
+        fires when the store is on disk."""
+        self.stopping = True
+        for conn in list(self.connections):
+            conn.close(CLOSE_SHUTDOWN, "node shutting down")
         for hook in self.stop_hooks:
             hook()
         return self.store.close()
@@ -95,6 +103,9 @@ class Node:
         self.connections.add(conn)
         self.metrics.connections.labels(conn.direction).inc()
         log.debug("connection opened: {conn}", conn=conn.describe())
+        if self.stopping:
+            # Its opening handshake was under way when the node began to stop.
+            conn.close(CLOSE_SHUTDOWN, "node shutting down")
 
     def handle_request(self, conn: Any, request: codec.Request) -> Any:
         op = self._ops.get(request.op)
@@ -157,7 +168,8 @@ class Node:
 
         def failed(failure: Any) -> codec.Reply:
             failure.trap(StoreWriteError)
-            return codec.unavailable(f"Peer store unavailable: {failure.value}; nothing was registered.")
+            return codec.unavailable(f"Peer store unavailable ({failure.value}); "
+                                     "nothing was registered. Try again later.")
 
         return result.durable.addCallbacks(written, failed)
 

@@ -41,6 +41,7 @@ from twisted.internet.task import LoopingCall
 
 from foxnode import PROTOCOL_VERSION, __version__, address, codec, identity, logs
 from foxnode.client import endpoint_for
+from foxnode.limits import TokenBucket
 from foxnode.protocol import CLOSE_NORMAL, FoxClientFactory
 from foxnode.store import EXCHANGE, HANDSHAKE
 
@@ -123,8 +124,8 @@ class PeerManager:
         self._backoff = backoffPolicy(
             initialDelay=self.config.backoff_initial, maxDelay=self.config.backoff_max,
             factor=2.0, jitter=lambda: random.uniform(0, self.config.backoff_initial))
-        self._tokens = float(self.config.dial_rate)
-        self._tokens_at = self.reactor.seconds()
+        self._dial_tokens = TokenBucket(self.config.dial_rate, max(1.0, self.config.dial_rate),
+                                        self.reactor.seconds)
         self._ticker = LoopingCall(self.tick)
         self._ticker.clock = self.reactor
         self._exchanger = LoopingCall(self._exchange_round)
@@ -198,15 +199,6 @@ class PeerManager:
 
     # -- dialing ---------------------------------------------------------------------
 
-    def _take_token(self, now: float) -> bool:
-        rate = self.config.dial_rate
-        self._tokens = min(rate, self._tokens + (now - self._tokens_at) * rate)
-        self._tokens_at = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        return False
-
     def candidates(self, now: float) -> list[Any]:
         """Addresses worth dialing now, best first."""
         connected_ids = set(self.peers)
@@ -243,10 +235,15 @@ class PeerManager:
         if free <= 0:
             return
         for record in self.candidates(now):
-            if free <= 0 or len(self.dialing) >= self.config.max_dialing or not self._take_token(now):
+            if free <= 0 or len(self.dialing) >= self.config.max_dialing or not self._dial_tokens.take():
                 break
-            # Outcomes are logged and recorded by dial() itself.
-            self.dial(record.addr).addErrback(lambda f: None)
+            try:
+                # Outcomes are logged and recorded by dial() itself.
+                self.dial(record.addr).addErrback(lambda f: None)
+            except Exception:
+                # Never let one address stop the scheduler.
+                log.failure("cannot dial {addr}", addr=record.addr)
+                self._next_attempt[record.addr] = now + self.config.backoff_max
             free -= 1
 
     def dial(self, addr: str) -> Deferred:
@@ -256,6 +253,7 @@ class PeerManager:
         parsed = address.parse(addr)
         factory = FoxClientFactory(addr, self.node, self.reactor,
                                    max_message_size=self.node.config.max_message_size,
+                                   send_queue=self.node.config.send_queue,
                                    open_timeout=self.config.dial_timeout)
         endpoint = endpoint_for(self.reactor, parsed, self.config.trust_roots, self.config.dial_timeout)
         log.debug("dialing {addr}", addr=addr)

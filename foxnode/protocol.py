@@ -36,6 +36,10 @@ INTERNAL_ERROR = codec.Reply(500, "Internal error; the node logged it.")
 #: 4000-4999 for foxnode's reasons (Autobahn keeps 1001-1015 for itself).
 CLOSE_NORMAL = 1000
 CLOSE_SHUTDOWN = 4000
+CLOSE_TOO_SLOW = 4009
+
+#: Bytes of frames a connection may hold back while its reader is slow.
+DEFAULT_SEND_QUEUE = 1 << 20
 
 
 class ConnectionHandler(TypingProtocol):
@@ -79,6 +83,41 @@ class FoxConnection:
         self.created = time.monotonic()
         #: free-form per-connection state for the handler (rate limits, peer info)
         self.fox_state: dict[str, Any] = {}
+        # Backpressure: the transport pauses us when its buffer is full; until
+        # it resumes, frames wait here, up to ``send_queue`` bytes.
+        self._paused = False
+        self._backlog: deque = deque()
+        self._backlog_bytes = 0
+        self.dropped = 0
+
+    def _become_producer(self) -> None:
+        transport = self.transport
+        if getattr(transport, "producer", None) is not None:
+            # twisted.web's HTTPChannel stays registered after the WebSocket
+            # takeover; the WebSocket protocol is the producer from now on.
+            transport.unregisterProducer()
+        try:
+            transport.registerProducer(self, True)
+        except RuntimeError:
+            self._log.debug("no backpressure on {t}", t=transport)
+
+    # IPushProducer, driven by the transport's write buffer.
+    # Reading goes on while paused (TLS pauses its producer during the
+    # handshake, which must read to finish): the backlog's bound is what
+    # stops a reader that never reads, by dropping pushes or closing.
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        while self._backlog and not self._paused and self.can_send():
+            frame = self._backlog.popleft()
+            self._backlog_bytes -= len(frame)
+            self.sendMessage(frame, isBinary=False)
+
+    def stopProducing(self) -> None:
+        self._backlog.clear()
+        self._backlog_bytes = 0
 
     # -- what the handler uses -------------------------------------------------
 
@@ -143,9 +182,25 @@ class FoxConnection:
         # Autobahn's own state: a closing connection refuses new messages.
         return self.fox_open and self.state == self.STATE_OPEN
 
-    def send_frame(self, frame: bytes) -> None:
-        if self.can_send():
+    def send_frame(self, frame: bytes, droppable: bool = False) -> bool:
+        """Send one message, or queue it while the reader is slow. A full
+        queue drops a ``droppable`` frame (a push; counted in ``dropped``)
+        and otherwise closes the connection: a reply must never be lost."""
+        if not self.can_send():
+            return False
+        if not self._paused and not self._backlog:
             self.sendMessage(frame, isBinary=False)
+            return True
+        if self._backlog_bytes + len(frame) > self.factory.send_queue:
+            if droppable:
+                self.dropped += 1
+                return False
+            self._log.info("{conn}: send queue full, closing", conn=self.describe())
+            self.close(CLOSE_TOO_SLOW, "send queue full: read faster")
+            return False
+        self._backlog.append(frame)
+        self._backlog_bytes += len(frame)
+        return True
 
     def close(self, code: int = CLOSE_NORMAL, reason: str | None = None) -> None:
         """Close with a close frame; the reason is at most 123 bytes of UTF-8."""
@@ -186,6 +241,10 @@ class FoxConnection:
                 self._log.failure("op {op} failed for {conn}", op=message.op, conn=self.describe())
                 result = INTERNAL_ERROR
             self._queue_reply(result, message.has_id, message.id)
+        elif self.direction == "in" and self.node_id is None:
+            # A plain client sent a reply- or event-shaped body: the lab's
+            # node answered any object without a string "op" like this.
+            self._queue_reply(codec.BODY_ERROR, *codec.request_id_of(payload))
         elif isinstance(message, codec.Response):
             waiting = self._pending.pop(message.id, None) if isinstance(message.id, str) else None
             if waiting is not None:
@@ -225,6 +284,8 @@ class FoxConnection:
         for d in pending.values():
             d.errback(RequestFailed(f"connection closed ({code}: {reason})"))
         self._replies.clear()
+        self._backlog.clear()
+        self._backlog_bytes = 0
         waiters, self._open_waiters = self._open_waiters, []
         for d in waiters:
             d.errback(RequestFailed(f"connection closed before it opened ({code}: {reason})"))
@@ -247,6 +308,7 @@ class FoxServerProtocol(FoxConnection, WebSocketServerProtocol):
         self._fox_init()
         self.handshake_nonce = os.urandom(16).hex()
         super().connectionMade()
+        self._become_producer()
 
     def onConnect(self, request: Any) -> tuple[None, dict[str, str]]:
         # A fresh nonce in the upgrade response lets a dialing node prove
@@ -261,6 +323,7 @@ class FoxClientProtocol(FoxConnection, WebSocketClientProtocol):
     def connectionMade(self) -> None:
         self._fox_init()
         super().connectionMade()
+        self._become_producer()
 
     def onConnect(self, response: Any) -> None:
         self.server_nonce = response.headers.get(NONCE_HEADER.lower())
@@ -290,10 +353,12 @@ class FoxServerFactory(WebSocketServerFactory):
 
     def __init__(self, handler: ConnectionHandler, reactor: Any, *,
                  max_message_size: int = 1 << 20, ping_interval: float = 30.0,
-                 ping_timeout: float = 15.0, open_timeout: float = 10.0) -> None:
+                 ping_timeout: float = 15.0, open_timeout: float = 10.0,
+                 send_queue: int = DEFAULT_SEND_QUEUE) -> None:
         super().__init__(reactor=reactor)
         self.handler = handler
         self.reactor = reactor
+        self.send_queue = send_queue
         _apply_options(self, max_message_size, ping_interval, ping_timeout, open_timeout)
         # The lab's node accepted any origin; browsers on other pages may talk to us.
         self.setProtocolOptions(allowedOrigins=["*"], perMessageCompressionAccept=lambda offers: None)
@@ -307,10 +372,12 @@ class FoxClientFactory(WebSocketClientFactory):
     def __init__(self, url: str, handler: ConnectionHandler, reactor: Any, *,
                  max_message_size: int = 1 << 20, ping_interval: float = 30.0,
                  ping_timeout: float = 15.0, open_timeout: float = 10.0,
+                 send_queue: int = DEFAULT_SEND_QUEUE,
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(url, reactor=reactor, headers=headers or {})
         self.handler = handler
         self.reactor = reactor
+        self.send_queue = send_queue
         _apply_options(self, max_message_size, ping_interval, ping_timeout, open_timeout)
 
 

@@ -237,7 +237,7 @@ class PeerStore:
                 fresh.append(addr)
         overflow = len(self._records) + len(fresh) - self.max_peers
         if overflow > 0:
-            victims = self._eviction_candidates(overflow)
+            victims = self._eviction_candidates(overflow, keep=set(accepted))
             for victim in victims:
                 del self._records[victim.addr]
             log.info("peer store full: evicted {n} unverified or failing addresses", n=len(victims))
@@ -255,18 +255,39 @@ class PeerStore:
         elif fresh or overflow > 0:
             self.generation += 1
             done = self.commit()
+            done.addErrback(self._roll_back, fresh, source)
+            done.addCallback(self._still_there, accepted)
         elif accepted and durable:
             # Already known; but maybe not yet on disk if another writer's
             # commit is still in flight, so wait for the disk all the same.
             done = self.commit() if (self._writing or self._waiters or self._dirty) else _succeed()
+            done.addCallback(self._still_there, accepted)
         else:
             done = _succeed()
         return AddResult(accepted, rejected, done)
 
-    def _eviction_candidates(self, count: int) -> list[PeerRecord]:
+    def _roll_back(self, failure: Failure, fresh: list[str], source: str) -> Failure:
+        """A failed write: forget this request's new addresses, so that no
+        one sees (or later writes) what was never acknowledged."""
+        for addr in fresh:
+            record = self._records.get(addr)
+            if record is not None and record.source == source and not record.verified:
+                del self._records[addr]
+                self.generation += 1
+        return failure
+
+    def _still_there(self, _: Any, accepted: list[str]) -> None:
+        # Another request's failed write may have rolled back an address this
+        # one found already known, or a full store evicted it meanwhile.
+        missing = [a for a in accepted if a not in self._records]
+        if missing:
+            raise StoreWriteError(f"{len(missing)} of the addresses could not be written")
+
+    def _eviction_candidates(self, count: int, keep: set[str]) -> list[PeerRecord]:
         evictable = [
             r for r in self._records.values()
-            if r.source != BOOTSTRAP and (not r.verified or r.failures > 0 or r.is_self)
+            if r.source != BOOTSTRAP and r.addr not in keep
+            and (not r.verified or r.failures > 0 or r.is_self)
         ]
         # Worst first: never verified, then most failures, then oldest.
         evictable.sort(key=lambda r: (r.verified, -r.failures, r.added))

@@ -17,10 +17,11 @@ from twisted.python import usage
 from zope.interface import implementer
 
 from foxnode import address, identity, logs
+from foxnode.gossip import Gossip, GossipConfig
 from foxnode.metrics import NodeMetrics
 from foxnode.node import Node, NodeConfig
 from foxnode.peers import PeerConfig, PeerManager
-from foxnode.protocol import CLOSE_SHUTDOWN, FoxServerFactory
+from foxnode.protocol import FoxServerFactory
 from foxnode.store import BOOTSTRAP, PeerStore, StoreError
 from foxnode.web import make_site
 
@@ -70,6 +71,11 @@ class Options(usage.Options):
         ["max-dialing", None, 4, "Most dials in flight at once.", _positive_int],
         ["dial-rate", None, 4.0, "Most dials started per second.", _positive_float],
         ["exchange-interval", None, 30.0, "Seconds between peer exchanges with each peer.", _positive_float],
+        ["max-payload", None, 64 * 1024, "Largest gossip message payload, in bytes.", _positive_int],
+        ["max-ttl", None, 3600, "Longest time-to-live of a gossip message, in seconds.", _positive_int],
+        ["send-queue", None, 1 << 20,
+         "Bytes a connection may hold back for a slow reader before pushes are dropped "
+         "(subscribers, peers) or the connection closes (unread replies).", _positive_int],
         ["cafile", None, None, "PEM file of CA certificates to verify wss:// peers with (default: system trust)."],
     ]
     optFlags = [
@@ -113,6 +119,10 @@ class Options(usage.Options):
             trust_roots=self["cafile"],
         )
 
+    def gossip_config(self) -> GossipConfig:
+        return GossipConfig(max_payload=self["max-payload"], max_ttl=self["max-ttl"],
+                            default_ttl=min(60, self["max-ttl"]))
+
     def node_config(self) -> NodeConfig:
         return NodeConfig(
             network=self["network"],
@@ -120,6 +130,7 @@ class Options(usage.Options):
             bootstrap=tuple(self["peer"]),
             max_register_addrs=self["max-register-addrs"],
             max_message_size=self["max-message-size"],
+            send_queue=self["send-queue"],
         )
 
 
@@ -177,8 +188,6 @@ class NodeService(service.MultiService):
 
     def stopService(self) -> Deferred:
         stopped = super().stopService()
-        for conn in list(self.node.connections):
-            conn.close(CLOSE_SHUTDOWN, "node shutting down")
         d = DeferredList([stopped, self.node.stop()], consumeErrors=True)
         return d.addCallback(lambda _: None)
 
@@ -189,22 +198,25 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
 
         reactor = default_reactor
     logs.set_debug(bool(config["debug"]))
-    try:
-        node_identity = identity.load_or_create(config["data-dir"])
-    except identity.IdentityError as e:
-        raise SystemExit(f"foxnode: cannot start: {e}") from None
     metrics = NodeMetrics()
+    # The store first: a node refused for its peers file leaves nothing behind.
     try:
         store = PeerStore.open(reactor, config["peers-file"],
                                on_write=metrics.store_writes.observe)
     except StoreError as e:
+        raise SystemExit(f"foxnode: cannot start: {e}") from None
+    try:
+        node_identity = identity.load_or_create(config["data-dir"])
+    except identity.IdentityError as e:
         raise SystemExit(f"foxnode: cannot start: {e}") from None
     node_config = config.node_config()
     if node_config.bootstrap:
         store.add(node_config.bootstrap, BOOTSTRAP)
     node = Node(reactor, node_config, node_identity, store, metrics)
     PeerManager(node, config.peer_config())
-    ws_factory = FoxServerFactory(node, reactor, max_message_size=node_config.max_message_size)
+    Gossip(node, config.gossip_config())
+    ws_factory = FoxServerFactory(node, reactor, max_message_size=node_config.max_message_size,
+                                  send_queue=node_config.send_queue)
     site = make_site(node, ws_factory)
     endpoint = serverFromString(reactor, config["listen"])
     log.info("foxnode {node_id}: peers file {path} ({n} known), data dir {dir}",

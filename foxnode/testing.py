@@ -31,15 +31,17 @@ def sleep(reactor: Any, seconds: float) -> Deferred:
 
 @inlineCallbacks
 def wait_for(reactor: Any, condition: Callable[[], Any], timeout: float = 10.0,
-             interval: float = 0.02, what: str = "condition") -> Any:
-    """Poll ``condition`` until truthy; raise AssertionError after ``timeout``."""
+             interval: float = 0.02, what: str | Callable[[], str] = "condition") -> Any:
+    """Poll ``condition`` until truthy; raise AssertionError after ``timeout``.
+    ``what`` (or what it returns, when a function) says what was awaited."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s waiting for "
+                                 f"{what() if callable(what) else what}")
         yield sleep(reactor, interval)
 
 
@@ -72,7 +74,16 @@ class RunningNode:
             yield self.service.stopService()
         reactor = self.service.reactor
         yield wait_for(reactor, lambda: not self.node.connections, timeout=10,
-                       what=f"connections of node on port {self.port} to close")
+                       what=lambda: f"connections of node on port {self.port} to close "
+                                    f"({[_debug(c) for c in self.node.connections]})")
+
+
+def _debug(c: Any) -> str:
+    t = c.transport
+    return (f"{c.describe()} state={c.state} paused={c._paused} "
+            f"cht={getattr(c, 'closeHandshakeTimeoutCall', None)} "
+            f"disc={getattr(t, 'disconnecting', '?')}/{getattr(t, 'disconnected', '?')} "
+            f"reading={t in c.factory.reactor.getReaders() if hasattr(c.factory.reactor, 'getReaders') else '?'}")
 
 
 def node_options(directory: Path, *extra: str, port: int = 0) -> tap.Options:
@@ -190,3 +201,31 @@ def stop_all(nodes: Iterable[NodeProcess]) -> None:
             n.stop()
         except Exception:  # already gone; we only tidy up
             n.kill()
+
+
+@inlineCallbacks
+def connect_as_peer(reactor: Any, url: str, ident: Any = None, network: str = "foxchain",
+                    on_event: Callable[[Any], None] | None = None, port: int | None = None) -> Any:
+    """Connect to a node and complete a real ``hello`` as a peer with
+    identity ``ident`` (a fresh one by default); fires with the open
+    client protocol, whose ``node_id`` is the identity's. For tests that
+    play a (possibly misbehaving) peer."""
+    from foxnode import PROTOCOL_VERSION, client, identity
+    from foxnode.peers import hello_proof
+
+    ident = ident or identity.Identity.generate()
+    conn = yield client.connect(reactor, url, on_event=on_event)
+    args = {
+        "node_id": ident.node_id, "network": network, "version": PROTOCOL_VERSION,
+        "nonce": os.urandom(16).hex(),
+        "signature": ident.sign(hello_proof(network, conn.server_nonce or "", ident.node_id)),
+    }
+    if port is not None:
+        args["port"] = port
+    reply = yield conn.request("hello", args)
+    if reply.status != 200:
+        conn.close()
+        raise RuntimeError(f"hello refused: {reply.status} {reply.error} {reply.response}")
+    conn.node_id = reply.response["node_id"]
+    conn.fox_state["identity"] = ident
+    return conn

@@ -1,0 +1,429 @@
+"""Gossip: whisper-like publish/subscribe across the network.
+
+Envelopes. A message travels in an envelope signed by the node it was
+published at: id (a SHA-256 of the content), origin node id, topic, JSON
+payload, creation time, TTL and a nonce. Every node checks an envelope
+before it delivers or forwards it: a bad id (tampered), a bad signature
+(forged), an expired or far-future envelope, or one over the size limit is
+dropped, counted, and the peer that sent it is told why; a peer that keeps
+sending such envelopes is disconnected. A seen-cache remembers every id
+until its envelope expires, so a message is delivered and forwarded at most
+once per node and a replayed envelope is dropped; an expired one is refused
+anyway, so the cache can forget it then and stays bounded.
+
+Spreading. Plain flooding sends every message over every link: on a network
+where each node has d peers, each node receives about d copies. foxnode
+spreads like Plumtree (Leitao et al., "Epidemic Broadcast Trees"; the same
+idea as gossipsub's mesh plus IHAVE/IWANT): every peer link starts *eager*
+(full envelopes are pushed over it); a node that receives a copy it has
+already seen tells that sender ``prune``, and the link becomes *lazy*, over
+which only ids are announced (``ihave``). The eager links settle into a
+spanning tree, so each node receives about one full copy per message. A
+node that hears of an id over a lazy link and does not get the envelope
+soon after asks for it (``graft``), which also makes that link eager again:
+that is how the tree heals when a link or node goes away. The trade-off:
+fewer copies, at the price of a repair delay (``graft_timeout``) when the
+tree is broken, and small id announcements on the lazy links.
+
+Peer frames (events, only after the ``hello`` handshake):
+``{"event": "gossip", "envelope": {...}}``, ``{"event": "ihave", "ids": [...]}``,
+``{"event": "graft", "ids": [...]}``, ``{"event": "prune"}``, and
+``{"event": "rejected", "id": ..., "reason": ...}`` telling a peer why its
+envelope was dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import OrderedDict
+from typing import Any
+
+import attrs
+import orjson
+from twisted.internet.task import LoopingCall
+
+from foxnode import codec, identity, logs
+from foxnode.limits import TokenBucket
+
+log = logs.logger(__name__)
+
+ENVELOPE_VERSION = 1
+CLOSE_ABUSE = 4011
+
+
+@attrs.frozen
+class GossipConfig:
+    default_ttl: int = 60
+    max_ttl: int = 3600
+    #: largest encoded payload of one message, in bytes
+    max_payload: int = 64 * 1024
+    #: how far in the future an envelope's creation time may be (clock skew)
+    max_skew: float = 30.0
+    max_topic_length: int = 128
+    max_topics_per_connection: int = 64
+    #: ids remembered at most (each until its envelope expires)
+    seen_capacity: int = 200_000
+    #: envelopes kept to answer grafts: how many, and for how long
+    cache_capacity: int = 10_000
+    cache_seconds: float = 120.0
+    #: how long to wait for an announced envelope before asking for it
+    graft_timeout: float = 0.4
+    #: bad envelopes a peer may send (a burst, then per second) before it is dropped
+    abuse_burst: float = 20.0
+    abuse_rate: float = 0.5
+
+
+class Rejected(Exception):
+    """An envelope that must not be delivered or forwarded; ``str()`` says why."""
+
+
+def _canonical(origin: str, topic: str, payload: Any, created: float, ttl: int, nonce: str) -> bytes:
+    return orjson.dumps([ENVELOPE_VERSION, origin, topic, payload, created, ttl, nonce],
+                        option=orjson.OPT_SORT_KEYS)
+
+
+def _signed_part(message_id: str) -> bytes:
+    return b"foxnode-envelope/1\x00" + message_id.encode()
+
+
+@attrs.frozen
+class Envelope:
+    id: str
+    origin: str
+    topic: str
+    payload: Any
+    created: float
+    ttl: int
+    nonce: str
+    sig: str
+
+    @classmethod
+    def create(cls, signer: identity.Identity, topic: str, payload: Any, ttl: int,
+               now: float) -> "Envelope":
+        created = round(now, 3)
+        nonce = os.urandom(8).hex()
+        content = _canonical(signer.node_id, topic, payload, created, ttl, nonce)
+        message_id = hashlib.sha256(content).hexdigest()
+        return cls(message_id, signer.node_id, topic, payload, created, ttl, nonce,
+                   signer.sign(_signed_part(message_id)))
+
+    @property
+    def expires(self) -> float:
+        return self.created + self.ttl
+
+    def to_json(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: Any, config: GossipConfig, now: float) -> "Envelope":
+        """Check everything about a received envelope; raise ``Rejected``."""
+        if not isinstance(raw, dict):
+            raise Rejected("envelope is not an object")
+        try:
+            fields = {name: raw[name] for name in attrs.fields_dict(cls)}
+        except KeyError as e:
+            raise Rejected(f"envelope lacks {e.args[0]!r}") from None
+        if not isinstance(fields["id"], str) or len(fields["id"]) != 64:
+            raise Rejected("malformed id")
+        if not identity.is_node_id(fields["origin"]):
+            raise Rejected("malformed origin")
+        topic = fields["topic"]
+        if not isinstance(topic, str) or not 0 < len(topic) <= config.max_topic_length:
+            raise Rejected("malformed topic")
+        created, ttl = fields["created"], fields["ttl"]
+        if not isinstance(created, (int, float)) or isinstance(created, bool):
+            raise Rejected("malformed creation time")
+        if not isinstance(ttl, int) or isinstance(ttl, bool) or not 0 < ttl <= config.max_ttl:
+            raise Rejected(f"ttl must be 1..{config.max_ttl}")
+        if not isinstance(fields["nonce"], str) or len(fields["nonce"]) > 64:
+            raise Rejected("malformed nonce")
+        if not isinstance(fields["sig"], str):
+            raise Rejected("malformed signature")
+        if created > now + config.max_skew:
+            raise Rejected("created in the future")
+        if created + ttl < now:
+            raise Rejected("expired")
+        content = _canonical(fields["origin"], topic, fields["payload"], created, ttl, fields["nonce"])
+        if len(content) > config.max_payload + 1024:
+            raise Rejected(f"payload over {config.max_payload} bytes")
+        if hashlib.sha256(content).hexdigest() != fields["id"]:
+            raise Rejected("id does not match the content (tampered)")
+        if not identity.verify(fields["origin"], fields["sig"], _signed_part(fields["id"])):
+            raise Rejected("bad signature (forged)")
+        return cls(**fields)
+
+
+class Gossip:
+    """Publish/subscribe for one node; hooks itself onto the node."""
+
+    def __init__(self, node: Any, config: GossipConfig | None = None) -> None:
+        self.node = node
+        self.reactor = node.reactor
+        self.config = config or GossipConfig()
+        #: message id -> when it may be forgotten
+        self.seen: OrderedDict[str, float] = OrderedDict()
+        #: message id -> (envelope, encoded gossip frame), to answer grafts
+        self.cache: OrderedDict[str, tuple[Envelope, bytes]] = OrderedDict()
+        #: topic -> connections subscribed to it
+        self.subscribers: dict[str, set] = {}
+        #: node ids of peers whose link is lazy (ids only); all others are eager
+        self.lazy: set[str] = set()
+        #: announced ids we wait for: id -> (timer, announcers still to ask)
+        self.missing: dict[str, tuple[Any, list[str]]] = {}
+        self._sweeper = LoopingCall(self.sweep)
+        self._sweeper.clock = self.reactor
+        node.gossip = self
+        node.add_op("publish", self.op_publish)
+        node.add_op("subscribe", self.op_subscribe)
+        node.add_op("unsubscribe", self.op_unsubscribe)
+        for name, handler in (("gossip", self.on_gossip), ("ihave", self.on_ihave),
+                              ("graft", self.on_graft), ("prune", self.on_prune),
+                              ("rejected", self.on_rejected)):
+            node.event_handlers[name] = handler
+        node.lost_hooks.append(self.connection_lost)
+        node.start_hooks.append(lambda: self._sweeper.start(5.0, now=False))
+        node.stop_hooks.append(self.stop)
+
+    def stop(self) -> None:
+        if self._sweeper.running:
+            self._sweeper.stop()
+        for timer, _ in self.missing.values():
+            if timer.active():
+                timer.cancel()
+        self.missing.clear()
+
+    # -- client ops ----------------------------------------------------------------
+
+    def op_publish(self, conn: Any, args: Any) -> codec.Reply:
+        if not isinstance(args, dict) or "topic" not in args or "payload" not in args:
+            return codec.missing_args("publish", "topic", "payload")
+        topic = args["topic"]
+        if not isinstance(topic, str) or not 0 < len(topic) <= self.config.max_topic_length:
+            return codec.bad_args("publish", f"topic must be a string of 1 to {self.config.max_topic_length} characters")
+        ttl = args.get("ttl", self.config.default_ttl)
+        if not isinstance(ttl, int) or isinstance(ttl, bool) or not 0 < ttl <= self.config.max_ttl:
+            return codec.bad_args("publish", f"ttl must be a whole number of seconds, 1 to {self.config.max_ttl}")
+        size = len(orjson.dumps(args["payload"]))
+        if size > self.config.max_payload:
+            return codec.bad_args("publish", f"payload is {size} bytes, over the limit of {self.config.max_payload}")
+        envelope = Envelope.create(self.node.identity, topic, args["payload"], ttl, time.time())
+        self.accept(envelope, sender=None)
+        return codec.accepted({"id": envelope.id})
+
+    def _topics_arg(self, op: str, args: Any) -> list[str] | codec.Reply:
+        if not isinstance(args, dict) or "topics" not in args:
+            return codec.missing_args(op, "topics")
+        topics = args["topics"]
+        if isinstance(topics, str):
+            topics = [topics]
+        limit = self.config.max_topic_length
+        if (not isinstance(topics, list)
+                or not all(isinstance(t, str) and 0 < len(t) <= limit for t in topics)):
+            return codec.bad_args(op, f"topics must be a list of strings of 1 to {limit} characters")
+        return topics
+
+    def op_subscribe(self, conn: Any, args: Any) -> codec.Reply:
+        topics = self._topics_arg("subscribe", args)
+        if isinstance(topics, codec.Reply):
+            return topics
+        mine = conn.fox_state.setdefault("topics", set())
+        if len(mine | set(topics)) > self.config.max_topics_per_connection:
+            return codec.bad_args("subscribe", f"at most {self.config.max_topics_per_connection} topics per connection")
+        for topic in topics:
+            mine.add(topic)
+            self.subscribers.setdefault(topic, set()).add(conn)
+        return codec.ok({"topics": sorted(mine)})
+
+    def op_unsubscribe(self, conn: Any, args: Any) -> codec.Reply:
+        topics = self._topics_arg("unsubscribe", args)
+        if isinstance(topics, codec.Reply):
+            return topics
+        mine = conn.fox_state.setdefault("topics", set())
+        for topic in topics:
+            mine.discard(topic)
+            self._unsubscribe(conn, topic)
+        return codec.ok({"topics": sorted(mine)})
+
+    def _unsubscribe(self, conn: Any, topic: str) -> None:
+        subs = self.subscribers.get(topic)
+        if subs is not None:
+            subs.discard(conn)
+            if not subs:
+                del self.subscribers[topic]
+
+    def connection_lost(self, conn: Any, code: int | None, reason: str | None) -> None:
+        for topic in conn.fox_state.get("topics", ()):
+            self._unsubscribe(conn, topic)
+        if conn.node_id is not None and conn.node_id not in self._peer_conns():
+            self.lazy.discard(conn.node_id)
+
+    # -- spreading ---------------------------------------------------------------
+
+    def _peer_conns(self) -> dict[str, Any]:
+        return self.node.peers.peers if self.node.peers is not None else {}
+
+    def _is_peer(self, conn: Any) -> bool:
+        return conn.node_id is not None and self._peer_conns().get(conn.node_id) is conn
+
+    def accept(self, envelope: Envelope, sender: Any) -> None:
+        """A new, valid envelope: remember, deliver, pass on."""
+        self.seen[envelope.id] = envelope.expires + self.config.max_skew
+        pending = self.missing.pop(envelope.id, None)
+        if pending is not None and pending[0].active():
+            pending[0].cancel()
+        frame = codec.encode_event("gossip", envelope=envelope.to_json())
+        self.cache[envelope.id] = (envelope, frame)
+        self._trim()
+        self.deliver(envelope)
+        announce = codec.encode_event("ihave", ids=[envelope.id])
+        sender_id = sender.node_id if sender is not None else None
+        metrics = self.node.metrics
+        for peer_id, conn in self._peer_conns().items():
+            if peer_id == sender_id or peer_id == envelope.origin:
+                continue
+            if peer_id in self.lazy:
+                conn.send_frame(announce, droppable=True)
+            elif conn.send_frame(frame, droppable=True):
+                metrics.gossip_sent.inc()
+            else:
+                metrics.send_dropped.labels("peer").inc()
+
+    def deliver(self, envelope: Envelope) -> None:
+        subscribers = self.subscribers.get(envelope.topic)
+        if not subscribers:
+            return
+        frame = codec.encode_event("message", id=envelope.id, topic=envelope.topic,
+                                   payload=envelope.payload, origin=envelope.origin,
+                                   created=envelope.created)
+        metrics = self.node.metrics
+        for conn in list(subscribers):
+            if conn.send_frame(frame, droppable=True):
+                metrics.gossip_delivered.inc()
+            else:
+                metrics.send_dropped.labels("subscriber").inc()
+
+    def on_gossip(self, conn: Any, event: codec.Event) -> None:
+        if not self._is_peer(conn):
+            return
+        raw = event.body.get("envelope")
+        message_id = raw.get("id") if isinstance(raw, dict) else None
+        if isinstance(message_id, str) and message_id in self.seen:
+            # A copy over an eager link: one tree edge too many, make it lazy.
+            self.node.metrics.gossip_received.labels("duplicate").inc()
+            if conn.node_id not in self.lazy:
+                self.lazy.add(conn.node_id)
+                conn.send_frame(codec.encode_event("prune"), droppable=True)
+            return
+        try:
+            envelope = Envelope.from_json(raw, self.config, time.time())
+        except Rejected as e:
+            self._reject(conn, message_id, str(e))
+            return
+        self.node.metrics.gossip_received.labels("accepted").inc()
+        # Whoever brought us something new is on the tree.
+        self.lazy.discard(conn.node_id)
+        self.accept(envelope, sender=conn)
+
+    def _reject(self, conn: Any, message_id: Any, reason: str) -> None:
+        self.node.metrics.gossip_received.labels(_reason_label(reason)).inc()
+        log.info("dropped envelope {id} from {peer}: {reason}", id=str(message_id)[:16],
+                 peer=conn.node_id[:12], reason=reason)
+        conn.send_frame(codec.encode_event("rejected", id=message_id if isinstance(message_id, str) else None,
+                                           reason=reason), droppable=True)
+        bucket = conn.fox_state.get("abuse")
+        if bucket is None:
+            bucket = conn.fox_state["abuse"] = TokenBucket(
+                self.config.abuse_rate, self.config.abuse_burst, self.reactor.seconds)
+        if not bucket.take():
+            log.warn("disconnecting {peer}: too many bad envelopes", peer=conn.node_id[:12])
+            conn.close(CLOSE_ABUSE, "too many bad envelopes")
+
+    def on_ihave(self, conn: Any, event: codec.Event) -> None:
+        if not self._is_peer(conn):
+            return
+        ids = event.body.get("ids")
+        if not isinstance(ids, list):
+            return
+        for message_id in ids[:1000]:
+            if not isinstance(message_id, str) or len(message_id) != 64 or message_id in self.seen:
+                continue
+            waiting = self.missing.get(message_id)
+            if waiting is not None:
+                if conn.node_id not in waiting[1]:
+                    waiting[1].append(conn.node_id)
+                continue
+            if len(self.missing) >= self.config.cache_capacity:
+                continue
+            timer = self.reactor.callLater(self.config.graft_timeout, self._graft, message_id)
+            self.missing[message_id] = (timer, [conn.node_id])
+
+    def _graft(self, message_id: str) -> None:
+        waiting = self.missing.get(message_id)
+        if waiting is None or message_id in self.seen:
+            self.missing.pop(message_id, None)
+            return
+        _, announcers = waiting
+        peers = self._peer_conns()
+        while announcers:
+            peer_id = announcers.pop(0)
+            conn = peers.get(peer_id)
+            if conn is None:
+                continue
+            self.lazy.discard(peer_id)
+            conn.send_frame(codec.encode_event("graft", ids=[message_id]))
+            timer = self.reactor.callLater(self.config.graft_timeout * 2, self._graft, message_id)
+            self.missing[message_id] = (timer, announcers)
+            return
+        self.missing.pop(message_id, None)
+
+    def on_graft(self, conn: Any, event: codec.Event) -> None:
+        if not self._is_peer(conn):
+            return
+        self.lazy.discard(conn.node_id)
+        ids = event.body.get("ids")
+        if not isinstance(ids, list):
+            return
+        for message_id in ids[:1000]:
+            cached = self.cache.get(message_id) if isinstance(message_id, str) else None
+            if cached is not None and conn.send_frame(cached[1], droppable=True):
+                self.node.metrics.gossip_sent.inc()
+
+    def on_prune(self, conn: Any, event: codec.Event) -> None:
+        if self._is_peer(conn):
+            self.lazy.add(conn.node_id)
+
+    def on_rejected(self, conn: Any, event: codec.Event) -> None:
+        if self._is_peer(conn):
+            log.warn("peer {peer} rejected our envelope {id}: {reason}", peer=conn.node_id[:12],
+                     id=str(event.body.get("id"))[:16], reason=str(event.body.get("reason"))[:200])
+
+    # -- bounded memory ------------------------------------------------------------
+
+    def _trim(self) -> None:
+        while len(self.cache) > self.config.cache_capacity:
+            self.cache.popitem(last=False)
+        while len(self.seen) > self.config.seen_capacity:
+            # Full of live ids: forgetting the oldest risks a re-delivery of
+            # it only if someone replays it before it expires.
+            self.seen.popitem(last=False)
+
+    def sweep(self) -> None:
+        """Forget expired ids and old cached envelopes."""
+        now = time.time()
+        for message_id in [m for m, until in self.seen.items() if until < now]:
+            del self.seen[message_id]
+        horizon = now - self.config.cache_seconds
+        while self.cache:
+            message_id, (envelope, _) = next(iter(self.cache.items()))
+            if envelope.created >= horizon and envelope.expires >= now:
+                break
+            self.cache.popitem(last=False)
+
+
+def _reason_label(reason: str) -> str:
+    for label in ("tampered", "forged", "expired", "future", "ttl", "payload"):
+        if label in reason:
+            return label
+    return "malformed"

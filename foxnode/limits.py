@@ -1,0 +1,39 @@
+"""Limits against abuse: a token bucket, the one rate-limiting primitive
+used for requests per connection, dials, and misbehaving peers."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+
+class TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` saved up.
+
+    ``clock`` is a function returning seconds (``reactor.seconds``), so
+    tests drive it with ``twisted.internet.task.Clock``.
+    """
+
+    __slots__ = ("rate", "burst", "_tokens", "_at", "_clock")
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float]) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._tokens = float(burst)
+        self._at = clock()
+
+    def take(self, cost: float = 1.0) -> bool:
+        """Spend ``cost`` tokens if there are enough; False means over the limit."""
+        now = self._clock()
+        tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if tokens >= cost:
+            self._tokens = tokens - cost
+            return True
+        self._tokens = tokens
+        return False
+
+    def retry_after(self, cost: float = 1.0) -> float:
+        """Seconds until ``cost`` tokens will be there."""
+        missing = cost - self._tokens
+        return 0.0 if missing <= 0 else missing / self.rate
