@@ -18,6 +18,7 @@ import argparse
 import errno
 import fcntl
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -154,6 +155,9 @@ class _OneCallProtocol(FoxClientProtocol):
     request order, so with one request sent, the first one is ours. It
     fires ``factory.reply`` with the reply object as it came on the wire."""
 
+    #: set once the request is on its way; only then does a close fail it
+    sent = False
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         waiting = self.factory.reply
         if not waiting.called:
@@ -169,7 +173,7 @@ class _OneCallProtocol(FoxClientProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         super().onClose(wasClean, code, reason)
         waiting = self.factory.reply
-        if not waiting.called:
+        if self.sent and not waiting.called:
             waiting.errback(RequestFailed(f"connection closed before the reply ({code}: {reason})"))
 
 
@@ -196,10 +200,18 @@ def describe_failure(exc: BaseException, url: str, timeout: float) -> str:
         why = str(exc).strip().rstrip(".")
         return f"cannot connect to {url}: {why or type(exc).__name__}"
     if isinstance(exc, RequestFailed):
-        return f"{url}: {exc}"
+        # "connection closed before it opened (1006: ... ("<Autobahn's reason>"))"
+        quoted = re.search(r'\("(.*)"\)', str(exc))
+        why = quoted.group(1) if quoted else str(exc)
+        if why.startswith("SSL error:"):
+            why = why.removeprefix("SSL error:").replace("(in )", "").strip()
+            return f"TLS with {url} failed: {why} (a node with a self-signed certificate needs --cafile)"
+        if "before it opened" in str(exc):
+            return f"no WebSocket at {url}: {why}"
+        return f"{url}: {why}"
     module = type(exc).__module__ or ""
     if module.startswith("OpenSSL") or "SSL" in type(exc).__name__:
-        return f"TLS with {url} failed: {exc} (a self-signed node needs --cafile)"
+        return f"TLS with {url} failed: {exc} (a node with a self-signed certificate needs --cafile)"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{url}: {type(exc).__name__}{': ' + text if text else ''}"
 
@@ -240,6 +252,7 @@ async def run_call(reactor: Any, opts: argparse.Namespace) -> None:
         proto = await opened
         proto_box.append(proto)
         proto.send_frame(codec.encode_request(opts.op, opts.args, opts.id))
+        proto.sent = True
         return await factory.reply
 
     attempt = ensureDeferred(exchange())
@@ -326,6 +339,9 @@ class DevNode:
     #: live peer connections at the last look (None: not asked yet)
     connected: int | None = None
     exit_reported: bool = False
+    #: the devnet's own connection to the node, kept open for polling
+    #: (one connection, rather than one per poll in the node's log)
+    conn: Any = None
 
     @property
     def name(self) -> str:
@@ -381,7 +397,9 @@ def port_in_use(port: int) -> bool:
 
 def _log_tail(path: Path, lines: int = 5) -> str:
     try:
-        text = path.read_text(errors="replace").rstrip().splitlines()
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
+            text = f.read().decode("utf-8", "replace").rstrip().splitlines()
     except OSError:
         return ""
     return "\n".join("    " + line for line in text[-lines:])
@@ -459,9 +477,16 @@ class Devnet:
             self.say(f"{node.name}: starting (pid {node.process.pid}), log {node.log_path}")
 
     async def _info(self, node: DevNode, timeout: float = 2.0) -> dict | None:
+        """The node's ``info``, or None when it does not answer."""
         try:
-            reply = await client.call(self.reactor, node.url, "info", timeout=timeout)
+            if node.conn is None or not node.conn.fox_open:
+                node.conn = None
+                node.conn = await client.connect(self.reactor, node.url, timeout=timeout)
+            reply = await node.conn.request("info", timeout=timeout)
         except Exception:
+            if node.conn is not None:
+                node.conn.close()
+                node.conn = None
             return None
         if reply.ok() and isinstance(reply.response, dict):
             return reply.response
@@ -576,6 +601,10 @@ class Devnet:
 
     async def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM every node, wait up to ``timeout``, SIGKILL the rest."""
+        for node in self.nodes:
+            if node.conn is not None:
+                node.conn.close()
+                node.conn = None
         running = [n for n in self.nodes if n.running()]
         if running:
             self.say(f"stopping {len(running)} node(s)")
@@ -657,6 +686,8 @@ def parser() -> argparse.ArgumentParser:
                     "A node itself runs under twistd: twistd -n foxnode --help.",
     )
     top.add_argument("--version", action="version", version=f"foxnode {__version__}")
+    top.add_argument("--debug", dest="debug_log", action="store_true",
+                     help="log what Twisted and Autobahn do to stderr (goes before COMMAND)")
     sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     call = sub.add_parser(
@@ -735,8 +766,19 @@ async def _run(reactor: Any, opts: argparse.Namespace) -> None:
         raise SystemExit(EXIT_USAGE) from None
 
 
+def _begin_logging(debug: bool) -> None:
+    """Twisted prints some failures (an unhandled error in a Deferred) to
+    stderr as tracebacks; the command says what went wrong in one line
+    instead, and shows Twisted's and Autobahn's log only with --debug."""
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    observers = [textFileLogObserver(sys.stderr)] if debug else [lambda event: None]
+    globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     opts = parser().parse_args(argv)
+    _begin_logging(opts.debug_log)
     if opts.command == "devnet" and opts.base_port + opts.nodes - 1 > 65535:
         parser().exit(EXIT_USAGE, f"foxnode devnet: ports {opts.base_port}..{opts.base_port + opts.nodes - 1} "
                                   "run past 65535; choose a lower --base-port\n")
