@@ -19,7 +19,8 @@ from twisted.internet.defer import Deferred
 from foxnode import PROTOCOL_VERSION, __version__, address, codec, logs
 from foxnode.identity import Identity
 from foxnode.metrics import NodeMetrics
-from foxnode.protocol import CLOSE_SHUTDOWN
+from foxnode.limits import TokenBucket
+from foxnode.protocol import CLOSE_RATE_LIMIT, CLOSE_SHUTDOWN
 from foxnode.store import REGISTER, PeerStore, StoreWriteError
 
 log = logs.logger(__name__)
@@ -37,6 +38,18 @@ class NodeConfig:
     max_register_addrs: int = 100
     max_message_size: int = 1 << 20
     send_queue: int = 1 << 20
+    #: requests per second per connection, and the burst allowed above it
+    rate: float = 50.0
+    burst: float = 100.0
+    #: WebSocket connections from one remote IP address
+    max_per_ip: int = 32
+    max_depth: int = 64
+    #: seconds between WebSocket pings, and to wait for the pong: how a
+    #: dead or half-open connection is found
+    ping_interval: float = 30.0
+    ping_timeout: float = 15.0
+    #: seconds a WebSocket opening handshake, or a peer's hello, may take
+    handshake_timeout: float = 10.0
 
 
 Op = Callable[[Any, Any], Any]
@@ -107,7 +120,37 @@ class Node:
             # Its opening handshake was under way when the node began to stop.
             conn.close(CLOSE_SHUTDOWN, "node shutting down")
 
+    def admit(self, conn: Any) -> str | None:
+        """Whether a new WebSocket connection may open; the reason if not."""
+        if self.stopping:
+            return "node shutting down"
+        host = conn.remote_host
+        if sum(1 for c in self.connections if c.remote_host == host) >= self.config.max_per_ip:
+            return f"too many connections from {host}"
+        return None
+
+    def _within_rate(self, conn: Any) -> codec.Reply | None:
+        bucket = conn.fox_state.get("rate")
+        if bucket is None:
+            bucket = conn.fox_state["rate"] = TokenBucket(
+                self.config.rate, self.config.burst, self.reactor.seconds)
+        if bucket.take():
+            conn.fox_state["refused"] = 0
+            return None
+        self.metrics.rate_limited.inc()
+        refused = conn.fox_state["refused"] = conn.fox_state.get("refused", 0) + 1
+        if refused > self.config.burst:
+            # Kept sending while told to slow down: not a client that listens.
+            log.info("{conn}: closing, ignored the rate limit", conn=conn.describe())
+            conn.close(CLOSE_RATE_LIMIT, "request rate limit ignored")
+        return codec.too_many(
+            f"Too many requests: the limit is {self.config.rate:g} per second; "
+            f"retry after {bucket.retry_after():.2f} s.")
+
     def handle_request(self, conn: Any, request: codec.Request) -> Any:
+        refused = self._within_rate(conn)
+        if refused is not None:
+            return refused
         op = self._ops.get(request.op)
         if op is None:
             self.metrics.count_request("other", 404)

@@ -251,10 +251,11 @@ class PeerManager:
         fails with the reason. Bookkeeping (backoff, record) is done here."""
         self.node.metrics.dials.labels("started").inc()
         parsed = address.parse(addr)
+        c = self.node.config
         factory = FoxClientFactory(addr, self.node, self.reactor,
-                                   max_message_size=self.node.config.max_message_size,
-                                   send_queue=self.node.config.send_queue,
-                                   open_timeout=self.config.dial_timeout)
+                                   max_message_size=c.max_message_size, send_queue=c.send_queue,
+                                   max_depth=c.max_depth, ping_interval=c.ping_interval,
+                                   ping_timeout=c.ping_timeout, open_timeout=self.config.dial_timeout)
         endpoint = endpoint_for(self.reactor, parsed, self.config.trust_roots, self.config.dial_timeout)
         log.debug("dialing {addr}", addr=addr)
         d = endpoint.connect(factory)

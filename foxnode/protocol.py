@@ -23,6 +23,7 @@ from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
+from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout, maybeDeferred
 from foxnode import logs
 from twisted.python.failure import Failure
@@ -36,6 +37,7 @@ INTERNAL_ERROR = codec.Reply(500, "Internal error; the node logged it.")
 #: 4000-4999 for foxnode's reasons (Autobahn keeps 1001-1015 for itself).
 CLOSE_NORMAL = 1000
 CLOSE_SHUTDOWN = 4000
+CLOSE_RATE_LIMIT = 4008
 CLOSE_TOO_SLOW = 4009
 
 #: Bytes of frames a connection may hold back while its reader is slow.
@@ -228,7 +230,7 @@ class FoxConnection:
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         try:
-            message = codec.decode(payload)
+            message = codec.decode(payload, self.factory.max_depth)
         except codec.CodecError as e:
             has_id, rid = (False, None) if e.reply is codec.PARSE_ERROR else codec.request_id_of(payload)
             self._log.debug("{conn}: bad message: {why}", conn=self.describe(), why=e.reply.error)
@@ -311,6 +313,9 @@ class FoxServerProtocol(FoxConnection, WebSocketServerProtocol):
         self._become_producer()
 
     def onConnect(self, request: Any) -> tuple[None, dict[str, str]]:
+        refusal = self.handler.admit(self) if hasattr(self.handler, "admit") else None
+        if refusal is not None:
+            raise ConnectionDeny(503, refusal)
         # A fresh nonce in the upgrade response lets a dialing node prove
         # its identity in its very first message (see peers.py).
         return None, {NONCE_HEADER: self.handshake_nonce}
@@ -354,14 +359,22 @@ class FoxServerFactory(WebSocketServerFactory):
     def __init__(self, handler: ConnectionHandler, reactor: Any, *,
                  max_message_size: int = 1 << 20, ping_interval: float = 30.0,
                  ping_timeout: float = 15.0, open_timeout: float = 10.0,
-                 send_queue: int = DEFAULT_SEND_QUEUE) -> None:
+                 send_queue: int = DEFAULT_SEND_QUEUE, max_depth: int = codec.DEFAULT_MAX_DEPTH,
+                 max_connections: int = 0) -> None:
         super().__init__(reactor=reactor)
         self.handler = handler
         self.reactor = reactor
         self.send_queue = send_queue
+        self.max_depth = max_depth
         _apply_options(self, max_message_size, ping_interval, ping_timeout, open_timeout)
-        # The lab's node accepted any origin; browsers on other pages may talk to us.
-        self.setProtocolOptions(allowedOrigins=["*"], perMessageCompressionAccept=lambda offers: None)
+        self.setProtocolOptions(
+            # The lab's node accepted any origin; browsers on other pages may talk to us.
+            allowedOrigins=["*"],
+            # No compression: a small compressed frame must not inflate to megabytes.
+            perMessageCompressionAccept=lambda offers: None,
+            # Autobahn answers 503 to WebSocket upgrades beyond this many.
+            maxConnections=max_connections,
+        )
 
 
 class FoxClientFactory(WebSocketClientFactory):
@@ -372,12 +385,13 @@ class FoxClientFactory(WebSocketClientFactory):
     def __init__(self, url: str, handler: ConnectionHandler, reactor: Any, *,
                  max_message_size: int = 1 << 20, ping_interval: float = 30.0,
                  ping_timeout: float = 15.0, open_timeout: float = 10.0,
-                 send_queue: int = DEFAULT_SEND_QUEUE,
+                 send_queue: int = DEFAULT_SEND_QUEUE, max_depth: int = codec.DEFAULT_MAX_DEPTH,
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(url, reactor=reactor, headers=headers or {})
         self.handler = handler
         self.reactor = reactor
         self.send_queue = send_queue
+        self.max_depth = max_depth
         _apply_options(self, max_message_size, ping_interval, ping_timeout, open_timeout)
 
 

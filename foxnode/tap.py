@@ -66,6 +66,16 @@ class Options(usage.Options):
         ["network", None, "foxchain", "Nodes only peer within one network."],
         ["max-register-addrs", None, 100, "Most addresses one register request may carry.", _positive_int],
         ["max-message-size", None, 1 << 20, "Largest WebSocket message accepted, in bytes.", _positive_int],
+        ["max-depth", None, 64, "Deepest JSON nesting a request may have.", _positive_int],
+        ["rate", None, 50.0, "Requests per second one connection may send (token bucket).", _positive_float],
+        ["burst", None, 100.0, "Requests one connection may send at once above --rate.", _positive_float],
+        ["max-connections", None, 1000, "Most WebSocket connections in all.", _positive_int],
+        ["max-per-ip", None, 32, "Most WebSocket connections from one IP address.", _positive_int],
+        ["ping-interval", None, 30.0, "Seconds between WebSocket pings to each connection.", _positive_float],
+        ["ping-timeout", None, 15.0, "Seconds to wait for a pong before closing a connection.", _positive_float],
+        ["handshake-timeout", None, 10.0,
+         "Seconds a WebSocket opening handshake, a dial or a peer's hello may take.", _positive_float],
+        ["max-peers", None, 10_000, "Most addresses the peer store holds.", _positive_int],
         ["max-outbound", None, 8, "Most outbound peer connections.", _nonnegative_int],
         ["max-inbound", None, 24, "Most inbound peer connections.", _nonnegative_int],
         ["max-dialing", None, 4, "Most dials in flight at once.", _positive_int],
@@ -116,6 +126,7 @@ class Options(usage.Options):
             max_dialing=self["max-dialing"],
             dial_rate=self["dial-rate"],
             exchange_interval=self["exchange-interval"],
+            dial_timeout=self["handshake-timeout"],
             trust_roots=self["cafile"],
         )
 
@@ -131,6 +142,13 @@ class Options(usage.Options):
             max_register_addrs=self["max-register-addrs"],
             max_message_size=self["max-message-size"],
             send_queue=self["send-queue"],
+            rate=self["rate"],
+            burst=self["burst"],
+            max_per_ip=self["max-per-ip"],
+            max_depth=self["max-depth"],
+            ping_interval=self["ping-interval"],
+            ping_timeout=self["ping-timeout"],
+            handshake_timeout=self["handshake-timeout"],
         )
 
 
@@ -201,7 +219,7 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
     metrics = NodeMetrics()
     # The store first: a node refused for its peers file leaves nothing behind.
     try:
-        store = PeerStore.open(reactor, config["peers-file"],
+        store = PeerStore.open(reactor, config["peers-file"], max_peers=config["max-peers"],
                                on_write=metrics.store_writes.observe)
     except StoreError as e:
         raise SystemExit(f"foxnode: cannot start: {e}") from None
@@ -215,8 +233,11 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
     node = Node(reactor, node_config, node_identity, store, metrics)
     PeerManager(node, config.peer_config())
     Gossip(node, config.gossip_config())
-    ws_factory = FoxServerFactory(node, reactor, max_message_size=node_config.max_message_size,
-                                  send_queue=node_config.send_queue)
+    ws_factory = FoxServerFactory(
+        node, reactor, max_message_size=node_config.max_message_size,
+        send_queue=node_config.send_queue, max_depth=node_config.max_depth,
+        ping_interval=node_config.ping_interval, ping_timeout=node_config.ping_timeout,
+        open_timeout=node_config.handshake_timeout, max_connections=config["max-connections"])
     site = make_site(node, ws_factory)
     endpoint = serverFromString(reactor, config["listen"])
     log.info("foxnode {node_id}: peers file {path} ({n} known), data dir {dir}",

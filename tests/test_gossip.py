@@ -217,7 +217,7 @@ async def test_subscribe_and_publish_validate_their_args(reactor, tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_slow_subscriber_does_not_stall_others_and_memory_stays_bounded(reactor, tmp_path):
-    node = await start_node(reactor, tmp_path / "n", "--send-queue", "200000")
+    node = await start_node(reactor, tmp_path / "n", "--send-queue", "200000", "--rate", "5000", "--burst", "5000")
     slow, _ = await subscribe(reactor, node, "t")
     fast, inbox = await subscribe(reactor, node, "t")
     publisher = await client.connect(reactor, node.url)
