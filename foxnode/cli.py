@@ -101,31 +101,17 @@ def request_id(text: str) -> str | int | float:
     return text
 
 
-def _split_pem(data: bytes) -> list[bytes]:
-    marker = b"-----BEGIN CERTIFICATE-----"
-    return [marker + part for part in data.split(marker)[1:]]
-
-
 def endpoint(reactor: Any, url: str, cafile: str | None, timeout: float) -> Any:
     """The client endpoint for ``url``. ``cafile`` (wss:// only) is a PEM
     file (one or more CA certificates) or a directory of them; without it
     the system's trust store decides."""
     addr = address.parse(url)
-    if addr.secure and cafile and os.path.isfile(cafile):
-        from twisted.internet import ssl
-        from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-
-        try:
-            certs = [ssl.Certificate.loadPEM(c) for c in _split_pem(Path(cafile).read_bytes())]
-        except Exception as e:  # OpenSSL's errors say little; the file is what matters
-            raise Failed(EXIT_USAGE, f"--cafile {cafile}: not a PEM certificate file ({e})") from None
-        if not certs:
-            raise Failed(EXIT_USAGE, f"--cafile {cafile}: no PEM certificate in it")
-        options = ssl.optionsForClientTLS(addr.host, trustRoot=ssl.trustRootFromCertificates(certs))
-        return wrapClientTLS(options, HostnameEndpoint(reactor, addr.host, addr.port, timeout=timeout))
     if cafile and not os.path.exists(cafile):
         raise Failed(EXIT_USAGE, f"--cafile {cafile}: no such file or directory")
-    return client.endpoint_for(reactor, addr, cafile if addr.secure else None, timeout)
+    try:
+        return client.endpoint_for(reactor, addr, cafile if addr.secure else None, timeout)
+    except client.TrustError as e:
+        raise Failed(EXIT_USAGE, f"--cafile {e}") from None
 
 
 class _Listener:

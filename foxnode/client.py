@@ -7,10 +7,13 @@
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import Any, Callable
 
+from twisted.internet import ssl
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import clientFromString
+from twisted.internet.endpoints import HostnameEndpoint, clientFromString, wrapClientTLS
 
 from foxnode import address, codec
 from foxnode.protocol import FoxClientFactory, FoxClientProtocol
@@ -20,20 +23,50 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
 
 
+class TrustError(ValueError):
+    """A CA file or directory that cannot be used; the message says why."""
+
+
+@functools.lru_cache(maxsize=8)
+def load_trust_root(cafile: str) -> Any:
+    """The CA certificates of ``cafile``, a PEM file of one or more
+    certificates or a directory of such files, as a Twisted trust root."""
+    path = Path(cafile)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    certs = []
+    for f in files:
+        try:
+            data = f.read_bytes()
+        except OSError as e:
+            raise TrustError(f"{f}: {e.strerror}") from None
+        for block in data.split(_PEM_MARKER)[1:]:
+            try:
+                certs.append(ssl.Certificate.loadPEM(_PEM_MARKER + block))
+            except Exception as e:  # OpenSSL says little; which file matters
+                raise TrustError(f"{f}: not a PEM certificate ({e})") from None
+    if not certs:
+        raise TrustError(f"{cafile}: no PEM certificate in it")
+    return ssl.trustRootFromCertificates(certs)
+
+
+_PEM_MARKER = b"-----BEGIN CERTIFICATE-----"
+
+
 def endpoint_for(reactor: Any, addr: address.PeerAddress, trust_roots: str | None = None,
                  timeout: float = 10.0, bind_address: str | None = None) -> Any:
-    """A client endpoint reaching ``addr``: TCP for ws://, TLS verifying the
-    server's certificate (system trust, or the PEM file ``trust_roots``)
-    for wss://."""
-    host = _escape(addr.host)
-    desc = f"tcp:{host}:{addr.port}:timeout={int(max(1, timeout))}"
-    if addr.secure:
-        desc = f"tls:{host}:{addr.port}:timeout={int(max(1, timeout))}"
-        if trust_roots:
-            desc += f":trustRoots={_escape(trust_roots)}"
-    if bind_address:
-        desc += f":bindAddress={_escape(bind_address)}"
-    return clientFromString(reactor, desc)
+    """A client endpoint reaching ``addr``: TCP for ws://; for wss://, TLS
+    verifying the server's certificate and host name against the system's
+    trust store, or against the CA certificates of ``trust_roots``."""
+    if not addr.secure:
+        desc = f"tcp:{_escape(addr.host)}:{addr.port}:timeout={int(max(1, timeout))}"
+        if bind_address:
+            desc += f":bindAddress={_escape(bind_address)}"
+        return clientFromString(reactor, desc)
+    trust = load_trust_root(trust_roots) if trust_roots else None
+    options = ssl.optionsForClientTLS(addr.host, trustRoot=trust)
+    bind = (bind_address, 0) if bind_address else None
+    return wrapClientTLS(options, HostnameEndpoint(reactor, addr.host, addr.port,
+                                                   timeout=timeout, bindAddress=bind))
 
 
 class _Client:

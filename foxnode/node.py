@@ -50,6 +50,8 @@ class NodeConfig:
     ping_timeout: float = 15.0
     #: seconds a WebSocket opening handshake, or a peer's hello, may take
     handshake_timeout: float = 10.0
+    #: this node serves TLS (wss://)
+    secure: bool = False
 
 
 Op = Callable[[Any, Any], Any]
@@ -246,7 +248,7 @@ class Node:
         if self.listen_port is None:
             return None
         host = conn.local_host if conn is not None else "127.0.0.1"
-        return address.with_host(self.listen_port, host)
+        return address.with_host(self.listen_port, host, secure=self.config.secure)
 
     def live_peers(self) -> list[dict[str, Any]]:
         if self.peers is None:

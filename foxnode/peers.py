@@ -300,6 +300,8 @@ class PeerManager:
             args["advertise"] = self.node.config.advertise
         if self.node.listen_port is not None:
             args["port"] = self.node.listen_port
+            if self.node.config.secure:
+                args["secure"] = True
         return args
 
     def _hello_answered(self, reply: codec.Reply, proto: Any, addr: str, nonce: str) -> Any:
@@ -391,8 +393,8 @@ class PeerManager:
         if remote.get("advertise"):
             return remote["advertise"]
         port = remote.get("port")
-        if isinstance(port, int) and 1 <= port <= 65535:
-            return address.with_host(port, conn.remote_host)
+        if isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535:
+            return address.with_host(port, conn.remote_host, secure=remote.get("secure") is True)
         return None
 
     def _check_hello(self, args: Any, my_nonce: str) -> dict[str, Any]:

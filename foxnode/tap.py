@@ -17,6 +17,7 @@ from twisted.python import usage
 from zope.interface import implementer
 
 from foxnode import address, identity, logs
+from foxnode.client import TrustError, load_trust_root
 from foxnode.gossip import Gossip, GossipConfig
 from foxnode.metrics import NodeMetrics
 from foxnode.node import Node, NodeConfig
@@ -114,8 +115,13 @@ class Options(usage.Options):
                 address.parse(self["advertise"])
             except address.InvalidAddress as e:
                 raise usage.UsageError(f"--advertise {self['advertise']}: {e}") from None
-        if self["cafile"] is not None and not os.path.isfile(self["cafile"]):
-            raise usage.UsageError(f"--cafile {self['cafile']}: no such file")
+        if self["cafile"] is not None:
+            if not os.path.exists(self["cafile"]):
+                raise usage.UsageError(f"--cafile {self['cafile']}: no such file or directory")
+            try:
+                load_trust_root(self["cafile"])
+            except TrustError as e:
+                raise usage.UsageError(f"--cafile {e}") from None
         if not self["network"] or len(self["network"]) > 64:
             raise usage.UsageError("--network: give a name of 1 to 64 characters")
 
@@ -149,6 +155,8 @@ class Options(usage.Options):
             ping_interval=self["ping-interval"],
             ping_timeout=self["ping-timeout"],
             handshake_timeout=self["handshake-timeout"],
+            # Peers that only learn our port must know to dial wss:// then.
+            secure=self["listen"].startswith(("ssl:", "tls:")),
         )
 
 

@@ -229,3 +229,67 @@ def connect_as_peer(reactor: Any, url: str, ident: Any = None, network: str = "f
     conn.node_id = reply.response["node_id"]
     conn.fox_state["identity"] = ident
     return conn
+
+
+@attrs.frozen
+class TestCA:
+    """A certificate authority made for one test, and a server certificate
+    it signed for loopback names."""
+
+    ca_cert: Path
+    server_key: Path
+    server_cert: Path
+
+    def listen(self, port: int = 0, interface: str = LOOPBACK) -> str:
+        """A ``--listen`` endpoint string serving TLS with the server certificate."""
+        return f"ssl:{port}:interface={interface}:privateKey={self.server_key}:certKey={self.server_cert}"
+
+
+def make_test_ca(directory: Path, hosts: Iterable[str] = ("localhost", LOOPBACK)) -> TestCA:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "foxnode test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                       critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = []
+    for h in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            names.append(x509.DNSName(h))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "foxnode test node")]))
+        .issuer_name(ca_name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    result = TestCA(directory / "ca.pem", directory / "server-key.pem", directory / "server-cert.pem")
+    result.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    result.server_key.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    result.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return result
