@@ -117,7 +117,10 @@ class Node:
     def connection_opened(self, conn: Any) -> None:
         self.connections.add(conn)
         self.metrics.connections.labels(conn.direction).inc()
-        log.debug("connection opened: {conn}", conn=conn.describe())
+        if conn.direction == "in":
+            # As the lab's node did ("Client connected: ..."); peers get their
+            # own line once they said hello.
+            log.info("client connected from {host}", host=conn.remote_host)
         if self.stopping:
             # Its opening handshake was under way when the node began to stop.
             conn.close(CLOSE_SHUTDOWN, "node shutting down")
@@ -179,6 +182,9 @@ class Node:
         if conn in self.connections:
             self.connections.discard(conn)
             self.metrics.connections.labels(conn.direction).dec()
+            if conn.direction == "in" and conn.node_id is None:
+                log.info("client from {host} disconnected ({code}{reason})", host=conn.remote_host,
+                         code=code, reason=f": {reason}" if reason else "")
         for hook in self.lost_hooks:
             hook(conn, code, reason)
 
