@@ -87,7 +87,7 @@ class Options(usage.Options):
         ["send-queue", None, 1 << 20,
          "Bytes a connection may hold back for a slow reader before pushes are dropped "
          "(subscribers, peers) or the connection closes (unread replies).", _positive_int],
-        ["cafile", None, None, "PEM file of CA certificates to verify wss:// peers with (default: system trust)."],
+        ["cafile", None, None, "CA certificates (a PEM file or a directory of them) to verify wss:// peers with (default: system trust)."],
     ]
     optFlags = [
         ["debug", None, "Debug logging."],
