@@ -203,3 +203,68 @@ async def test_second_connection_to_a_connected_node_is_refused(reactor, tmp_pat
         assert len(a.node.live_peers()) == 1 and len(b.node.live_peers()) == 1
     finally:
         await stop_all([a, b])
+
+
+class _Stub:
+    """A connection as the peer manager sees it, from a remote that is not
+    on loopback (a name only: nothing here is resolved or dialed)."""
+
+    def __init__(self, remote_host, node_id="ab" * 32):
+        self.remote_host = remote_host
+        self.node_id = node_id
+        self.fox_state = {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_failing_addresses_back_off_and_are_forgotten(reactor, tmp_path):
+    from twisted.python.failure import Failure
+
+    a = await start_node(reactor, tmp_path / "a")
+    try:
+        peers = a.node.peers
+        peers.stop()  # this test plays the dialer's outcomes itself
+        dead = "ws://127.3.0.1:9/ws"
+        a.node.store.add([dead], "register")
+        delays = []
+        for _ in range(9):
+            before = reactor.seconds()
+            peers._record_failure(Failure(ConnectionRefusedError("refused")), dead)
+            delays.append(peers._next_attempt[dead] - before)
+        record = a.node.store.get(dead)
+        assert record.failures == 9 and "refused" in record.last_error
+        # Growing, jittered, capped.
+        assert delays[0] < 3 and delays[3] > delays[1] > delays[0]
+        assert max(delays) <= peers.config.backoff_max + peers.config.backoff_initial
+        assert delays[-1] >= peers.config.backoff_max
+        # Not dialed while backing off ...
+        assert dead not in [r.addr for r in peers.candidates(reactor.seconds())]
+        # ... and forgotten once it has failed for longer than forget_after.
+        record.added -= peers.config.forget_after + 1
+        peers._next_attempt.pop(dead)
+        assert dead not in [r.addr for r in peers.candidates(reactor.seconds())]
+        assert dead not in a.node.store
+        # Bootstrap addresses are never forgotten.
+        boot = "ws://127.3.0.2:9/ws"
+        a.node.store.add([boot], "bootstrap")
+        a.node.store.update(boot, failures=50, added=0.0)
+        assert boot in [r.addr for r in peers.candidates(reactor.seconds())]
+    finally:
+        await a.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_loopback_addresses_are_not_handed_to_remote_peers(reactor, tmp_path):
+    a = await start_node(reactor, tmp_path / "a")
+    try:
+        store = a.node.store
+        store.add(["ws://127.0.0.9:9000/ws", "ws://localhost:9001/ws"], "register")
+        for addr in store.addresses():
+            store.update(addr, last_handshake=1.0, node_id="cd" * 32)
+        peers = a.node.peers
+        assert sorted(peers.sample_for(_Stub("127.0.0.1"))) == sorted(store.addresses())
+        assert peers.sample_for(_Stub("peer-elsewhere")) == []
+        # Nor are loopback addresses taken from a remote peer's exchange.
+        assert not peers._shareable_from(_Stub("peer-elsewhere"), "ws://127.0.0.9:9000/ws")
+        assert peers._shareable_from(_Stub("127.0.0.1"), "ws://127.0.0.9:9000/ws")
+    finally:
+        await a.stop()
