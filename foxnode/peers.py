@@ -322,16 +322,15 @@ class PeerManager:
         return proto
 
     def _dial_failed(self, failure: Any, addr: str) -> Any:
-        self._record_failure(failure, addr)
-        return failure
-
-    def _record_failure(self, failure: Any, addr: str) -> None:
         half_open = self._dial_conns.get(addr)
         if half_open is not None and half_open.node_id is None:
             # Timed out or refused mid-handshake: don't leave the socket behind.
             half_open.close(CLOSE_NORMAL, "handshake failed")
-        if not self.running:
-            return None
+        if self.running:  # a dial cancelled by stop() says nothing of the address
+            self._record_failure(failure, addr)
+        return failure
+
+    def _record_failure(self, failure: Any, addr: str) -> None:
         store = self.node.store
         record = store.get(addr)
         error = failure.value
