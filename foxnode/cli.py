@@ -114,27 +114,6 @@ def endpoint(reactor: Any, url: str, cafile: str | None, timeout: float) -> Any:
         raise Failed(EXIT_USAGE, f"--cafile {e}") from None
 
 
-class _Listener:
-    """The handler of our side of a connection: it answers no ops and hands
-    pushed events to ``on_event``."""
-
-    def __init__(self, on_event: Callable[[codec.Event], None] | None = None) -> None:
-        self.on_event = on_event
-
-    def connection_opened(self, conn: Any) -> None:
-        pass
-
-    def handle_request(self, conn: Any, request: codec.Request) -> codec.Reply:
-        return codec.not_found_op(request.op)
-
-    def handle_event(self, conn: Any, event: codec.Event) -> None:
-        if self.on_event is not None:
-            self.on_event(event)
-
-    def connection_lost(self, conn: Any, code: int | None, reason: str | None) -> None:
-        pass
-
-
 class _OneCallProtocol(FoxClientProtocol):
     """Sends one request exactly as the user gave it (their own ``id`` of
     any JSON type, or none) and takes the first reply: replies come in
@@ -232,7 +211,7 @@ async def run_call(reactor: Any, opts: argparse.Namespace) -> None:
     proto_box: list[Any] = []
 
     async def exchange() -> dict:
-        factory, opened = open_connection(reactor, url, _Listener(), cafile=opts.cafile,
+        factory, opened = open_connection(reactor, url, client.Listener(), cafile=opts.cafile,
                                           timeout=timeout, protocol=_OneCallProtocol)
         factory.reply = Deferred()
         proto = await opened
@@ -289,7 +268,7 @@ async def run_watch(reactor: Any, opts: argparse.Namespace) -> None:
 
     reactor.addSystemEventTrigger("before", "shutdown", stop)
     try:
-        _, opened = open_connection(reactor, url, _Listener(on_event), cafile=opts.cafile, timeout=timeout)
+        _, opened = open_connection(reactor, url, client.Listener(on_event), cafile=opts.cafile, timeout=timeout)
         opened.addTimeout(timeout, reactor)
         proto = state["proto"] = await opened
         reply = await proto.request("subscribe", {"topics": opts.topics}, timeout=timeout)

@@ -69,11 +69,11 @@ def endpoint_for(reactor: Any, addr: address.PeerAddress, trust_roots: str | Non
                                                    timeout=timeout, bindAddress=bind))
 
 
-class _Client:
+class Listener:
     """The handler of a plain client connection: it answers no ops and
     hands events (gossip deliveries) to ``on_event``."""
 
-    def __init__(self, on_event: Callable[[codec.Event], None] | None) -> None:
+    def __init__(self, on_event: Callable[[codec.Event], None] | None = None) -> None:
         self.on_event = on_event
 
     def connection_opened(self, conn: FoxClientProtocol) -> None:
@@ -96,7 +96,7 @@ def connect(reactor: Any, url: str, on_event: Callable[[codec.Event], None] | No
     """Open a WebSocket connection; fires with the open ``FoxClientProtocol``
     (use ``.request(op, args)`` and ``.close()`` on it)."""
     addr = address.parse(url)
-    factory = FoxClientFactory(url, _Client(on_event), reactor, open_timeout=timeout,
+    factory = FoxClientFactory(url, Listener(on_event), reactor, open_timeout=timeout,
                                max_message_size=max_message_size)
     d = endpoint_for(reactor, addr, trust_roots, timeout).connect(factory)
     d.addCallback(lambda proto: proto.when_opened())

@@ -6,6 +6,7 @@ Every address these helpers use is on 127.0.0.0/8.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 import attrs
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -45,8 +46,20 @@ def wait_for(reactor: Any, condition: Callable[[], Any], timeout: float = 10.0,
         yield sleep(reactor, interval)
 
 
+class _OnLoopback:
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"ws://{LOOPBACK}:{self.port}/ws"
+
+    @property
+    def http(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+
 @attrs.define
-class RunningNode:
+class RunningNode(_OnLoopback):
     """A node started in this process by ``start_node``."""
 
     service: tap.NodeService
@@ -59,14 +72,6 @@ class RunningNode:
     @property
     def port(self) -> int:
         return self.service.node.listen_port
-
-    @property
-    def url(self) -> str:
-        return f"ws://{LOOPBACK}:{self.port}/ws"
-
-    @property
-    def http(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
 
     @inlineCallbacks
     def stop(self) -> Any:
@@ -108,6 +113,16 @@ def start_node(reactor: Any, directory: Path, *extra: str, port: int = 0) -> Any
     return RunningNode(service, directory)
 
 
+@contextlib.asynccontextmanager
+async def running_node(reactor: Any, directory: Path, *extra: str) -> AsyncIterator[RunningNode]:
+    """``async with running_node(reactor, dir) as node:`` stops it after."""
+    node = await start_node(reactor, directory, *extra)
+    try:
+        yield node
+    finally:
+        await node.stop()
+
+
 def free_port() -> int:
     """A loopback TCP port that was free a moment ago (for subprocess nodes)."""
     with socket.socket() as s:
@@ -116,21 +131,13 @@ def free_port() -> int:
 
 
 @attrs.define
-class NodeProcess:
+class NodeProcess(_OnLoopback):
     """A ``twistd -n foxnode`` child process on loopback."""
 
     process: subprocess.Popen
     port: int
     directory: Path
     log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"ws://{LOOPBACK}:{self.port}/ws"
-
-    @property
-    def http(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
 
     def log(self) -> str:
         try:

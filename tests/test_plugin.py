@@ -7,7 +7,6 @@ Every address used here is on 127.0.0.0/8 or ``localhost``.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
@@ -24,7 +23,7 @@ from twisted.python.usage import UsageError
 
 from foxnode import client, tap
 from foxnode.identity import is_node_id
-from foxnode.testing import LOOPBACK, NodeProcess, free_port, start_node, wait_until_serving
+from foxnode.testing import LOOPBACK, NodeProcess, free_port, running_node, start_node, wait_until_serving
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 SOURCE_TREE = Path(__file__).resolve().parent.parent
@@ -266,15 +265,6 @@ def test_other_bad_options_are_usage_errors(args):
 
 
 # -- identity -----------------------------------------------------------------------
-
-@contextlib.asynccontextmanager
-async def running_node(reactor, directory):
-    node = await start_node(reactor, directory)
-    try:
-        yield node
-    finally:
-        await node.stop()
-
 
 @pytest_twisted.ensureDeferred
 async def test_node_id_is_stable_across_restarts_and_key_is_private(reactor, node_dir):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import os
 import socket
@@ -27,7 +26,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from foxnode import client, codec
-from foxnode.testing import LOOPBACK, start_node, wait_for
+from foxnode.testing import LOOPBACK, running_node, start_node, wait_for
 
 REPLY_TIMEOUT = 5.0
 
@@ -180,15 +179,6 @@ def session(request, reactor):
     if request.param == "foxnode-client":
         return lambda url, frames: ensureDeferred(fox_session(reactor, url, frames))
     return ws_session
-
-
-@contextlib.asynccontextmanager
-async def running_node(reactor, directory):
-    node = await start_node(reactor, directory)
-    try:
-        yield node
-    finally:
-        await node.stop()
 
 
 def one_reply_each(results: list[list]) -> list:

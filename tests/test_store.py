@@ -31,7 +31,7 @@ from foxnode.store import (
     StoreWriteError,
     load,
 )
-from foxnode.testing import LOOPBACK, free_port, spawn_node, start_node
+from foxnode.testing import LOOPBACK, free_port, running_node, spawn_node, start_node
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 TIMEOUT = 10.0
@@ -41,13 +41,6 @@ def addr(*parts: int, port: int = 9000) -> str:
     return f"ws://127.{'.'.join(str(p) for p in parts)}:{port}/ws"
 
 
-@contextlib.asynccontextmanager
-async def running_node(reactor, directory, *extra):
-    node = await start_node(reactor, directory, *extra)
-    try:
-        yield node
-    finally:
-        await node.stop()
 
 
 async def close_all(protos) -> None:

@@ -6,7 +6,6 @@ Every address used here is on 127.0.0.0/8 or ``localhost``.
 
 from __future__ import annotations
 
-import contextlib
 import html
 from typing import Any
 
@@ -19,18 +18,11 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 
 from foxnode import client
-from foxnode.testing import start_node
+from foxnode.testing import running_node, start_node
 
 TIMEOUT = 10.0
 
 
-@contextlib.asynccontextmanager
-async def running_node(reactor, directory, *extra):
-    node = await start_node(reactor, directory, *extra)
-    try:
-        yield node
-    finally:
-        await node.stop()
 
 
 class _Body(Protocol):
