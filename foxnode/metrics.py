@@ -20,6 +20,7 @@ KNOWN_OPS = frozenset({
 
 class NodeMetrics:
     def __init__(self) -> None:
+        self._request_children: dict[tuple[str, int], Counter] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.connections = Gauge(
@@ -58,7 +59,13 @@ class NodeMetrics:
             "foxnode_rate_limited", "Requests refused by a rate limit", registry=r)
 
     def count_request(self, op: str, status: int) -> None:
-        self.requests.labels(op if op in KNOWN_OPS else "other", str(status)).inc()
+        # Called for every request: keep the labelled child, not the lookup.
+        key = (op, status)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(
+                op if op in KNOWN_OPS else "other", str(status))
+        child.inc()
 
     def watch_store(self, size: Callable[[], int]) -> None:
         self.store_size.set_function(size)

@@ -248,7 +248,10 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
         open_timeout=node_config.handshake_timeout, max_connections=config["max-connections"])
     site = make_site(node, ws_factory)
     endpoint = serverFromString(reactor, config["listen"])
-    log.info("foxnode {node_id}: peers file {path} ({n} known), data dir {dir}",
+    from autobahn.websocket import USES_NVX
+
+    log.info("foxnode {node_id}: peers file {path} ({n} known), data dir {dir}, "
+             "Autobahn native acceleration {nvx}",
              node_id=node.node_id, path=os.path.abspath(config["peers-file"]),
-             n=len(store), dir=os.path.abspath(config["data-dir"]))
+             n=len(store), dir=os.path.abspath(config["data-dir"]), nvx="on" if USES_NVX else "off")
     return NodeService(reactor, node, endpoint, site)
