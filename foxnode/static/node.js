@@ -1,179 +1,684 @@
-// The node's page: one WebSocket to this node, the same ops any client uses.
+// The node's page. It talks to this node only, over the node's own
+// WebSocket, with the same ops any client uses:
+//   - `info` with {"detail": true} every REFRESH_MS: identity, live
+//     connections, known peers with their dial state, and the topology;
+//   - `subscribe` for the topics chosen in the page: gossip messages arrive
+//     as {"event": "message", ...} pushes;
+//   - the "Send an op" console uses a WebSocket of its own and sends exactly
+//     what was typed, as the lab did with an online WebSocket tester.
+// Everything that comes from the network is put on the page as text
+// (textContent, setAttribute): never as HTML.
 "use strict";
 (function () {
+  const REFRESH_MS = 1500;
+  const CALL_TIMEOUT_MS = 10000;
+  const FEED_MAX = 200;
+  const LOG_MAX = 40;
+  const SVG_NS = "http://www.w3.org/2000/svg";
+  const WS_URL = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws";
+
   const $ = (id) => document.getElementById(id);
-  const wsUrl = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws";
-  let ws = null, nextId = 1;
-  const pending = new Map();
-  const subscribed = new Set();
 
-  function call(op, args) {
-    return new Promise((resolve, reject) => {
-      if (!ws || ws.readyState !== WebSocket.OPEN) return reject(new Error("not connected"));
-      const id = "page-" + nextId++;
-      pending.set(id, resolve);
-      const msg = { op: op, id: id };
-      if (args !== undefined) msg.args = args;
-      ws.send(JSON.stringify(msg));
-    });
-  }
+  // -- small DOM helpers ------------------------------------------------------
 
-  function text(el, value) { el.textContent = value; }
-  function short(id) { return id ? id.slice(0, 12) + "…" : "?"; }
-
-  function renderInfo(info) {
-    text($("node-id"), info.node_id);
-    text($("network"), info.network);
-    text($("version"), info.version);
-    text($("uptime"), Math.round(info.uptime) + " s");
-    const tbody = $("connected");
-    tbody.replaceChildren();
-    for (const c of info.connected) {
-      const tr = document.createElement("tr");
-      for (const v of [short(c.node_id), c.addr || "", c.direction]) {
-        const td = document.createElement("td"); td.textContent = v; tr.appendChild(td);
-      }
-      tr.title = c.node_id;
-      tbody.appendChild(tr);
+  // el("li", {class: "x", "data-id": id}, "text", child, ...): strings become
+  // text nodes, so no markup from the network is ever parsed.
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v !== undefined && v !== null) node.setAttribute(k, String(v));
     }
-    text($("connected-count"), info.connected.length);
+    for (const c of children) {
+      if (c === undefined || c === null) continue;
+      node.appendChild(typeof c === "string" ? document.createTextNode(c) : c);
+    }
+    return node;
   }
+
+  function svg(tag, attrs) {
+    const node = document.createElementNS(SVG_NS, tag);
+    for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, String(v));
+    return node;
+  }
+
+  // Set text only when it changed: keeps selections and avoids layout work.
+  function setText(node, value) {
+    const s = String(value);
+    if (node.textContent !== s) node.textContent = s;
+  }
+
+  function setAttr(node, name, value) {
+    const s = String(value);
+    if (node.getAttribute(name) !== s) node.setAttribute(name, s);
+  }
+
+  // Make `container`'s children the elements for `items`, in order, reusing
+  // the element of each key (data-key). `build(item)` makes a new element,
+  // `fill(node, item)` brings one up to date. Children without a key (the
+  // first server-rendered paint, "none yet") are removed.
+  function syncList(container, items, keyOf, build, fill, emptyText) {
+    const old = new Map();
+    for (const child of Array.from(container.children)) {
+      const k = child.dataset.key;
+      if (k !== undefined) old.set(k, child); else child.remove();
+    }
+    let cursor = container.firstElementChild;
+    for (const item of items) {
+      const key = keyOf(item);
+      let node = old.get(key);
+      if (node) old.delete(key); else { node = build(item); node.dataset.key = key; }
+      fill(node, item);
+      if (node === cursor) cursor = cursor.nextElementSibling;
+      else container.insertBefore(node, cursor);
+    }
+    for (const node of old.values()) node.remove();
+    if (!items.length && emptyText) {
+      const tag = container.tagName === "TBODY" ? "tr" : "li";
+      const empty = el(tag, { class: "empty" });
+      if (tag === "tr") empty.appendChild(el("td", { colspan: 3 }, emptyText));
+      else empty.textContent = emptyText;
+      container.appendChild(empty);
+    }
+  }
+
+  function short(id, n) {
+    if (typeof id !== "string" || !id) return "?";
+    n = n || 12;
+    return id.length > n ? id.slice(0, n) + "…" : id;
+  }
+
+  function duration(seconds) {
+    let s = Math.max(0, Math.floor(seconds));
+    const d = Math.floor(s / 86400); s -= d * 86400;
+    const h = Math.floor(s / 3600); s -= h * 3600;
+    const m = Math.floor(s / 60); s -= m * 60;
+    if (d) return d + "d " + h + "h " + m + "m";
+    if (h) return h + "h " + m + "m " + s + "s";
+    if (m) return m + "m " + s + "s";
+    return s + "s";
+  }
+
+  function clock(unixSeconds) {
+    const t = typeof unixSeconds === "number" ? new Date(unixSeconds * 1000) : new Date();
+    return t.toLocaleTimeString([], { hour12: false });
+  }
+
+  function asJson(value, pretty) {
+    try { return JSON.stringify(value, null, pretty ? 2 : 0); } catch (e) { return String(value); }
+  }
+
+  // -- the page's connection to the node -------------------------------------
+
+  // One WebSocket, reopened with growing, jittered delays when it drops.
+  // `call(op, args)` resolves with the reply object; `onEvent` gets pushes.
+  class NodeLink {
+    constructor(url, handlers) {
+      this.url = url;
+      this.handlers = handlers;
+      this.ws = null;
+      this.nextId = 1;
+      this.pending = new Map();
+      this.delay = 500;
+      this.connect();
+    }
+
+    get open() { return this.ws !== null && this.ws.readyState === WebSocket.OPEN; }
+
+    connect() {
+      this.handlers.onState("connecting");
+      let ws;
+      try { ws = new WebSocket(this.url); } catch (e) { this.retry(); return; }
+      this.ws = ws;
+      ws.onopen = () => { this.delay = 500; this.handlers.onState("live"); this.handlers.onOpen(); };
+      ws.onmessage = (m) => this.received(m.data);
+      ws.onclose = (e) => {
+        if (this.ws !== ws) return;
+        this.ws = null;
+        this.failAll("connection closed");
+        this.retry(e.code, e.reason);
+      };
+      ws.onerror = () => { /* onclose follows */ };
+    }
+
+    retry(code, reason) {
+      const wait = Math.round(this.delay * (0.8 + 0.4 * Math.random()));
+      this.delay = Math.min(this.delay * 2, 10000);
+      this.handlers.onState("closed", { wait: wait, code: code, reason: reason });
+      setTimeout(() => this.connect(), wait);
+    }
+
+    failAll(why) {
+      for (const p of this.pending.values()) { clearTimeout(p.timer); p.reject(new Error(why)); }
+      this.pending.clear();
+    }
+
+    received(data) {
+      let msg;
+      try { msg = JSON.parse(data); } catch (e) { return; }
+      if (msg === null || typeof msg !== "object") return;
+      if (typeof msg.event === "string" && msg.status === undefined) { this.handlers.onEvent(msg); return; }
+      const p = this.pending.get(msg.id);
+      if (p) { this.pending.delete(msg.id); clearTimeout(p.timer); p.resolve(msg); }
+    }
+
+    call(op, args) {
+      return new Promise((resolve, reject) => {
+        if (!this.open) { reject(new Error("not connected")); return; }
+        const id = "page-" + this.nextId++;
+        const timer = setTimeout(() => {
+          this.pending.delete(id);
+          reject(new Error("no reply to " + op + " within " + CALL_TIMEOUT_MS / 1000 + " s"));
+        }, CALL_TIMEOUT_MS);
+        this.pending.set(id, { resolve: resolve, reject: reject, timer: timer });
+        const msg = { op: op, id: id };
+        if (args !== undefined) msg.args = args;
+        this.ws.send(JSON.stringify(msg));
+      });
+    }
+  }
+
+  // -- state -----------------------------------------------------------------
+
+  let selfId = $("node-id").textContent.trim();
+  let uptime = null;             // [seconds at the last info, performance.now() then]
+  const topics = new Set(["chat"]);  // what the page wants to be subscribed to
+  const seenMessages = new Set();
+  let feedCount = 0;
+
+  // -- identity --------------------------------------------------------------
+
+  function showConnectionState(state, detail) {
+    const node = $("ws-state");
+    setAttr(node, "data-state", state);
+    document.body.dataset.ws = state;
+    // Subscriptions live on the connection: they are made again on reopening.
+    if (state !== "live") markTopics(Array.from(topics), "pending");
+    if (state === "live") setText(node, "live");
+    else if (state === "connecting") setText(node, "connecting…");
+    else {
+      const why = detail && detail.code && detail.code !== 1006 ? " (" + detail.code +
+        (detail.reason ? ": " + detail.reason : "") + ")" : "";
+      setText(node, "disconnected" + why + ", retrying in " + (detail.wait / 1000).toFixed(1) + " s");
+    }
+  }
+
+  function renderUptime() {
+    if (!uptime) return;
+    const seconds = uptime[0] + (performance.now() - uptime[1]) / 1000;
+    setText($("uptime"), duration(seconds));
+    setText($("uptime-banner"), duration(seconds));
+  }
+
+  function renderIdentity(info) {
+    selfId = info.node_id;
+    setText($("node-id"), info.node_id);
+    setText($("network"), info.network);
+    setText($("network-banner"), info.network);
+    setText($("version"), info.version);
+    setText($("protocol"), info.protocol !== undefined ? "(protocol " + info.protocol + ")" : "");
+    setText($("listen"), info.listen || "–");
+    document.title = "FOXCHAIN node " + short(info.node_id, 16) + " (" + info.network + ")";
+    uptime = [Number(info.uptime) || 0, performance.now()];
+    renderUptime();
+  }
+
+  // -- live connections ------------------------------------------------------
+
+  function renderConnections(list) {
+    setText($("connected-count"), list.length);
+    setText($("summary-connected"), list.length);
+    syncList($("connected"), list, (c) => c.node_id + " " + c.direction,
+      () => el("tr", {}, el("td", {}, el("code", { class: "id" })), el("td", {}, el("code", { class: "addr" })),
+        el("td", { class: "direction" })),
+      (tr, c) => {
+        setAttr(tr, "data-node-id", c.node_id);
+        setAttr(tr, "data-direction", c.direction);
+        const [id, addr, dir] = tr.children;
+        setText(id.firstChild, short(c.node_id, 16));
+        setAttr(id.firstChild, "title", c.node_id);
+        setText(addr.firstChild, c.addr || "–");
+        setText(dir, c.direction === "in" ? "← in" : c.direction === "out" ? "→ out" : String(c.direction));
+      }, "none yet");
+  }
+
+  // -- known peers -----------------------------------------------------------
+
+  const STATE_ORDER = ["connected", "dialing", "backoff", "failing", "idle", "self"];
+  const STATE_LABEL = {
+    connected: "connected", dialing: "dialing", backoff: "backing off",
+    failing: "failing", idle: "idle", self: "this node",
+  };
+  const SOURCE_LABEL = {
+    bootstrap: "--peer bootstrap", register: "registered", exchange: "learned from a peer",
+    handshake: "announced in its hello", self: "its own address",
+  };
 
   function renderPeers(list) {
-    const ul = $("peers");
-    ul.replaceChildren();
-    if (!list.length) {
-      const li = document.createElement("li"); li.className = "empty"; li.textContent = "none yet"; ul.appendChild(li);
-    }
-    for (const p of list) {
-      const li = document.createElement("li");
-      if (typeof p === "string") {
-        const code = document.createElement("code"); code.textContent = p; li.appendChild(code);
-      } else {
-        const code = document.createElement("code"); code.textContent = p.addr; li.appendChild(code);
-        const st = document.createElement("span");
-        st.className = "state-" + p.state;
-        st.textContent = " " + p.state + (p.last_error ? " (" + p.last_error + ")" : "");
-        li.appendChild(st);
-      }
-      ul.appendChild(li);
-    }
-    text($("peer-count"), list.length);
+    // `peers` op fallback gives plain addresses; `info` detail gives records.
+    const records = list.map((p) => (typeof p === "string" ? { addr: p, state: "unknown" } : p));
+    const rank = (s) => { const i = STATE_ORDER.indexOf(s); return i < 0 ? STATE_ORDER.length : i; };
+    records.sort((a, b) => rank(a.state) - rank(b.state) || String(a.addr).localeCompare(String(b.addr)));
+    setText($("peer-count"), records.length);
+    setText($("summary-known"), records.length);
+    const counts = {};
+    for (const r of records) counts[r.state] = (counts[r.state] || 0) + 1;
+    setText($("peer-summary"), STATE_ORDER.filter((s) => counts[s])
+      .map((s) => counts[s] + " " + STATE_LABEL[s]).join(" · "));
+
+    syncList($("peers"), records, (r) => String(r.addr),
+      () => el("li", {},
+        el("span", { class: "badge" }),
+        el("code", { class: "addr" }),
+        el("span", { class: "meta small muted" }),
+        el("span", { class: "why small" })),
+      (li, r) => {
+        const [badge, addr, meta, why] = li.children;
+        setAttr(li, "data-state", r.state);
+        setAttr(li, "data-addr", r.addr);
+        if (r.node_id) setAttr(li, "data-node-id", r.node_id); else li.removeAttribute("data-node-id");
+        setAttr(badge, "class", "badge state-" + r.state);
+        setText(badge, STATE_LABEL[r.state] || String(r.state));
+        setText(addr, r.addr);
+        const bits = [];
+        if (r.node_id) bits.push("node " + short(r.node_id, 12));
+        if (r.source) bits.push(SOURCE_LABEL[r.source] || String(r.source));
+        if (r.failures) bits.push(r.failures + (r.failures === 1 ? " failure" : " failures") + " in a row");
+        setText(meta, bits.join(" · "));
+        setAttr(meta, "title", r.node_id || "");
+        const reasons = [];
+        if (r.last_error && r.state !== "connected") reasons.push("last error: " + r.last_error);
+        if (typeof r.retry_in === "number" && r.state !== "connected") reasons.push("retry in " + r.retry_in.toFixed(1) + " s");
+        setText(why, reasons.join(" · "));
+        why.hidden = reasons.length === 0;
+      }, "none yet");
   }
 
-  function renderGraph(selfId, topology) {
-    // topology: {nodes: [id...], links: [[a, b]...]}; laid out on a circle.
-    const svg = $("graph");
-    const ns = "http://www.w3.org/2000/svg";
-    svg.replaceChildren();
-    const nodes = topology.nodes;
-    const pos = new Map();
-    const cx = 200, cy = 150, r = nodes.length > 1 ? 115 : 0;
-    nodes.forEach((id, i) => {
-      const a = (2 * Math.PI * i) / nodes.length - Math.PI / 2;
-      pos.set(id, [cx + r * Math.cos(a), cy + r * Math.sin(a)]);
-    });
-    for (const [a, b] of topology.links) {
-      if (!pos.has(a) || !pos.has(b)) continue;
-      const l = document.createElementNS(ns, "line");
-      l.setAttribute("x1", pos.get(a)[0]); l.setAttribute("y1", pos.get(a)[1]);
-      l.setAttribute("x2", pos.get(b)[0]); l.setAttribute("y2", pos.get(b)[1]);
-      svg.appendChild(l);
-    }
-    for (const id of nodes) {
-      const [x, y] = pos.get(id);
-      const c = document.createElementNS(ns, "circle");
-      c.setAttribute("cx", x); c.setAttribute("cy", y); c.setAttribute("r", 9);
-      c.setAttribute("data-node-id", id);
-      if (id === selfId) c.setAttribute("class", "self");
-      svg.appendChild(c);
-      const t = document.createElementNS(ns, "text");
-      t.setAttribute("x", x + 11); t.setAttribute("y", y + 3); t.textContent = id.slice(0, 8);
-      svg.appendChild(t);
-    }
-    svg.setAttribute("data-nodes", nodes.length);
+  // -- the network picture ---------------------------------------------------
+
+  // A small force-directed layout (Fruchterman-Reingold), rerun only when
+  // the set of nodes or links changes, starting from the previous positions
+  // so the picture moves as little as possible. Elements are kept per node
+  // id and per link, so an update adds, moves or removes only what changed.
+  const W = 480, H = 320, MARGIN = 34;
+  const MAX_DRAWN = 150;
+  const graphNodes = new Map();   // id -> <g>
+  const graphLinks = new Map();   // "a b" -> <line>
+  let layoutKey = "";
+  let positions = new Map();      // id -> [x, y] in layout space
+
+  // A stable pseudo-random number in [0, 1) per string: the same network
+  // gives the same picture on every load.
+  function hashUnit(s, salt) {
+    let h = 2166136261 ^ salt;
+    for (let i = 0; i < s.length; i++) { h ^= s.charCodeAt(i); h = Math.imul(h, 16777619); }
+    return ((h >>> 0) % 100000) / 100000;
   }
+
+  function layout(me, nodes, links) {
+    const n = nodes.length;
+    const k = Math.sqrt((W * H) / Math.max(n, 1)) * 0.6;
+    const adj = new Map(nodes.map((id) => [id, []]));
+    for (const [a, b] of links) { adj.get(a).push(b); adj.get(b).push(a); }
+    const pos = new Map();
+    for (const id of nodes) {
+      const old = positions.get(id);
+      if (old) { pos.set(id, [old[0], old[1]]); continue; }
+      // New: next to a neighbour already placed, else on a circle.
+      const near = adj.get(id).map((m) => positions.get(m)).find((p) => p);
+      const a = 2 * Math.PI * hashUnit(id, 1);
+      const r = near ? k * 0.5 : Math.min(W, H) * 0.35 * (id === me ? 0 : 1);
+      const base = near || [W / 2, H / 2];
+      pos.set(id, [base[0] + r * Math.cos(a), base[1] + r * Math.sin(a)]);
+    }
+    const ids = nodes.slice();
+    const iterations = n > 60 ? 80 : 200;
+    let temp = W / 8;
+    for (let it = 0; it < iterations; it++) {
+      const disp = new Map(ids.map((id) => [id, [0, 0]]));
+      for (let i = 0; i < n; i++) {
+        const pi = pos.get(ids[i]), di = disp.get(ids[i]);
+        for (let j = i + 1; j < n; j++) {
+          const pj = pos.get(ids[j]), dj = disp.get(ids[j]);
+          let dx = pi[0] - pj[0], dy = pi[1] - pj[1];
+          let d2 = dx * dx + dy * dy;
+          if (d2 < 0.01) { dx = hashUnit(ids[i] + ids[j], it) - 0.5; dy = 0.5; d2 = dx * dx + dy * dy; }
+          const f = (k * k) / d2;
+          di[0] += dx * f; di[1] += dy * f; dj[0] -= dx * f; dj[1] -= dy * f;
+        }
+      }
+      for (const [a, b] of links) {
+        const pa = pos.get(a), pb = pos.get(b);
+        const dx = pa[0] - pb[0], dy = pa[1] - pb[1];
+        const d = Math.sqrt(dx * dx + dy * dy) || 0.01;
+        const f = d / k;
+        disp.get(a)[0] -= dx * f; disp.get(a)[1] -= dy * f;
+        disp.get(b)[0] += dx * f; disp.get(b)[1] += dy * f;
+      }
+      for (const id of ids) {
+        const p = pos.get(id), dp = disp.get(id);
+        // A little gravity keeps pieces the node cannot link together near.
+        dp[0] += (W / 2 - p[0]) * 0.02 * k / 10; dp[1] += (H / 2 - p[1]) * 0.02 * k / 10;
+        const len = Math.sqrt(dp[0] * dp[0] + dp[1] * dp[1]) || 1;
+        const step = Math.min(len, temp);
+        p[0] += (dp[0] / len) * step; p[1] += (dp[1] / len) * step;
+      }
+      temp = Math.max(temp * 0.975, 0.5);
+    }
+    positions = pos;
+  }
+
+  // Layout space to the picture: centre the bounding box and scale it to
+  // fit (never enlarging a small network past a comfortable spacing).
+  function fitted() {
+    let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+    for (const [x, y] of positions.values()) {
+      x0 = Math.min(x0, x); y0 = Math.min(y0, y); x1 = Math.max(x1, x); y1 = Math.max(y1, y);
+    }
+    const w = Math.max(x1 - x0, 1), h = Math.max(y1 - y0, 1);
+    const s = Math.min((W - 2 * MARGIN) / w, (H - 2 * MARGIN) / h, 3);
+    const ox = W / 2 - ((x0 + x1) / 2) * s, oy = H / 2 - ((y0 + y1) / 2) * s;
+    const out = new Map();
+    for (const [id, [x, y]] of positions) out.set(id, [ox + x * s, oy + y * s]);
+    return out;
+  }
+
+  function renderGraph(me, topology, connected) {
+    const root = $("graph");
+    const peerIds = new Set(connected.map((c) => c.node_id));
+    const all = new Set(Array.isArray(topology.nodes) ? topology.nodes.filter((n) => typeof n === "string") : []);
+    all.add(me);
+    let links = (Array.isArray(topology.links) ? topology.links : [])
+      .filter((l) => Array.isArray(l) && l.length === 2 && l[0] !== l[1] && all.has(l[0]) && all.has(l[1]));
+    // A big network: draw this node, its peers, then the nodes seen most often.
+    let nodes = Array.from(all);
+    if (nodes.length > MAX_DRAWN) {
+      const degree = new Map();
+      for (const [a, b] of links) { degree.set(a, (degree.get(a) || 0) + 1); degree.set(b, (degree.get(b) || 0) + 1); }
+      const rank = (n) => (n === me ? 0 : peerIds.has(n) ? 1 : 2);
+      nodes.sort((a, b) => rank(a) - rank(b) || (degree.get(b) || 0) - (degree.get(a) || 0) || (a < b ? -1 : 1));
+      nodes = nodes.slice(0, MAX_DRAWN);
+      const drawn = new Set(nodes);
+      links = links.filter(([a, b]) => drawn.has(a) && drawn.has(b));
+    }
+    const drawnSet = new Set(nodes);
+    const addrOf = new Map(connected.map((c) => [c.node_id, c.addr]));
+    const key = nodes.slice().sort().join(",") + "|" + links.map((l) => l.slice().sort().join(" ")).sort().join(",");
+    if (key !== layoutKey) { layout(me, nodes, links); layoutKey = key; }
+    const pos = fitted();
+    const many = nodes.length > 24;
+    const radius = many ? 6 : 10;
+
+    const linkLayer = $("graph-links");
+    const wantLinks = new Set();
+    for (const [a, b] of links) {
+      const key = a < b ? a + " " + b : b + " " + a;
+      wantLinks.add(key);
+      let line = graphLinks.get(key);
+      if (!line) {
+        line = svg("line", { "data-link": key, class: "new" });
+        linkLayer.appendChild(line);
+        graphLinks.set(key, line);
+      }
+      const [x1, y1] = pos.get(a), [x2, y2] = pos.get(b);
+      setAttr(line, "x1", x1.toFixed(1)); setAttr(line, "y1", y1.toFixed(1));
+      setAttr(line, "x2", x2.toFixed(1)); setAttr(line, "y2", y2.toFixed(1));
+      setAttr(line, "data-direct", a === me || b === me ? "yes" : "no");
+    }
+    for (const [key, line] of graphLinks) {
+      if (!wantLinks.has(key)) { line.remove(); graphLinks.delete(key); }
+    }
+
+    const nodeLayer = $("graph-nodes");
+    for (const id of nodes) {
+      let g = graphNodes.get(id);
+      if (!g) {
+        g = svg("g", { class: "node new" });
+        const c = svg("circle", { r: radius, "data-node-id": id });
+        const t = svg("text", { class: "label" });
+        const title = svg("title", {});
+        g.append(c, t, title);
+        nodeLayer.appendChild(g);
+        graphNodes.set(id, g);
+      }
+      const [circle, label, title] = g.children;
+      const role = id === me ? "self" : peerIds.has(id) ? "peer" : "seen";
+      const [x, y] = pos.get(id);
+      setAttr(g, "transform", "translate(" + x.toFixed(1) + " " + y.toFixed(1) + ")");
+      setAttr(g, "data-role", role);
+      setAttr(circle, "class", role);
+      setAttr(circle, "data-role", role);
+      setAttr(circle, "r", role === "self" ? radius + 3 : radius);
+      setText(label, many && role === "seen" ? "" : role === "self" ? "this node" : short(id, 8));
+      setAttr(label, "y", radius + (role === "self" ? 15 : 12));
+      const addr = addrOf.get(id);
+      setText(title, id + (role === "self" ? " (this node)" : "") + (addr ? "\n" + addr : ""));
+    }
+    for (const [id, g] of graphNodes) {
+      if (!drawnSet.has(id)) { g.remove(); graphNodes.delete(id); }
+    }
+    setTimeout(() => root.querySelectorAll(".new").forEach((n) => n.classList.remove("new")), 600);
+    setAttr(root, "data-nodes", nodes.length);
+    setAttr(root, "data-links", links.length);
+    setText($("graph-summary"), (all.size > nodes.length ? "showing " + nodes.length + " of " : "") +
+      all.size + (all.size === 1 ? " node, " : " nodes, ") + links.length + (links.length === 1 ? " link" : " links"));
+  }
+
+  // -- refresh ---------------------------------------------------------------
 
   async function refresh() {
+    if (!link.open) return;
     try {
-      const info = await call("info");
-      if (info.status === 200) {
-        renderInfo(info.response);
-        renderGraph(info.response.node_id, info.response.topology || {
-          nodes: [info.response.node_id].concat(info.response.connected.map((c) => c.node_id)),
-          links: info.response.connected.map((c) => [info.response.node_id, c.node_id]),
-        });
-        if (info.response.peers) renderPeers(info.response.peers);
+      const reply = await link.call("info", { detail: true });
+      if (reply.status !== 200 || !reply.response) return;
+      const info = reply.response;
+      const connected = Array.isArray(info.connected) ? info.connected : [];
+      renderIdentity(info);
+      renderConnections(connected);
+      const topology = info.topology || {
+        nodes: [info.node_id].concat(connected.map((c) => c.node_id)),
+        links: connected.map((c) => [info.node_id, c.node_id]),
+      };
+      renderGraph(info.node_id, topology, connected);
+      if (Array.isArray(info.peers)) {
+        renderPeers(info.peers);
+      } else {
+        const peers = await link.call("peers");
+        if (peers.status === 200 && peers.response) renderPeers(peers.response.peers || []);
       }
-      if (!info.response || !info.response.peers) {
-        const peers = await call("peers");
-        if (peers.status === 200) renderPeers(peers.response.peers);
-      }
-    } catch (e) { /* reconnecting */ }
+    } catch (e) {
+      /* the connection dropped; it reopens by itself and refreshes then */
+    }
+  }
+
+  async function refreshLoop() {
+    await refresh();
+    setTimeout(refreshLoop, REFRESH_MS);
+  }
+
+  // -- messages --------------------------------------------------------------
+
+  function renderTopics() {
+    syncList($("topics"), Array.from(topics).sort(), (t) => t,
+      (t) => el("li", { class: "chip" }, el("span", { class: "name" }),
+        el("button", { type: "button", class: "remove", "aria-label": "unsubscribe" }, "×")),
+      (li, t) => {
+        setAttr(li, "data-topic", t);
+        setAttr(li, "data-state", li.dataset.state || "pending");
+        setText(li.firstChild, t);
+        setAttr(li.lastChild, "title", "unsubscribe from " + t);
+      });
+  }
+
+  function markTopics(list, state) {
+    for (const li of $("topics").children) {
+      if (list.includes(li.dataset.topic)) li.dataset.state = state;
+    }
+  }
+
+  async function subscribe(list) {
+    if (!list.length) return;
+    markTopics(list, "pending");
+    try {
+      const r = await link.call("subscribe", { topics: list });
+      markTopics(list, r.status === 200 ? "subscribed" : "refused");
+      if (r.status !== 200) setText($("publish-result"), "subscribe refused: " + r.status + " " + r.error);
+    } catch (e) { /* resubscribed on reconnect */ }
   }
 
   function addToFeed(ev) {
-    const li = document.createElement("li");
-    li.className = "message";
-    li.textContent = "[" + ev.topic + "] " + JSON.stringify(ev.payload) + " from " + short(ev.origin);
-    $("feed").prepend(li);
-    while ($("feed").children.length > 100) $("feed").lastChild.remove();
-  }
-
-  function connect() {
-    ws = new WebSocket(wsUrl);
-    ws.onopen = () => {
-      text($("ws-state"), "live");
-      if (subscribed.size) call("subscribe", { topics: Array.from(subscribed) });
-      refresh();
-    };
-    ws.onmessage = (m) => {
-      let msg;
-      try { msg = JSON.parse(m.data); } catch (e) { return; }
-      if (msg.event === "message") { addToFeed(msg); return; }
-      if (msg.id !== undefined && pending.has(msg.id)) {
-        pending.get(msg.id)(msg); pending.delete(msg.id);
-      } else if (msg.status !== undefined) {
-        text($("reply"), JSON.stringify(msg, null, 2));
-      }
-    };
-    ws.onclose = () => {
-      text($("ws-state"), "disconnected, retrying…");
-      for (const resolve of pending.values()) resolve({ status: 0, error: "disconnected", response: null });
-      pending.clear();
-      setTimeout(connect, 2000);
-    };
-  }
-
-  $("op-form").addEventListener("submit", (e) => {
-    e.preventDefault();
-    let msg;
-    try { msg = JSON.parse($("request").value); } catch (err) {
-      // Send it anyway: the node answers what the lab's node answered.
-      ws.send($("request").value);
-      return;
+    if (typeof ev.id === "string") {
+      if (seenMessages.has(ev.id)) return;
+      seenMessages.add(ev.id);
+      if (seenMessages.size > 5 * FEED_MAX) seenMessages.delete(seenMessages.values().next().value);
     }
-    const id = msg.id !== undefined ? msg.id : "page-" + nextId++;
-    msg.id = id;
-    pending.set(id, (reply) => { text($("reply"), JSON.stringify(reply, null, 2)); });
-    ws.send(JSON.stringify(msg));
-  });
-  $("subscribe-form").addEventListener("submit", async (e) => {
+    const feed = $("feed");
+    for (const e of feed.querySelectorAll(".empty")) e.remove();
+    const text = typeof ev.payload === "string" ? ev.payload : asJson(ev.payload, false);
+    const fromSelf = ev.origin === selfId;
+    const li = el("li", {
+      class: "message" + (fromSelf ? " own" : ""),
+      "data-id": ev.id, "data-topic": ev.topic, "data-origin": ev.origin,
+    },
+    el("div", { class: "head small" },
+      el("time", {}, clock(ev.created)),
+      el("span", { class: "topic" }, "#" + String(ev.topic)),
+      el("span", { class: "origin muted", title: ev.origin }, fromSelf ? "from this node" : "from " + short(ev.origin, 12))),
+    el("div", { class: typeof ev.payload === "string" ? "payload text" : "payload json" }, text));
+    feed.prepend(li);
+    feedCount++;
+    while (feed.children.length > FEED_MAX) feed.lastElementChild.remove();
+  }
+
+  $("subscribe-form").addEventListener("submit", (e) => {
     e.preventDefault();
     const topic = $("topic").value.trim();
     if (!topic) return;
-    subscribed.add(topic);
-    const r = await call("subscribe", { topics: [topic] });
-    text($("reply"), JSON.stringify(r, null, 2));
-  });
-  $("publish-form").addEventListener("submit", async (e) => {
-    e.preventDefault();
-    let payload;
-    try { payload = JSON.parse($("payload").value); } catch (err) { payload = $("payload").value; }
-    const r = await call("publish", { topic: $("topic").value.trim(), payload: payload });
-    text($("reply"), JSON.stringify(r, null, 2));
+    topics.add(topic);
+    renderTopics();
+    subscribe([topic]);
+    $("publish-topic").value = topic;
   });
 
-  connect();
-  setInterval(refresh, 2000);
+  $("topics").addEventListener("click", async (e) => {
+    const button = e.target.closest("button.remove");
+    if (!button) return;
+    const topic = button.parentElement.dataset.topic;
+    topics.delete(topic);
+    renderTopics();
+    try { await link.call("unsubscribe", { topics: [topic] }); } catch (err) { /* gone with the connection */ }
+  });
+
+  $("publish-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const topic = $("publish-topic").value.trim();
+    const raw = $("payload").value;
+    let payload;
+    try { payload = JSON.parse(raw); } catch (err) { payload = raw; }
+    const out = $("publish-result");
+    try {
+      const r = await link.call("publish", { topic: topic, payload: payload });
+      setAttr(out, "data-status", r.status);
+      setText(out, r.status === 202 && r.response
+        ? "published to #" + topic + " as " + short(r.response.id, 16) + (topics.has(topic) ? "" : " (subscribe to see it in the feed)")
+        : "not published: " + r.status + " " + r.error);
+    } catch (err) {
+      setText(out, "not published: " + err.message);
+    }
+  });
+
+  // -- the console -----------------------------------------------------------
+
+  // A WebSocket of its own: what is typed goes out unchanged (with or
+  // without an id, even if it is not JSON), and the reply is the next frame
+  // that carries a status. Pushed events are listed in the frame log only.
+  let consoleWs = null;
+  let sentAt = null;
+
+  function logFrame(direction, text) {
+    const log = $("console-log");
+    log.prepend(el("li", { class: direction }, el("span", { class: "dir" }, direction === "out" ? "→" : "←"),
+      el("code", {}, text.length > 2000 ? text.slice(0, 2000) + "…" : text)));
+    while (log.children.length > LOG_MAX) log.lastElementChild.remove();
+  }
+
+  function showReply(text, status) {
+    const reply = $("reply");
+    setText(reply, text);
+    setAttr(reply, "data-status", status);
+    setAttr(reply, "class", "status-" + String(status).charAt(0) + "xx");
+  }
+
+  function consoleSocket() {
+    return new Promise((resolve, reject) => {
+      if (consoleWs && consoleWs.readyState === WebSocket.OPEN) { resolve(consoleWs); return; }
+      if (consoleWs && consoleWs.readyState === WebSocket.CONNECTING) {
+        consoleWs.addEventListener("open", () => resolve(consoleWs), { once: true });
+        consoleWs.addEventListener("close", () => reject(new Error("cannot connect")), { once: true });
+        return;
+      }
+      const ws = new WebSocket(WS_URL);
+      consoleWs = ws;
+      ws.onopen = () => resolve(ws);
+      ws.onmessage = (m) => {
+        const text = typeof m.data === "string" ? m.data : "(binary frame)";
+        logFrame("in", text);
+        let msg = null;
+        try { msg = JSON.parse(text); } catch (e) { /* shown raw in the log */ }
+        if (msg && typeof msg === "object" && typeof msg.status === "number") {
+          const ms = sentAt === null ? null : Math.round(performance.now() - sentAt);
+          sentAt = null;
+          showReply(asJson(msg, true), msg.status);
+          setText($("reply-meta"), msg.status + " " + (msg.error || "") + (ms === null ? "" : " · " + ms + " ms"));
+        }
+      };
+      ws.onclose = (e) => {
+        if (consoleWs === ws) consoleWs = null;
+        logFrame("in", "(connection closed: " + e.code + (e.reason ? " " + e.reason : "") + ")");
+        reject(new Error("cannot connect"));
+        if (sentAt !== null) {
+          sentAt = null;
+          showReply("connection closed before a reply (" + e.code + (e.reason ? ": " + e.reason : "") + ")", 0);
+          setText($("reply-meta"), "");
+        }
+      };
+    });
+  }
+
+  async function sendConsole() {
+    const text = $("request").value;
+    setText($("reply-meta"), "sending…");
+    try {
+      const ws = await consoleSocket();
+      sentAt = performance.now();
+      ws.send(text);
+      logFrame("out", text);
+      setText($("reply-meta"), "sent, waiting for the reply…");
+    } catch (e) {
+      showReply("not sent: " + e.message, 0);
+      setText($("reply-meta"), "");
+    }
+  }
+
+  $("op-form").addEventListener("submit", (e) => { e.preventDefault(); sendConsole(); });
+  $("request").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); sendConsole(); }
+  });
+  $("presets").addEventListener("click", (e) => {
+    const button = e.target.closest("button[data-request]");
+    if (!button) return;
+    $("request").value = button.dataset.request;
+    $("request").focus();
+  });
+
+  // -- start -----------------------------------------------------------------
+
+  setText($("ws-url"), WS_URL);
+  renderTopics();
+  const link = new NodeLink(WS_URL, {
+    onState: showConnectionState,
+    onOpen: () => { subscribe(Array.from(topics)); refresh(); },
+    onEvent: (ev) => { if (ev.event === "message") addToFeed(ev); },
+  });
+  setTimeout(refreshLoop, REFRESH_MS);
+  setInterval(renderUptime, 1000);
 })();

@@ -1,0 +1,193 @@
+"""The node's page in a real browser: Debian's headless Chromium driven by
+Playwright, against three ``twistd foxnode`` processes on 127.0.0.1.
+
+The page is loaded from node 0 while the network forms; the test sees the
+two other nodes appear as connected peers and in the network picture, sends
+an op from the form, subscribes to a topic in the page, and sees a message
+published on another node arrive in the feed.
+
+This test keeps clear of the Twisted reactor: the nodes are child processes,
+Playwright's sync API drives the browser, and the message is published with
+a plain WebSocket client (``websockets``), as any outside client would.
+It skips only when Playwright is not installed or /usr/bin/chromium is
+missing (.ci/run installs both).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from foxnode.testing import NodeProcess, spawn_node, stop_all, wait_until_serving
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:  # pragma: no cover - depends on the machine
+    sync_playwright = None
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+#: how long the page may take to show what the nodes did (ms)
+WAIT_MS = 20_000
+
+pytestmark = [
+    pytest.mark.skipif(sync_playwright is None,
+                       reason="playwright is not installed (pip install playwright)"),
+    pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK),
+                       reason=f"{CHROMIUM} is missing (apt-get install -y chromium)"),
+]
+
+
+def node_id_of(node: NodeProcess) -> str:
+    with urllib.request.urlopen(f"{node.http}/healthz", timeout=5) as r:
+        return json.load(r)["node_id"]
+
+
+def publish(url: str, topic: str, payload: object) -> str:
+    """Publish on the node at ``url`` as an outside client; the message id."""
+    from websockets.sync.client import connect
+
+    with connect(url, open_timeout=10, close_timeout=2) as ws:
+        ws.send(json.dumps({"op": "publish", "args": {"topic": topic, "payload": payload}, "id": 1}))
+        reply = json.loads(ws.recv(timeout=10))
+    assert reply["status"] == 202, reply
+    return reply["response"]["id"]
+
+
+@pytest.fixture
+def devnet(tmp_path: Path):
+    """Three nodes on loopback; 1 and 2 bootstrap from 0. Peer exchange
+    every second, so links between neighbours show up quickly."""
+    fast = ("--exchange-interval", "1")
+    nodes: list[NodeProcess] = []
+    try:
+        nodes.append(spawn_node(tmp_path / "node-0", *fast))
+        for i in (1, 2):
+            nodes.append(spawn_node(tmp_path / f"node-{i}", *fast, "--peer", nodes[0].url, wait=False))
+        for node in nodes[1:]:
+            wait_until_serving(node)
+        yield nodes
+    finally:
+        stop_all(nodes)
+
+
+@pytest.mark.timeout(120)
+def test_node_page_in_a_browser(devnet: list[NodeProcess], tmp_path: Path) -> None:
+    started = time.monotonic()
+    ids = [node_id_of(n) for n in devnet]
+    node0 = devnet[0]
+    loopback = {"127.0.0.1", "localhost"}
+    requests: list[str] = []
+    errors: list[str] = []
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("request", lambda r: requests.append(r.url))
+            page.on("websocket", lambda ws: requests.append(ws.url))
+            page.on("pageerror", lambda e: errors.append(str(e)))
+
+            page.goto(node0.http + "/")
+            expect(page.locator("h1")).to_contain_text("FOXCHAIN")
+            expect(page.locator("body")).to_contain_text("My Own Blockchain System")
+            expect(page.locator("#node-id")).to_have_text(ids[0])
+            expect(page.locator("#ws-state")).to_have_attribute("data-state", "live", timeout=WAIT_MS)
+
+            # The two other nodes appear as connected peers and live connections.
+            connected = page.locator("#peers li[data-state=connected]")
+            expect(connected).to_have_count(2, timeout=WAIT_MS)
+            assert sorted(connected.evaluate_all("els => els.map(e => e.dataset.nodeId)")) == sorted(ids[1:])
+            expect(page.locator("#connected tr[data-node-id]")).to_have_count(2)
+            expect(page.locator("#connected-count")).to_have_text("2")
+
+            # The picture: three nodes, this one marked, and every link of
+            # the triangle once node 1 and node 2 have found each other.
+            circles = page.locator("#graph circle[data-node-id]")
+            expect(circles).to_have_count(3, timeout=WAIT_MS)
+            assert sorted(circles.evaluate_all("els => els.map(e => e.dataset.nodeId)")) == sorted(ids)
+            expect(page.locator("#graph circle[data-role=self]")).to_have_attribute("data-node-id", ids[0])
+            expect(page.locator("#graph line[data-link]")).to_have_count(3, timeout=WAIT_MS)
+
+            # The form sends any op; the reply shows.
+            page.fill("#request", '{"op": "peers"}')
+            page.click("#send")
+            reply = page.locator("#reply")
+            expect(reply).to_have_attribute("data-status", "200", timeout=WAIT_MS)
+            shown = json.loads(reply.text_content())
+            assert shown["status"] == 200 and shown["error"] == "OK", shown
+            assert {devnet[1].url, devnet[2].url} <= set(shown["response"]["peers"]), shown
+
+            # Subscribe in the page, publish on node 2, see it in the feed;
+            # markup in a payload stays text.
+            page.fill("#topic", "lab-news")
+            page.click("#subscribe-form button[type=submit]")
+            expect(page.locator("#topics li[data-topic=lab-news]")).to_have_attribute(
+                "data-state", "subscribed", timeout=WAIT_MS)
+            text = "hello from node 2 <b>not bold</b>"
+            message_id = publish(devnet[2].url, "lab-news", text)
+            item = page.locator(f'#feed li.message[data-id="{message_id}"]')
+            expect(item).to_have_count(1, timeout=WAIT_MS)
+            expect(item).to_have_attribute("data-topic", "lab-news")
+            expect(item).to_have_attribute("data-origin", ids[2])
+            expect(item.locator(".payload")).to_have_text(text)
+            assert page.locator("#feed b").count() == 0
+
+            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        finally:
+            browser.close()
+
+    assert not errors, errors
+    elsewhere = [u for u in requests if not u.startswith("data:") and urlsplit(u).hostname not in loopback]
+    assert not elsewhere, f"the page asked other sites: {elsewhere}"
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.timeout(120)
+def test_node_page_reconnects_after_a_restart(tmp_path: Path) -> None:
+    """The page says when its node is gone, reconnects when it is back,
+    and subscribes again: a message published after the restart arrives."""
+    directory = tmp_path / "node"
+    node = spawn_node(directory)
+    errors: list[str] = []
+    try:
+        node_id = node_id_of(node)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.goto(node.http + "/")
+                state = page.locator("#ws-state")
+                expect(state).to_have_attribute("data-state", "live", timeout=WAIT_MS)
+                chat = page.locator("#topics li[data-topic=chat]")
+                expect(chat).to_have_attribute("data-state", "subscribed", timeout=WAIT_MS)
+
+                node.stop()
+                expect(state).to_have_attribute("data-state", "closed", timeout=WAIT_MS)
+                expect(state).to_contain_text("retrying")
+                expect(chat).to_have_attribute("data-state", "pending")
+
+                node = spawn_node(directory, port=node.port)
+                expect(state).to_have_attribute("data-state", "live", timeout=WAIT_MS)
+                expect(chat).to_have_attribute("data-state", "subscribed", timeout=WAIT_MS)
+                expect(page.locator("#node-id")).to_have_text(node_id)
+                message_id = publish(node.url, "chat", {"after": "restart"})
+                item = page.locator(f'#feed li.message[data-id="{message_id}"]')
+                expect(item).to_have_count(1, timeout=WAIT_MS)
+                expect(item).to_have_class("message own")
+                expect(item.locator(".payload")).to_have_text('{"after":"restart"}')
+            finally:
+                browser.close()
+    finally:
+        stop_all([node])
+    assert not errors, errors
