@@ -35,12 +35,44 @@ class PeerAddress:
 
 
 def is_loopback_host(host: str) -> bool:
-    if host.lower() in ("localhost", "localhost."):
+    """True for a host that reaches this machine itself: localhost names,
+    loopback and unspecified addresses, also IPv4-mapped in IPv6."""
+    name = host.lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(name.strip("[]"))
     except ValueError:
         return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return any(a is not None and (a.is_loopback or a.is_unspecified) for a in (ip, mapped))
+
+
+# The authority of a peer URL: a host name, a dotted IPv4 address or a
+# bracketed IPv6 address, then an optional port. Anything else (user info,
+# junk after "]", several colons) is refused before the parts are read.
+_AUTHORITY = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[^\[\]:@/?#]+)(?::(?P<port>[^:]*))?$")
+_NUMERIC_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
+
+
+def _check_host(host: str) -> str:
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise InvalidAddress("malformed IPv6 host") from None
+        return host[1:-1]
+    if not _HOSTNAME.match(host):
+        raise InvalidAddress("malformed host")
+    # A name ending in a number is an IPv4 address to a resolver, and
+    # 127.1, 2130706433 or 0x7f.1 all reach 127.0.0.1: only the canonical
+    # dotted quad is taken, so that what an address reaches is plain to see.
+    if _NUMERIC_LABEL.match(host.lower().rstrip(".").rsplit(".", 1)[-1]):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise InvalidAddress("malformed IPv4 address (give four decimal parts)") from None
+    return host
 
 
 def parse(url: object) -> PeerAddress:
@@ -53,32 +85,34 @@ def parse(url: object) -> PeerAddress:
         raise InvalidAddress("not a ws:// or wss:// URL")
     if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
         raise InvalidAddress("contains whitespace or control characters")
+    if "#" in url:
+        raise InvalidAddress("a fragment is not allowed")
     try:
         parts = urlsplit(url)
-        port = parts.port
     except ValueError as e:
         raise InvalidAddress(f"malformed URL ({e})") from None
     if "@" in parts.netloc:
         raise InvalidAddress("user info is not allowed")
-    if parts.fragment or url.endswith("#"):
-        raise InvalidAddress("a fragment is not allowed")
-    host = parts.hostname or ""
-    if not host:
+    if not parts.netloc:
         raise InvalidAddress("no host")
-    if parts.netloc.startswith("["):
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise InvalidAddress("malformed IPv6 host") from None
-    elif not _HOSTNAME.match(host):
-        raise InvalidAddress("malformed host")
+    authority = _AUTHORITY.match(parts.netloc)
+    if authority is None:
+        raise InvalidAddress("malformed host or port")
+    host = _check_host(authority["host"])
     secure = parts.scheme == "wss"
-    if port is None:
-        if parts.netloc.endswith(":"):
-            raise InvalidAddress("empty port")
+    port_text = authority["port"]
+    if port_text is None:
         port = 443 if secure else 80
-    if not 1 <= port <= 65535:
-        raise InvalidAddress("port out of range 1..65535")
+    elif port_text == "":
+        raise InvalidAddress("empty port")
+    elif not port_text.isascii() or not port_text.isdigit():
+        raise InvalidAddress("port is not a number")
+    elif len(port_text) > 1 and port_text.startswith("0"):
+        raise InvalidAddress("port has leading zeros")
+    else:
+        port = int(port_text)
+        if not 1 <= port <= 65535:
+            raise InvalidAddress("port out of range 1..65535")
     return PeerAddress(url, secure, host, port, parts.path or "/")
 
 

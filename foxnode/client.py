@@ -79,6 +79,9 @@ class Listener:
     def connection_opened(self, conn: FoxClientProtocol) -> None:
         pass
 
+    def check_rate(self, conn: FoxClientProtocol) -> None:
+        return None
+
     def handle_request(self, conn: FoxClientProtocol, request: codec.Request) -> codec.Reply:
         return codec.not_found_op(request.op)
 

@@ -205,10 +205,14 @@ class Gossip:
         ttl = args.get("ttl", self.config.default_ttl)
         if not isinstance(ttl, int) or isinstance(ttl, bool) or not 0 < ttl <= self.config.max_ttl:
             return codec.bad_args("publish", f"ttl must be a whole number of seconds, 1 to {self.config.max_ttl}")
-        size = len(orjson.dumps(args["payload"]))
-        if size > self.config.max_payload:
-            return codec.bad_args("publish", f"payload is {size} bytes, over the limit of {self.config.max_payload}")
-        envelope = Envelope.create(self.node.identity, topic, args["payload"], ttl, time.time())
+        try:
+            size = len(orjson.dumps(args["payload"]))
+            if size > self.config.max_payload:
+                return codec.bad_args("publish", f"payload is {size} bytes, over the limit of {self.config.max_payload}")
+            envelope = Envelope.create(self.node.identity, topic, args["payload"], ttl, time.time())
+        except (orjson.JSONEncodeError, UnicodeError) as e:
+            # Only reachable in-process: what arrives over the wire was JSON.
+            return codec.bad_args("publish", f"not representable as JSON ({e})")
         self.accept(envelope, sender=None)
         return codec.accepted({"id": envelope.id})
 

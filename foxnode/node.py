@@ -134,7 +134,12 @@ class Node:
             return f"too many connections from {host}"
         return None
 
-    def _within_rate(self, conn: Any) -> codec.Reply | None:
+    def check_rate(self, conn: Any) -> codec.Reply | None:
+        """Charge one incoming message (any message, well-formed or not) to
+        the connection's rate; the reply to send instead when over it.
+        Peers, which proved their identity, are bounded by the peer limits."""
+        if conn.node_id is not None:
+            return None
         bucket = conn.fox_state.get("rate")
         if bucket is None:
             bucket = conn.fox_state["rate"] = TokenBucket(
@@ -153,9 +158,6 @@ class Node:
             f"retry after {bucket.retry_after():.2f} s.")
 
     def handle_request(self, conn: Any, request: codec.Request) -> Any:
-        refused = self._within_rate(conn)
-        if refused is not None:
-            return refused
         op = self._ops.get(request.op)
         if op is None:
             self.metrics.count_request("other", 404)

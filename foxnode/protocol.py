@@ -12,6 +12,7 @@ answered before an earlier one (a ``register`` waiting for the disk).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import deque
@@ -52,6 +53,8 @@ class ConnectionHandler(TypingProtocol):
     def handle_request(self, conn: "FoxConnection", request: codec.Request) -> Any: ...
 
     def handle_event(self, conn: "FoxConnection", event: codec.Event) -> None: ...
+
+    def check_rate(self, conn: "FoxConnection") -> codec.Reply | None: ...
 
     def connection_lost(self, conn: "FoxConnection", code: int | None, reason: str | None) -> None: ...
 
@@ -229,6 +232,10 @@ class FoxConnection:
                 d.callback(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        refused = self.handler.check_rate(self)
+        if refused is not None:
+            self._queue_reply(refused, *codec.request_id_of(payload))
+            return
         try:
             message = codec.decode(payload, self.factory.max_depth)
         except codec.CodecError as e:
@@ -340,8 +347,10 @@ def _apply_options(factory: Any, max_message_size: int, ping_interval: float, pi
         maxFramePayloadSize=max_message_size,
         maxMessagePayloadSize=max_message_size,
         # Idle and half-open connections are found by pings, not by TCP.
-        autoPingInterval=ping_interval,
-        autoPingTimeout=ping_timeout,
+        # Autobahn's timers fire on whole seconds, rounded down, so a pong
+        # gets one second more than asked, never less.
+        autoPingInterval=max(1, math.ceil(ping_interval)),
+        autoPingTimeout=max(1, math.ceil(ping_timeout)) + 1,
         openHandshakeTimeout=open_timeout,
         closeHandshakeTimeout=2,
         # Always say why with a close frame (1007 for bad UTF-8, 1009 for

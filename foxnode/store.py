@@ -186,6 +186,8 @@ class PeerStore:
         self.flush_delay = flush_delay
         self._on_write = on_write
         self._records: dict[str, PeerRecord] = {r.addr: r for r in records}
+        #: addresses added by registers whose write has not completed yet
+        self._unwritten: set[str] = set()
         #: bumped on every change of the set of addresses, so callers can cache
         self.generation = 0
         self._writing = False
@@ -240,7 +242,8 @@ class PeerStore:
             victims = self._eviction_candidates(overflow, keep=set(accepted))
             for victim in victims:
                 del self._records[victim.addr]
-            log.info("peer store full: evicted {n} unverified or failing addresses", n=len(victims))
+            if victims:
+                log.info("peer store full: evicted {n} unverified or failing addresses", n=len(victims))
             room = self.max_peers - len(self._records)
             for addr in fresh[room:]:
                 rejected.append({"addr": addr, "reason": "peer store is full"})
@@ -254,7 +257,9 @@ class PeerStore:
             done = _succeed()
         elif fresh or overflow > 0:
             self.generation += 1
+            self._unwritten.update(fresh)
             done = self.commit()
+            done.addBoth(self._written_out, fresh)
             done.addErrback(self._roll_back, fresh, source)
             done.addCallback(self._still_there, accepted)
         elif accepted and durable:
@@ -265,6 +270,10 @@ class PeerStore:
         else:
             done = _succeed()
         return AddResult(accepted, rejected, done)
+
+    def _written_out(self, result: Any, fresh: list[str]) -> Any:
+        self._unwritten.difference_update(fresh)
+        return result
 
     def _roll_back(self, failure: Failure, fresh: list[str], source: str) -> Failure:
         """A failed write: forget this request's new addresses, so that no
@@ -284,9 +293,11 @@ class PeerStore:
             raise StoreWriteError(f"{len(missing)} of the addresses could not be written")
 
     def _eviction_candidates(self, count: int, keep: set[str]) -> list[PeerRecord]:
+        # Never an address a request is still waiting to see written: that
+        # request would then have to be told its write failed.
         evictable = [
             r for r in self._records.values()
-            if r.source != BOOTSTRAP and r.addr not in keep
+            if r.source != BOOTSTRAP and r.addr not in keep and r.addr not in self._unwritten
             and (not r.verified or r.failures > 0 or r.is_self)
         ]
         # Worst first: never verified, then most failures, then oldest.

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 from autobahn.twisted.resource import WebSocketResource
 from prometheus_client.twisted import MetricsResource
+from twisted.web import pages
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.static import File
@@ -63,8 +64,13 @@ class Health(Resource):
         return orjson.dumps(self.node.health())
 
 
+class Root(Resource):
+    def getChild(self, path: bytes, request: Any) -> Resource:
+        return pages.notFound("No such page", "foxnode serves /, /ws, /healthz and /metrics.")
+
+
 def make_site(node: Node, ws_factory: FoxServerFactory) -> Site:
-    root = Resource()
+    root = Root()
     root.putChild(b"", NodePage(node))
     root.putChild(b"ws", WebSocketResource(ws_factory))
     root.putChild(b"healthz", Health(node))
@@ -72,7 +78,9 @@ def make_site(node: Node, ws_factory: FoxServerFactory) -> Site:
     static = File(str(STATIC))
     static.indexNames = []
     root.putChild(b"static", static)
-    site = Site(root)
+    # A connection that has not finished its HTTP request (or WebSocket
+    # upgrade) by then is closed, instead of Twisted's default of 12 hours.
+    site = Site(root, timeout=node.config.handshake_timeout)
     site.displayTracebacks = False
     site.noisy = False
     # Tests and tools reach the WebSocket factory through the site.
