@@ -10,6 +10,7 @@ hang off the node and receive the connections' events.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Any, Callable
 
 import attrs
@@ -70,6 +71,8 @@ class Node:
         #: the TCP port we listen on, once listening
         self.listen_port: int | None = None
         self.connections: set = set()
+        #: WebSocket connections (open or opening) per remote IP address
+        self._per_ip: Counter[str] = Counter()
         self.stopping = False
         #: the peer manager (peers.py) and gossip (gossip.py) once installed
         self.peers: Any = None
@@ -83,8 +86,8 @@ class Node:
         }
         #: callbacks run with the list of newly stored addresses (the dialer)
         self.on_new_addresses: list[Callable[[list[str]], None]] = []
-        #: extra sources of ``info`` fields and event handlers, installed by
-        #: the peer manager and gossip
+        #: what the peer manager and gossip hook in: handlers of pushed
+        #: events by name, and calls on connection loss, start and stop
         self.event_handlers: dict[str, Callable[[Any, codec.Event], None]] = {}
         self.lost_hooks: list[Callable[[Any, int | None, str | None], None]] = []
         self.start_hooks: list[Callable[[], None]] = []
@@ -130,8 +133,11 @@ class Node:
         if self.stopping:
             return "node shutting down"
         host = conn.remote_host
-        if sum(1 for c in self.connections if c.remote_host == host) >= self.config.max_per_ip:
+        if self._per_ip[host] >= self.config.max_per_ip:
             return f"too many connections from {host}"
+        # Counted from the upgrade on, so a burst of handshakes counts too.
+        self._per_ip[host] += 1
+        conn.fox_state["counted_ip"] = host
         return None
 
     def check_rate(self, conn: Any) -> codec.Reply | None:
@@ -181,6 +187,11 @@ class Node:
         handler(conn, event)
 
     def connection_lost(self, conn: Any, code: int | None, reason: str | None) -> None:
+        host = conn.fox_state.pop("counted_ip", None)
+        if host is not None:
+            self._per_ip[host] -= 1
+            if not self._per_ip[host]:
+                del self._per_ip[host]
         if conn in self.connections:
             self.connections.discard(conn)
             self.metrics.connections.labels(conn.direction).dec()
