@@ -82,6 +82,9 @@ class Listener:
     def check_rate(self, conn: FoxClientProtocol) -> None:
         return None
 
+    def message_refused(self, conn: FoxClientProtocol, reply: codec.Reply) -> None:
+        pass
+
     def handle_request(self, conn: FoxClientProtocol, request: codec.Request) -> codec.Reply:
         return codec.not_found_op(request.op)
 

@@ -163,6 +163,11 @@ class Node:
             f"Too many requests: the limit is {self.config.rate:g} per second; "
             f"retry after {bucket.retry_after():.2f} s.")
 
+    def message_refused(self, conn: Any, reply: codec.Reply) -> None:
+        """A message that was not a request, answered by the codec."""
+        self.metrics.bad_messages.inc()
+        log.debug("{host}: bad message: {why}", host=conn.remote_host, why=reply.error)
+
     def handle_request(self, conn: Any, request: codec.Request) -> Any:
         op = self._ops.get(request.op)
         if op is None:

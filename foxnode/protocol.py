@@ -56,6 +56,8 @@ class ConnectionHandler(TypingProtocol):
 
     def check_rate(self, conn: "FoxConnection") -> codec.Reply | None: ...
 
+    def message_refused(self, conn: "FoxConnection", reply: codec.Reply) -> None: ...
+
     def connection_lost(self, conn: "FoxConnection", code: int | None, reason: str | None) -> None: ...
 
 
@@ -240,7 +242,7 @@ class FoxConnection:
             message = codec.decode(payload, self.factory.max_depth)
         except codec.CodecError as e:
             has_id, rid = (False, None) if e.reply is codec.PARSE_ERROR else codec.request_id_of(payload)
-            self._log.debug("{conn}: bad message: {why}", conn=self.describe(), why=e.reply.error)
+            self.handler.message_refused(self, e.reply)
             self._queue_reply(e.reply, has_id, rid)
             return
         if isinstance(message, codec.Request):
@@ -253,6 +255,7 @@ class FoxConnection:
         elif self.direction == "in" and self.node_id is None:
             # A plain client sent a reply- or event-shaped body: the lab's
             # node answered any object without a string "op" like this.
+            self.handler.message_refused(self, codec.BODY_ERROR)
             self._queue_reply(codec.BODY_ERROR, *codec.request_id_of(payload))
         elif isinstance(message, codec.Response):
             waiting = self._pending.pop(message.id, None) if isinstance(message.id, str) else None

@@ -18,7 +18,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 
 from foxnode import client
-from foxnode.testing import running_node, start_node
+from foxnode.testing import running_node, start_node, wait_for
 
 TIMEOUT = 10.0
 
@@ -181,3 +181,17 @@ async def test_unknown_path_is_404(reactor, node_dir):
     async with running_node(reactor, node_dir) as node:
         code, _, _ = await get(reactor, node.http + "/no/such/page")
     assert code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_count_bad_messages(reactor, node_dir):
+    async with running_node(reactor, node_dir) as node:
+        conn = await client.connect(reactor, node.url)
+        try:
+            for frame in (b"not json", b"42", b'{"status": 200}'):
+                conn.sendMessage(frame)
+            await wait_for(reactor, lambda: node.node.metrics.bad_messages._value.get() == 3,
+                           what="three bad messages counted")
+        finally:
+            conn.close()
+            await conn.when_closed()
