@@ -174,10 +174,11 @@ class PeerManager:
     def _connected_addresses(self) -> set[str]:
         return {c.fox_state.get("dial_addr") or c.peer_addr for c in self.peers.values()}
 
-    def state_of(self, record: Any, now: float) -> str:
+    def state_of(self, record: Any, connected: set[str]) -> str:
+        """``connected``: the addresses of live peers (``_connected_addresses``)."""
         if record.is_self:
             return "self"
-        if record.node_id in self.peers or record.addr in self._connected_addresses():
+        if record.node_id in self.peers or record.addr in connected:
             return "connected"
         if record.addr in self.dialing:
             return "dialing"
@@ -187,9 +188,10 @@ class PeerManager:
 
     def peer_states(self, limit: int = 500) -> list[dict[str, Any]]:
         now = self.reactor.seconds()
+        connected = self._connected_addresses()
         out = []
         for r in self.node.store.records()[:limit]:
-            entry = {"addr": r.addr, "state": self.state_of(r, now), "node_id": r.node_id,
+            entry = {"addr": r.addr, "state": self.state_of(r, connected), "node_id": r.node_id,
                      "source": r.source, "failures": r.failures, "last_error": r.last_error}
             retry = self._next_attempt.get(r.addr)
             if retry is not None and retry > now:
@@ -232,8 +234,8 @@ class PeerManager:
             return
         now = self.reactor.seconds()
         free = self.config.max_outbound - self.outbound() - len(self.dialing)
-        if free <= 0:
-            return
+        if free <= 0 or len(self.dialing) >= self.config.max_dialing:
+            return  # before scanning the store: a register flood ticks often
         for record in self.candidates(now):
             if free <= 0 or len(self.dialing) >= self.config.max_dialing or not self._dial_tokens.take():
                 break
