@@ -82,6 +82,8 @@ class Options(usage.Options):
         ["max-dialing", None, 4, "Most dials in flight at once.", _positive_int],
         ["dial-rate", None, 4.0, "Most dials started per second.", _positive_float],
         ["exchange-interval", None, 30.0, "Seconds between peer exchanges with each peer.", _positive_float],
+        ["max-backoff", None, 60.0, "Longest delay, in seconds, between dials of a failing address.",
+         _positive_float],
         ["max-payload", None, 64 * 1024, "Largest gossip message payload, in bytes.", _positive_int],
         ["max-ttl", None, 3600, "Longest time-to-live of a gossip message, in seconds.", _positive_int],
         ["send-queue", None, 1 << 20,
@@ -132,6 +134,7 @@ class Options(usage.Options):
             max_dialing=self["max-dialing"],
             dial_rate=self["dial-rate"],
             exchange_interval=self["exchange-interval"],
+            backoff_max=self["max-backoff"],
             dial_timeout=self["handshake-timeout"],
             trust_roots=self["cafile"],
         )

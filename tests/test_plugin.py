@@ -66,6 +66,7 @@ DEFAULTS = {
     "max-dialing": 4,
     "dial-rate": 4.0,
     "exchange-interval": 30.0,
+    "max-backoff": 60.0,
     "max-payload": 65536,
     "max-ttl": 3600,
     "send-queue": 1 << 20,
