@@ -1,0 +1,218 @@
+"""Figure (6), the gossip hook: how a message spreads through N foxnodes.
+
+##########################################################################
+#  HOOK FOR FIGURE (6). Written against PROTOCOL.md ("Node ops"):        #
+#    publish   {"topic", "payload"}  -> 202 {"id": <message id>}         #
+#    subscribe {"topics": [...]}     -> 200, then pushes                 #
+#              {"event": "message", "id", "topic", "payload", "origin"}  #
+#  While foxnode answers 404 to ``publish`` this figure reports          #
+#  "not available" (after probing one node) instead of failing.          #
+##########################################################################
+
+The network: N twistd nodes on 127.0.0.1; node 0 starts alone, node i > 0
+gets ``--peer`` of one predecessor (node ``i - 1`` with ``--topology
+chain``, a random earlier node with ``random-tree``, the default), so the
+bootstrap graph is a connected tree; peer exchange may add edges.
+
+The measurement: one WebSocket per node subscribes to one topic; then
+``messages`` messages are published, one at a time, each from a randomly
+chosen node. For each message we count the deliveries (every subscriber
+should get it exactly once: N deliveries, no duplicates) and the time from
+sending ``publish`` to the delivery at the last node.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from typing import Any, Callable
+
+TOPIC = "foxbench"
+
+
+def _connect(url: str, **kw: Any) -> Any:
+    """websockets.connect, never through a proxy (every URL here is 127.0.0.1)."""
+    import websockets
+
+    return websockets.connect(url, proxy=None, **kw)
+
+
+async def _call(ws: Any, op: str, args: Any = None, rid: str = "1", timeout: float = 10.0) -> dict:
+    req: dict[str, Any] = {"op": op, "id": rid}
+    if args is not None:
+        req["args"] = args
+    await ws.send(json.dumps(req))
+    end = time.monotonic() + timeout
+    while True:
+        raw = await asyncio.wait_for(ws.recv(), max(0.01, end - time.monotonic()))
+        msg = json.loads(raw)
+        if isinstance(msg, dict) and "status" in msg and msg.get("id") == rid:
+            return msg
+
+
+async def probe_publish(url: str) -> dict:
+    """Ask one node to ``publish``; says whether the op exists."""
+    async with _connect(url, open_timeout=10, close_timeout=2) as ws:
+        reply = await _call(ws, "publish", {"topic": TOPIC, "payload": {"probe": True}}, rid="probe")
+    return reply
+
+
+def predecessors(n: int, topology: str, seed: int = 6) -> list[int | None]:
+    rng = random.Random(seed)
+    out: list[int | None] = [None]
+    for i in range(1, n):
+        out.append(i - 1 if topology == "chain" else rng.randrange(i))
+    return out
+
+
+async def wait_connected(urls: list[str], preds: list[int | None], timeout: float) -> dict:
+    """Until every node i > 0 has its outbound connection up (``info``'s
+    ``connected``), bounded by ``timeout``."""
+    end = time.monotonic() + timeout
+    pending = set(range(len(urls)))
+    degrees: dict[int, int] = {}
+    while pending and time.monotonic() < end:
+        for i in sorted(pending):
+            try:
+                async with _connect(urls[i], open_timeout=5, close_timeout=1) as ws:
+                    reply = await _call(ws, "info", rid="info", timeout=5)
+            except (OSError, asyncio.TimeoutError, Exception):
+                continue
+            connected = (reply.get("response") or {}).get("connected") or []
+            degrees[i] = len(connected)
+            if len(urls) == 1 or connected:
+                pending.discard(i)
+        if pending:
+            await asyncio.sleep(0.3)
+    return {"all_connected": not pending, "unconnected": sorted(pending),
+            "mean_degree": (sum(degrees.values()) / len(degrees)) if degrees else 0.0}
+
+
+async def measure(urls: list[str], messages: int, per_message_timeout: float, seed: int = 6) -> dict:
+    n = len(urls)
+    rng = random.Random(seed)
+    deliveries: dict[int, list[tuple[int, float]]] = {}  # bench seq -> [(node, t)]
+    socks = []
+    try:
+        for i, url in enumerate(urls):
+            ws = await _connect(url, open_timeout=10, close_timeout=1, max_size=1 << 20)
+            socks.append(ws)
+            reply = await _call(ws, "subscribe", {"topics": [TOPIC]}, rid=f"sub{i}")
+            if reply.get("status") != 200:
+                return {"available": False, "reason": f"subscribe answered {reply.get('status')}: {reply.get('error')}"}
+
+        async def reader(i: int, ws: Any) -> None:
+            try:
+                async for raw in ws:
+                    msg = json.loads(raw)
+                    if isinstance(msg, dict) and msg.get("event") == "message" and msg.get("topic") == TOPIC:
+                        payload = msg.get("payload")
+                        if isinstance(payload, dict) and "bench_seq" in payload:
+                            deliveries.setdefault(payload["bench_seq"], []).append((i, time.monotonic()))
+            except Exception:
+                return
+
+        readers = [asyncio.ensure_future(reader(i, ws)) for i, ws in enumerate(socks)]
+        publisher_socks = {}
+        per_msg = []
+        for seq in range(messages):
+            origin = rng.randrange(n)
+            if origin not in publisher_socks:
+                publisher_socks[origin] = await _connect(urls[origin], open_timeout=10, close_timeout=1)
+            pws = publisher_socks[origin]
+            t0 = time.monotonic()
+            reply = await _call(pws, "publish", {"topic": TOPIC, "payload": {"bench_seq": seq, "t": time.time()}},
+                                rid=f"pub{seq}")
+            if reply.get("status") == 404:
+                return {"available": False, "reason": f"publish answered 404: {reply.get('error')}"}
+            # until every node has it, or the time limit, or no new delivery
+            # for ``quiet`` seconds (a node cut off would cost the full limit)
+            end = t0 + per_message_timeout
+            quiet = min(2.0, per_message_timeout)
+            while time.monotonic() < end:
+                got = deliveries.get(seq, [])
+                if len({i for i, _ in got}) >= n:
+                    break
+                if got and time.monotonic() - max(t for _, t in got) > quiet:
+                    break
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.2)  # late duplicates
+            got = deliveries.get(seq, [])
+            nodes = {i for i, _ in got}
+            times = sorted(t for _, t in got)
+            per_msg.append({
+                "seq": seq, "origin": origin, "publish_status": reply.get("status"),
+                "delivered_nodes": len(nodes), "deliveries": len(got), "duplicates": len(got) - len(nodes),
+                "missing_nodes": sorted(set(range(n)) - nodes),
+                "time_to_last_ms": round((times[-1] - t0) * 1000, 2) if len(nodes) == n else None,
+                "time_to_last_delivered_ms": round((times[-1] - t0) * 1000, 2) if times else None,
+                "time_to_median_ms": round((times[len(times) // 2] - t0) * 1000, 2) if times else None,
+            })
+        for r in readers:
+            r.cancel()
+        for ws in publisher_socks.values():
+            await ws.close()
+    finally:
+        for ws in socks:
+            try:
+                await ws.close()
+            except Exception:
+                pass
+    complete = [m for m in per_msg if m["time_to_last_ms"] is not None]
+    lasts = sorted(m["time_to_last_ms"] for m in complete)
+    delivered_lasts = sorted(m["time_to_last_delivered_ms"] for m in per_msg if m["time_to_last_delivered_ms"] is not None)
+    medians = sorted(m["time_to_median_ms"] for m in per_msg if m["time_to_median_ms"] is not None)
+    never = sorted(set.intersection(*(set(m["missing_nodes"]) for m in per_msg))) if per_msg else []
+    return {
+        "available": True,
+        "nodes": n,
+        "messages": messages,
+        "expected_deliveries": n * messages,
+        "deliveries": sum(m["deliveries"] for m in per_msg),
+        "delivered_fraction": sum(m["delivered_nodes"] for m in per_msg) / float(n * messages) if messages else None,
+        "duplicates": sum(m["duplicates"] for m in per_msg),
+        "fully_delivered_messages": len(complete),
+        "time_to_last_node_ms_median": lasts[len(lasts) // 2] if lasts else None,
+        "time_to_last_node_ms_max": lasts[-1] if lasts else None,
+        "time_to_last_delivered_ms_median": delivered_lasts[len(delivered_lasts) // 2] if delivered_lasts else None,
+        "time_to_half_ms_median": medians[len(medians) // 2] if medians else None,
+        "nodes_never_reached": never,
+        "per_message": per_msg,
+    }
+
+
+def run_gossip(start_node: Callable[..., Any], stop_all: Callable[[list], None], nodes: int, messages: int,
+               topology: str = "random-tree", connect_timeout: float = 60.0, per_message_timeout: float = 10.0,
+               log: Callable[[str], None] = print) -> dict:
+    """``start_node(peer_url or None) -> server`` starts one foxnode and
+    returns an object with ``.url`` (its ws:// address on 127.0.0.1);
+    ``stop_all(servers)`` stops them."""
+    servers: list = []
+    try:
+        probe = start_node(None)
+        servers.append(probe)
+        try:
+            reply = asyncio.run(probe_publish(probe.url))
+        except Exception as e:
+            return {"available": False, "reason": f"publish probe failed: {type(e).__name__}: {e}"}
+        if reply.get("status") == 404:
+            return {"available": False, "reason": f"publish answered 404: {reply.get('error')}"}
+        stop_all(servers)
+        servers = []
+        preds = predecessors(nodes, topology)
+        t_start = time.monotonic()
+        for i in range(nodes):
+            peer = servers[preds[i]].url if preds[i] is not None else None
+            servers.append(start_node(peer))
+        started_s = time.monotonic() - t_start
+        log(f"  gossip: {nodes} nodes up in {started_s:.1f}s, waiting for their connections")
+        conn = asyncio.run(wait_connected([s.url for s in servers], preds, connect_timeout))
+        if not conn["all_connected"]:
+            log(f"  gossip: nodes without a peer connection after {connect_timeout:.0f}s: {conn['unconnected']} "
+                f"(their --peer: {[preds[i] for i in conn['unconnected']]})")
+        result = asyncio.run(measure([s.url for s in servers], messages, per_message_timeout))
+        result.update({"topology": topology, "startup_s": round(started_s, 2), "connectivity": conn})
+        return result
+    finally:
+        stop_all(servers)

