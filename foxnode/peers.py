@@ -309,6 +309,8 @@ class PeerManager:
     def _hello_answered(self, reply: codec.Reply, proto: Any, addr: str, nonce: str) -> Any:
         if not reply.ok():
             refusal = _refusal_from(reply)
+            if refusal.code == TOO_MANY_PEERS and isinstance(reply.response, dict):
+                self._learn(proto, reply.response.get("peers"), "a full peer")
             proto.close(CLOSE_CODES.get(refusal.code, CLOSE_NORMAL), refusal.code)
             raise refusal
         try:
@@ -378,8 +380,12 @@ class PeerManager:
             self.node.metrics.disconnects.labels(refusal.code).inc()
             # Close after the reply has gone out.
             self.reactor.callLater(0, conn.close, CLOSE_CODES[refusal.code], refusal.code)
-            return codec.Reply(403 if refusal.code != TOO_MANY_PEERS else 503,
-                               refusal.text, refusal.reason())
+            reason = refusal.reason()
+            if refusal.code == TOO_MANY_PEERS:
+                # Turned away, a node whose only bootstrap we are would know
+                # no one: tell it where else to go.
+                reason["peers"] = self.sample_for(conn)
+            return codec.Reply(403 if refusal.code != TOO_MANY_PEERS else 503, refusal.text, reason)
         response = self._hello_args("")
         del response["nonce"]
         response["signature"] = self.node.identity.sign(
@@ -544,10 +550,13 @@ class PeerManager:
     def _exchanged(self, reply: codec.Reply, conn: Any) -> None:
         if not reply.ok() or not isinstance(reply.response, dict):
             return
-        conn.fox_state["neighbours"] = [
-            n for n in reply.response.get("connected", [])[:256] if identity.is_node_id(n)
-        ]
-        offered = reply.response.get("peers")
+        connected = reply.response.get("connected")
+        if isinstance(connected, list):
+            conn.fox_state["neighbours"] = [n for n in connected[:256] if identity.is_node_id(n)]
+        self._learn(conn, reply.response.get("peers"), conn.node_id[:12])
+
+    def _learn(self, conn: Any, offered: Any, who: str) -> None:
+        """Take a bounded number of addresses offered by another node."""
         if not isinstance(offered, list):
             return
         store = self.node.store
@@ -565,7 +574,7 @@ class PeerManager:
             learned.append(parsed.url)
         if learned:
             result = store.add(learned, EXCHANGE, durable=False)
-            log.info("learned {n} addresses from {peer}", n=len(result.accepted), peer=conn.node_id[:12])
+            log.info("learned {n} addresses from {peer}", n=len(result.accepted), peer=who)
             self.tick_soon()
 
     def _exchange_round(self) -> None:

@@ -268,3 +268,25 @@ async def test_loopback_addresses_are_not_handed_to_remote_peers(reactor, tmp_pa
         assert peers._shareable_from(_Stub("127.0.0.1"), "ws://127.0.0.9:9000/ws")
     finally:
         await a.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_turned_away_by_a_full_bootstrap_learns_where_else_to_go(reactor, tmp_path):
+    from foxnode.peers import TOO_MANY_PEERS
+
+    full = await start_node(reactor, tmp_path / "full", "--max-inbound", "1")
+    first = await start_node(reactor, tmp_path / "first", "--peer", full.url)
+    late = None
+    try:
+        await wait_for(reactor, lambda: full.node.live_peers(), what="the bootstrap's one inbound peer")
+        late = await start_node(reactor, tmp_path / "late", "--peer", full.url)
+        # Refused by its only bootstrap, it still finds the network through
+        # the addresses that came with the refusal.
+        await wait_for(reactor, lambda: late.node.live_peers(), timeout=15,
+                       what="the late node to connect somewhere")
+        assert late.node.store.get(full.url).last_error == TOO_MANY_PEERS
+        assert {p["node_id"] for p in late.node.live_peers()} == {first.node.node_id}
+    finally:
+        for n in (late, first, full):
+            if n is not None:
+                await n.stop()
