@@ -9,9 +9,8 @@ and nowhere else.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
-import attrs
 import orjson
 
 # Statuses and texts of the lab's node; clients compare them verbatim.
@@ -31,18 +30,18 @@ class CodecError(Exception):
         self.reply = reply
 
 
-@attrs.frozen
-class Request:
+# Plain named tuples, not attrs classes: one of each is made per message,
+# and a tuple is the cheapest immutable object Python builds.
+
+class Request(NamedTuple):
     op: str
     args: Any = None
     id: str | int | float | None = None
-    #: True when the frame carried an ``id`` key (even ``null`` is not echoed,
-    #: since PROTOCOL.md only echoes strings and numbers).
+    #: True when the frame carried an ``id`` to echo (a string or a number).
     has_id: bool = False
 
 
-@attrs.frozen
-class Reply:
+class Reply(NamedTuple):
     status: int
     error: str
     response: Any = None
@@ -51,16 +50,14 @@ class Reply:
         return 200 <= self.status < 300
 
 
-@attrs.frozen
-class Response:
+class Response(NamedTuple):
     """A reply as received by the side that sent the request."""
 
     reply: Reply
     id: Any = None
 
 
-@attrs.frozen
-class Event:
+class Event(NamedTuple):
     """A frame the other side pushed: ``{"event": name, ...}``."""
 
     name: str
@@ -147,7 +144,9 @@ def decode(payload: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> Request | Resp
     message = loads(payload)
     if not isinstance(message, dict):
         raise CodecError(BODY_ERROR)
-    if _too_deep(message, max_depth):
+    # Counting brackets is C-speed and bounds the depth from above, so the
+    # walk runs only for the rare message that could be too deep.
+    if payload.count(b"[") + payload.count(b"{") > max_depth and _too_deep(message, max_depth):
         raise CodecError(Reply(400, f"Message nests deeper than {max_depth} levels."))
     op = message.get("op")
     if isinstance(op, str):
@@ -178,7 +177,14 @@ def request_id_of(payload: bytes) -> tuple[bool, Any]:
 
 # -- encoding ----------------------------------------------------------------
 
+_OK_PREFIX = b'{"status":200,"error":"OK","response":'
+
+
 def encode_reply(reply: Reply, has_id: bool = False, rid: Any = None) -> bytes:
+    if reply.status == 200 and reply.error == "OK":
+        # The common reply: its fixed head is spliced, not serialized.
+        head = _OK_PREFIX + orjson.dumps(reply.response)
+        return head + (b',"id":' + orjson.dumps(rid) + b"}" if has_id else b"}")
     body: dict[str, Any] = {"status": reply.status, "error": reply.error, "response": reply.response}
     if has_id:
         body["id"] = rid

@@ -13,7 +13,7 @@ class TokenBucket:
     tests drive it with ``twisted.internet.task.Clock``.
     """
 
-    __slots__ = ("rate", "burst", "_tokens", "_at", "_clock")
+    __slots__ = ("rate", "burst", "_tokens", "_at", "_clock", "refused")
 
     def __init__(self, rate: float, burst: float, clock: Callable[[], float]) -> None:
         self.rate = rate
@@ -21,6 +21,8 @@ class TokenBucket:
         self._clock = clock
         self._tokens = float(burst)
         self._at = clock()
+        #: refusals since the last success
+        self.refused = 0
 
     def take(self, cost: float = 1.0) -> bool:
         """Spend ``cost`` tokens if there are enough; False means over the limit."""
@@ -29,8 +31,10 @@ class TokenBucket:
         self._at = now
         if tokens >= cost:
             self._tokens = tokens - cost
+            self.refused = 0
             return True
         self._tokens = tokens
+        self.refused += 1
         return False
 
     def retry_after(self, cost: float = 1.0) -> float:

@@ -6,9 +6,11 @@ devnet) never mix their figures; ``/metrics`` exposes that registry.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 #: Ops counted under their own label; anything else is "other", so a client
 #: inventing op names cannot grow the label set without bound.
@@ -20,15 +22,15 @@ KNOWN_OPS = frozenset({
 
 class NodeMetrics:
     def __init__(self) -> None:
-        self._request_children: dict[tuple[str, int], Counter] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.connections = Gauge(
             "foxnode_connections", "Open WebSocket connections",
             ["kind"], registry=r)
-        self.requests = Counter(
-            "foxnode_requests", "Requests answered, by op and status",
-            ["op", "status"], registry=r)
+        #: requests answered, by (op, status): plain ints on the hot path,
+        #: turned into a Prometheus counter family only when scraped
+        self.request_counts: dict[tuple[str, int], int] = {}
+        r.register(_RequestsCollector(self.request_counts))
         self.bad_messages = Counter(
             "foxnode_bad_messages", "Messages that were not valid requests", registry=r)
         self.store_size = Gauge(
@@ -59,13 +61,23 @@ class NodeMetrics:
             "foxnode_rate_limited", "Requests refused by a rate limit", registry=r)
 
     def count_request(self, op: str, status: int) -> None:
-        # Called for every request: keep the labelled child, not the lookup.
-        key = (op, status)
-        child = self._request_children.get(key)
-        if child is None:
-            child = self._request_children[key] = self.requests.labels(
-                op if op in KNOWN_OPS else "other", str(status))
-        child.inc()
+        key = (op if op in KNOWN_OPS else "other", status)
+        counts = self.request_counts
+        counts[key] = counts.get(key, 0) + 1
 
     def watch_store(self, size: Callable[[], int]) -> None:
         self.store_size.set_function(size)
+
+
+class _RequestsCollector(Collector):
+    """``foxnode_requests_total{op, status}`` from the node's plain counts."""
+
+    def __init__(self, counts: dict[tuple[str, int], int]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("foxnode_requests", "Requests answered, by op and status",
+                                     labels=["op", "status"])
+        for (op, status), n in sorted(self._counts.items()):
+            family.add_metric([op, str(status)], n)
+        yield family

@@ -78,6 +78,7 @@ class Node:
         self.peers: Any = None
         self.gossip: Any = None
         self._peers_cache: tuple[int, Any] = (-1, None)
+        self._zone, self._zone_until = "", 0.0
         self._ops: dict[str, Op] = {
             "register": self.op_register,
             "peers": self.op_peers,
@@ -118,6 +119,7 @@ class Node:
     # -- ConnectionHandler -------------------------------------------------------
 
     def connection_opened(self, conn: Any) -> None:
+        conn.rate_bucket = TokenBucket(self.config.rate, self.config.burst, self.reactor.seconds)
         self.connections.add(conn)
         self.metrics.connections.labels(conn.direction).inc()
         if conn.direction == "in":
@@ -144,18 +146,11 @@ class Node:
         """Charge one incoming message (any message, well-formed or not) to
         the connection's rate; the reply to send instead when over it.
         Peers, which proved their identity, are bounded by the peer limits."""
-        if conn.node_id is not None:
-            return None
-        bucket = conn.fox_state.get("rate")
-        if bucket is None:
-            bucket = conn.fox_state["rate"] = TokenBucket(
-                self.config.rate, self.config.burst, self.reactor.seconds)
-        if bucket.take():
-            conn.fox_state["refused"] = 0
+        bucket = conn.rate_bucket
+        if bucket is None or conn.node_id is not None or bucket.take():
             return None
         self.metrics.rate_limited.inc()
-        refused = conn.fox_state["refused"] = conn.fox_state.get("refused", 0) + 1
-        if refused > self.config.burst:
+        if bucket.refused > self.config.burst:
             # Kept sending while told to slow down: not a client that listens.
             log.info("{conn}: closing, ignored the rate limit", conn=conn.describe())
             conn.close(CLOSE_RATE_LIMIT, "request rate limit ignored")
@@ -251,7 +246,11 @@ class Node:
         return codec.ok(cached)
 
     def op_time(self, conn: Any, args: Any) -> codec.Reply:
-        return codec.ok({"time": time.time(), "time_zone": time.strftime("%Z")})
+        now = time.time()
+        if now >= self._zone_until:
+            # The zone's name changes at most at a second's turn (DST).
+            self._zone, self._zone_until = time.strftime("%Z"), int(now) + 1
+        return codec.ok({"time": now, "time_zone": self._zone})
 
     def op_info(self, conn: Any, args: Any) -> codec.Reply:
         info = self.info(conn)

@@ -75,6 +75,8 @@ class FoxConnection:
     node_id: str | None = None
     #: The address other nodes dial to reach the remote (peers only).
     peer_addr: str | None = None
+    #: The handler's rate limit for this connection (a TokenBucket), if any.
+    rate_bucket: Any = None
 
     def _fox_init(self) -> None:
         self._pending: dict[str, Deferred] = {}
