@@ -79,8 +79,8 @@ class Listener:
     def connection_opened(self, conn: FoxClientProtocol) -> None:
         pass
 
-    def check_rate(self, conn: FoxClientProtocol) -> None:
-        return None
+    def rate_refused(self, conn: FoxClientProtocol, bucket: Any) -> codec.Reply:
+        return codec.too_many("Too many messages.")  # unused: a client sets no rate
 
     def message_refused(self, conn: FoxClientProtocol, reply: codec.Reply) -> None:
         pass

@@ -142,13 +142,10 @@ class Node:
         conn.fox_state["counted_ip"] = host
         return None
 
-    def check_rate(self, conn: Any) -> codec.Reply | None:
-        """Charge one incoming message (any message, well-formed or not) to
-        the connection's rate; the reply to send instead when over it.
-        Peers, which proved their identity, are bounded by the peer limits."""
-        bucket = conn.rate_bucket
-        if bucket is None or conn.node_id is not None or bucket.take():
-            return None
+    def rate_refused(self, conn: Any, bucket: TokenBucket) -> codec.Reply:
+        """The reply to a message over the connection's rate (the bucket
+        set in ``connection_opened``, which the protocol charges for every
+        message, well-formed or not); closes a connection that keeps going."""
         self.metrics.rate_limited.inc()
         if bucket.refused > self.config.burst:
             # Kept sending while told to slow down: not a client that listens.

@@ -54,7 +54,7 @@ class ConnectionHandler(TypingProtocol):
 
     def handle_event(self, conn: "FoxConnection", event: codec.Event) -> None: ...
 
-    def check_rate(self, conn: "FoxConnection") -> codec.Reply | None: ...
+    def rate_refused(self, conn: "FoxConnection", bucket: Any) -> codec.Reply: ...
 
     def message_refused(self, conn: "FoxConnection", reply: codec.Reply) -> None: ...
 
@@ -236,9 +236,11 @@ class FoxConnection:
                 d.callback(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        refused = self.handler.check_rate(self)
-        if refused is not None:
-            self._queue_reply(refused, *codec.request_id_of(payload))
+        # Every message is charged to the rate the handler set for this
+        # connection (peers, once they said hello, are not rate-limited).
+        bucket = self.rate_bucket
+        if bucket is not None and self.node_id is None and not bucket.take():
+            self._queue_reply(self.handler.rate_refused(self, bucket), *codec.request_id_of(payload))
             return
         try:
             message = codec.decode(payload, self.factory.max_depth)
@@ -247,12 +249,18 @@ class FoxConnection:
             self.handler.message_refused(self, e.reply)
             self._queue_reply(e.reply, has_id, rid)
             return
-        if isinstance(message, codec.Request):
+        if type(message) is codec.Request:
             try:
                 result = self.handler.handle_request(self, message)
             except Exception:
                 self._log.failure("op {op} failed for {conn}", op=message.op, conn=self.describe())
                 result = INTERNAL_ERROR
+            if (type(result) is codec.Reply and not self._replies and not self._backlog
+                    and not self._paused and self.state == self.STATE_OPEN):
+                # The common case, taken without detours: an immediate
+                # reply, nothing ahead of it, a reader keeping up.
+                self.sendMessage(codec.encode_reply(result, message.has_id, message.id))
+                return
             self._queue_reply(result, message.has_id, message.id)
         elif self.direction == "in" and self.node_id is None:
             # A plain client sent a reply- or event-shaped body: the lab's
