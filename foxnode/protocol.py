@@ -122,7 +122,7 @@ class FoxConnection:
         while self._backlog and not self._paused and self.can_send():
             frame = self._backlog.popleft()
             self._backlog_bytes -= len(frame)
-            self.sendMessage(frame, isBinary=False)
+            self._send_text(frame)
 
     def stopProducing(self) -> None:
         self._backlog.clear()
@@ -187,6 +187,9 @@ class FoxConnection:
         self._pending.pop(rid, None)
         return failure
 
+    def _send_text(self, payload: bytes) -> None:
+        self.sendMessage(payload, isBinary=False)
+
     def can_send(self) -> bool:
         # Autobahn's own state: a closing connection refuses new messages.
         return self.fox_open and self.state == self.STATE_OPEN
@@ -198,7 +201,7 @@ class FoxConnection:
         if not self.can_send():
             return False
         if not self._paused and not self._backlog:
-            self.sendMessage(frame, isBinary=False)
+            self._send_text(frame)
             return True
         if self._backlog_bytes + len(frame) > self.factory.send_queue:
             if droppable:
@@ -259,7 +262,7 @@ class FoxConnection:
                     and not self._paused and self.state == self.STATE_OPEN):
                 # The common case, taken without detours: an immediate
                 # reply, nothing ahead of it, a reader keeping up.
-                self.sendMessage(codec.encode_reply(result, message.has_id, message.id))
+                self._send_text(codec.encode_reply(result, message.has_id, message.id))
                 return
             self._queue_reply(result, message.has_id, message.id)
         elif self.direction == "in" and self.node_id is None:
@@ -325,6 +328,25 @@ class FoxConnection:
 
 class FoxServerProtocol(FoxConnection, WebSocketServerProtocol):
     direction = "in"
+
+    def _send_text(self, payload: bytes) -> None:
+        # A server's text frame is a fixed header and the payload as is
+        # (RFC 6455 5.2: FIN and opcode 1, the length, no mask). Autobahn's
+        # general sendMessage costs more per reply than everything the node
+        # does for a "time" request, so frames are written here while the
+        # connection is plainly open (no compression is ever negotiated, see
+        # FoxServerFactory); everything else stays Autobahn's.
+        if self.state != self.STATE_OPEN or self._perMessageCompress is not None:
+            self.sendMessage(payload, isBinary=False)
+            return
+        n = len(payload)
+        if n < 126:
+            header = bytes((0x81, n))
+        elif n < 0x10000:
+            header = b"\x81\x7e" + n.to_bytes(2, "big")
+        else:
+            header = b"\x81\x7f" + n.to_bytes(8, "big")
+        self.transport.write(header + payload)
 
     def connectionMade(self) -> None:
         self._fox_init()
