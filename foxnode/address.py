@@ -53,6 +53,7 @@ def is_loopback_host(host: str) -> bool:
 # junk after "]", several colons) is refused before the parts are read.
 _AUTHORITY = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[^\[\]:@/?#]+)(?::(?P<port>[^:]*))?$")
 _NUMERIC_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
+_UNPRINTABLE = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
 def _check_host(host: str) -> str:
@@ -83,7 +84,7 @@ def parse(url: object) -> PeerAddress:
         raise InvalidAddress(f"longer than {MAX_ADDRESS_LENGTH} characters")
     if not url.startswith(("ws://", "wss://")):
         raise InvalidAddress("not a ws:// or wss:// URL")
-    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+    if _UNPRINTABLE.search(url):
         raise InvalidAddress("contains whitespace or control characters")
     if "#" in url:
         raise InvalidAddress("a fragment is not allowed")
@@ -98,7 +99,7 @@ def parse(url: object) -> PeerAddress:
     authority = _AUTHORITY.match(parts.netloc)
     if authority is None:
         raise InvalidAddress("malformed host or port")
-    host = _check_host(authority["host"])
+    host = _check_host(authority["host"]).lower()  # names are case-insensitive
     secure = parts.scheme == "wss"
     port_text = authority["port"]
     if port_text is None:

@@ -37,6 +37,11 @@ class TokenBucket:
         self.refused += 1
         return False
 
+    def ready(self, cost: float = 1.0) -> bool:
+        """Whether ``take(cost)`` would succeed now, without taking."""
+        elapsed = self._clock() - self._at
+        return min(self.burst, self._tokens + elapsed * self.rate) >= cost
+
     def retry_after(self, cost: float = 1.0) -> float:
         """Seconds until ``cost`` tokens will be there."""
         missing = cost - self._tokens

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import attrs
 import orjson
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from foxnode import PROTOCOL_VERSION, __version__, address, codec, logs
 from foxnode.identity import Identity
@@ -224,15 +225,14 @@ class Node:
             for notify in self.on_new_addresses:
                 notify(result.accepted)
 
-        def written(_: Any) -> codec.Reply:
-            return codec.accepted(response)
-
-        def failed(failure: Any) -> codec.Reply:
-            failure.trap(StoreWriteError)
-            return codec.unavailable(f"Peer store unavailable ({failure.value}); "
+        def settled(outcome: Any) -> Any:
+            if not isinstance(outcome, Failure):
+                return codec.accepted(response)
+            outcome.trap(StoreWriteError)
+            return codec.unavailable(f"Peer store unavailable ({outcome.value}); "
                                      "nothing was registered. Try again later.")
 
-        return result.durable.addCallbacks(written, failed)
+        return result.durable.addBoth(settled)
 
     def op_peers(self, conn: Any, args: Any) -> codec.Reply:
         generation, cached = self._peers_cache

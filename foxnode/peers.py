@@ -29,6 +29,7 @@ exactly one connection, never zero.
 
 from __future__ import annotations
 
+import heapq
 import os
 import random
 import time
@@ -201,8 +202,8 @@ class PeerManager:
 
     # -- dialing ---------------------------------------------------------------------
 
-    def candidates(self, now: float) -> list[Any]:
-        """Addresses worth dialing now, best first."""
+    def candidates(self, now: float, limit: int | None = None) -> list[Any]:
+        """Addresses worth dialing now, best first (the best ``limit``)."""
         connected_ids = set(self.peers)
         connected_addrs = self._connected_addresses()
         wall = time.time()
@@ -220,8 +221,12 @@ class PeerManager:
                 continue
             out.append(r)
         # Bootstrap and proven addresses first, then the least failing.
-        out.sort(key=lambda r: (r.source != "bootstrap" and not r.verified, r.failures, random.random()))
-        return out
+        def rank(r: Any) -> tuple:
+            return (r.source != "bootstrap" and not r.verified, r.failures, random.random())
+
+        if limit is not None:
+            return heapq.nsmallest(limit, out, key=rank)
+        return sorted(out, key=rank)
 
     def _expired(self, record: Any, wall: float) -> bool:
         if record.failures == 0 or record.source == "bootstrap":
@@ -234,9 +239,11 @@ class PeerManager:
             return
         now = self.reactor.seconds()
         free = self.config.max_outbound - self.outbound() - len(self.dialing)
-        if free <= 0 or len(self.dialing) >= self.config.max_dialing:
-            return  # before scanning the store: a register flood ticks often
-        for record in self.candidates(now):
+        if free <= 0 or len(self.dialing) >= self.config.max_dialing or not self._dial_tokens.ready():
+            # Decided before scanning the store: a register flood ticks
+            # often, and the periodic tick comes back for what waits.
+            return
+        for record in self.candidates(now, limit=min(free, self.config.max_dialing)):
             if free <= 0 or len(self.dialing) >= self.config.max_dialing or not self._dial_tokens.take():
                 break
             try:

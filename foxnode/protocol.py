@@ -25,7 +25,7 @@ from autobahn.twisted.websocket import (
     WebSocketServerProtocol,
 )
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout, maybeDeferred
+from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
 from foxnode import logs
 from twisted.python.failure import Failure
 
@@ -288,15 +288,15 @@ class FoxConnection:
             return
         slot = [None]
         self._replies.append(slot)
-        d = maybeDeferred(lambda: result)
-        d.addErrback(self._internal_error)
-        d.addCallback(self._reply_ready, slot, has_id, rid)
+        if isinstance(result, Deferred):
+            result.addBoth(self._reply_ready, slot, has_id, rid)
+        else:
+            self._reply_ready(result, slot, has_id, rid)
 
-    def _internal_error(self, failure: Failure) -> codec.Reply:
-        self._log.failure("request failed for {conn}", failure, conn=self.describe())
-        return INTERNAL_ERROR
-
-    def _reply_ready(self, reply: codec.Reply, slot: list, has_id: bool, rid: Any) -> None:
+    def _reply_ready(self, reply: Any, slot: list, has_id: bool, rid: Any) -> None:
+        if isinstance(reply, Failure):
+            self._log.failure("request failed for {conn}", reply, conn=self.describe())
+            reply = INTERNAL_ERROR
         slot[0] = codec.encode_reply(reply, has_id, rid)
         while self._replies and self._replies[0][0] is not None:
             self.send_frame(self._replies.popleft()[0])
