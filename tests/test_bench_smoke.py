@@ -2,8 +2,13 @@
 end and writes a result file with every figure. No timing is asserted:
 the numbers of a shared 2-core machine are for the table, not for CI.
 
+The report path too: with matplotlib installed the run is ``--quick
+--report`` into the temp dir (plot and BENCHMARKS.rst checked); without
+it, ``bench/report.py --no-plot`` renders the report from the result.
+Nothing is written into the repository.
+
 Skipped (with the reason) only when the bench requirements
-(bench/requirements.txt) are not importable here.
+(bench/requirements.txt, matplotlib aside) are not importable here.
 """
 import importlib
 import json
@@ -15,6 +20,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "bench", "run.py")
+REPORT = os.path.join(ROOT, "bench", "report.py")
 
 FIGURES = [
     "1a_time_rps_foxnode_vs_bare",
@@ -25,6 +31,22 @@ FIGURES = [
     "5_mem_per_idle_conn_foxnode_vs_bare",
     "6_gossip",
 ]
+
+
+def _importable(mod):
+    try:
+        importlib.import_module(mod)
+    except ImportError:
+        return False
+    return True
+
+
+def _bench_module(name):
+    """bench/NAME.py, imported by path (bench/ is not a package)."""
+    bench = os.path.join(ROOT, "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module(name)
 
 
 def _missing_requirements():
@@ -44,9 +66,14 @@ def test_bench_quick_writes_every_figure(tmp_path):
         pytest.skip("bench requirements not importable (pip install -r bench/requirements.txt): "
                     + ", ".join(missing))
     out = tmp_path / "result.json"
+    rst = tmp_path / "BENCHMARKS.rst"
+    png = tmp_path / "gossip-propagation.png"
+    plotting = _importable("matplotlib")
+    cmd = [sys.executable, RUN, "--quick", "--out", str(out)]
+    if plotting:
+        cmd += ["--report", "--report-rst", str(rst), "--report-png", str(png)]
     proc = subprocess.run(
-        [sys.executable, RUN, "--quick", "--out", str(out)],
-        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         timeout=170,
     )
     output = proc.stdout.decode("utf-8", "replace")
@@ -65,4 +92,82 @@ def test_bench_quick_writes_every_figure(tmp_path):
     assert "available" in gossip, gossip
     if not gossip["available"]:
         assert gossip["reason"]
+    else:
+        assert gossip["copies_per_node_per_message"] is not None, gossip
+        assert gossip["time_to_last_node_ms_p99"] is not None, gossip
+    machine = result["meta"]["machine"]
+    assert machine["cpus"] and "uses" in machine["nvx"], machine
     assert proc.returncode == 0, output
+
+    if plotting:
+        # --quick --report: the sweep ran at 3 and 5 nodes
+        assert [r["nodes"] for r in gossip.get("sizes", [])] == [3, 5], gossip.get("sizes")
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", output
+    else:
+        rendered = subprocess.run(
+            [sys.executable, REPORT, "--result", str(out), "--out", str(rst), "--png", str(png), "--no-plot"],
+            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+        assert rendered.returncode == 0, rendered.stdout.decode("utf-8", "replace")
+    text = rst.read_text()
+    for key in FIGURES:
+        assert key in text, f"{key} not in the report:\n{text}"
+    for section in ("Machine", "How to reproduce", "Where the time goes", "QUICK run"):
+        assert section in text, f"{section!r} not in the report:\n{text}"
+    assert f".. image:: {png.name}" in text, text
+    problems = _bench_module("report").check_rst(text)
+    assert not problems, problems  # None: docutils not installed, not checked
+
+
+def _synthetic_result():
+    def fig(a, b, ratio, unit="req/s", better="higher", noisy=False):
+        return {"a": a, "b": b, "metric": "m", "unit": unit, "better": better, "a_median": 100.0 * ratio,
+                "b_median": 100.0, "ratio_median": ratio, "ratios": [ratio], "pairs": 1, "noisy": noisy,
+                "other_cpu_max": 0.5 if noisy else 0.0, "a_runs": [{"rps": 100.0 * ratio}],
+                "b_runs": [{"rps": 100.0}], "note": "a note with *stars* and `ticks`"}
+
+    sizes = [{"available": True, "nodes": n, "messages": 10, "delivered_fraction": 1.0,
+              "expected_deliveries": 10 * n, "copies_per_node_per_message": c,
+              "copies_per_message_max_node": c + 0.5, "time_to_last_node_ms_p50": 2.0 * n,
+              "time_to_last_node_ms_p99": 3.0 * n, "time_to_last_node_ms_max": 3.5 * n,
+              "fully_delivered_messages": 10, "per_message": [{"delivered_nodes": n}] * 10,
+              "connectivity": {"mean_degree": 2.0, "unconnected": []}}
+             for n, c in ((10, 1.1), (50, 1.7))]
+    return {
+        "figures": {
+            "1a_time_rps_foxnode_vs_bare": fig("foxnode", "bare", 0.95),
+            "1b_time_rps_foxnode_vs_labnode": fig("foxnode", "labnode", 1.5),
+            "2_peers1000_rps_foxnode_vs_labnode": fig("foxnode", "labnode", 6.0, noisy=True),
+            "3_register_rps_foxnode_vs_labnode": {"skipped": True, "reason": "failed: RuntimeError: [boom]_"},
+            "4_time_p99_same_load_foxnode_vs_bare": fig("foxnode", "bare", 1.2, unit="ms", better="lower"),
+            "5_mem_per_idle_conn_foxnode_vs_bare": fig("foxnode", "bare", 1.4, unit="KiB", better="lower"),
+            "6_gossip": dict(sizes[1], sizes=sizes),
+        },
+        "errors": {"3": "RuntimeError: [boom]_"},
+        "meta": {"quick": False, "report": True, "settings": {"stored_peers": 1000, "mem_connections": 5000},
+                 "command": "python bench/run.py --report", "finished": "2026-01-02T03:04:05+0000"},
+    }
+
+
+def test_report_goals_from_a_result(tmp_path):
+    """report.py's verdicts from a made-up result: no process, no timing."""
+    report = _bench_module("report")
+    rows, verdicts = report.goal_rows(_synthetic_result())
+    met = {v["key"]: v["met"] for v in verdicts}
+    assert met == {
+        "1a_time_rps_foxnode_vs_bare": True, "1b_time_rps_foxnode_vs_labnode": False,
+        "2_peers1000_rps_foxnode_vs_labnode": True, "3_register_rps_foxnode_vs_labnode": None,
+        "4_time_p99_same_load_foxnode_vs_bare": True, "5_mem_per_idle_conn_foxnode_vs_bare": False,
+        "6_gossip": False,  # copies 1.7 > 1.5
+    }
+    noisy = [v for v in verdicts if v["key"].startswith("2_")][0]
+    assert any("NOISY" in c for c in noisy["caveats"]), noisy
+    out = tmp_path / "BENCHMARKS.rst"
+    report.write_report(_synthetic_result(), str(out), png=str(tmp_path / "bench" / "g.png"))
+    text = out.read_text()
+    assert ".. image:: bench/g.png" in text
+    assert "Problems in this run" in text and "2026-01-02" in text
+    # the lead's text in "Where the time goes" survives a new rendering
+    out.write_text(text.replace(report.PLACEHOLDER, "The codec, mostly."))
+    report.write_report(_synthetic_result(), str(out), png=None)
+    assert "The codec, mostly." in out.read_text()
+    assert report.PLACEHOLDER not in out.read_text()
