@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from urllib.parse import urlsplit
 
 import attrs
 
@@ -54,6 +53,8 @@ def is_loopback_host(host: str) -> bool:
 _AUTHORITY = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[^\[\]:@/?#]+)(?::(?P<port>[^:]*))?$")
 _NUMERIC_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
 _UNPRINTABLE = re.compile(r"[\s\x00-\x1f\x7f]")
+# scheme, authority, path (a query may follow; a fragment is refused before)
+_SPLIT = re.compile(r"^(wss?)://([^/?#]*)([^?#]*)")
 
 
 def _check_host(host: str) -> str:
@@ -88,19 +89,16 @@ def parse(url: object) -> PeerAddress:
         raise InvalidAddress("contains whitespace or control characters")
     if "#" in url:
         raise InvalidAddress("a fragment is not allowed")
-    try:
-        parts = urlsplit(url)
-    except ValueError as e:
-        raise InvalidAddress(f"malformed URL ({e})") from None
-    if "@" in parts.netloc:
+    scheme, netloc, path = _SPLIT.match(url).groups()
+    if "@" in netloc:
         raise InvalidAddress("user info is not allowed")
-    if not parts.netloc:
+    if not netloc:
         raise InvalidAddress("no host")
-    authority = _AUTHORITY.match(parts.netloc)
+    authority = _AUTHORITY.match(netloc)
     if authority is None:
         raise InvalidAddress("malformed host or port")
     host = _check_host(authority["host"]).lower()  # names are case-insensitive
-    secure = parts.scheme == "wss"
+    secure = scheme == "wss"
     port_text = authority["port"]
     if port_text is None:
         port = 443 if secure else 80
@@ -114,7 +112,7 @@ def parse(url: object) -> PeerAddress:
         port = int(port_text)
         if not 1 <= port <= 65535:
             raise InvalidAddress("port out of range 1..65535")
-    return PeerAddress(url, secure, host, port, parts.path or "/")
+    return PeerAddress(url, secure, host, port, path or "/")
 
 
 def with_host(port: int, host: str, secure: bool = False, path: str = "/ws") -> str:

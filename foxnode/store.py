@@ -193,8 +193,9 @@ class PeerStore:
         self._records: dict[str, PeerRecord] = {r.addr: r for r in records}
         #: addresses added by registers whose write has not completed yet
         self._unwritten: set[str] = set()
-        #: each record's line in the file, until the record changes
-        self._lines: dict[str, bytes] = {}
+        #: each record's line in the file, in the records' order, encoded
+        #: when the record is made or changed
+        self._lines: dict[str, bytes] = {a: self._line(r) for a, r in self._records.items()}
         #: bumped on every change of the set of addresses, so callers can cache
         self.generation = 0
         self._writing = False
@@ -256,7 +257,8 @@ class PeerStore:
                 rejected.append({"addr": addr, "reason": "peer store is full"})
             fresh = fresh[:room]
         for addr in fresh:
-            self._records[addr] = PeerRecord(addr=addr, added=now, source=source)
+            record = self._records[addr] = PeerRecord(addr=addr, added=now, source=source)
+            self._lines[addr] = self._line(record)
             accepted.append(addr)
         if (fresh or overflow > 0) and not durable:
             self.generation += 1
@@ -330,7 +332,7 @@ class PeerStore:
             return None
         for name, value in fields.items():
             setattr(record, name, value)
-        self._lines.pop(addr, None)
+        self._lines[addr] = self._line(record)
         self.mark_dirty()
         return record
 
@@ -356,18 +358,15 @@ class PeerStore:
         return d
 
     def snapshot(self) -> bytes:
-        """The file's content: one line per address, each encoded once and
-        kept until its record changes, so a write of a large store mostly
-        joins bytes it already has."""
-        lines = self._lines
-        parts = []
-        for addr, record in self._records.items():
-            line = lines.get(addr)
-            if line is None:
-                line = lines[addr] = b"    " + orjson.dumps(addr) + b": " + orjson.dumps(record.to_json())
-            parts.append(line)
-        body = b",\n".join(parts) + b"\n" if parts else b""
-        return _HEAD + body + b"  }\n}\n"
+        """The file's content: one line per address, each encoded when its
+        record was made or last changed, so a write of a large store joins
+        bytes it already has."""
+        body = b",\n".join(self._lines.values())
+        return _HEAD + body + (b"\n" if body else b"") + b"  }\n}\n"
+
+    @staticmethod
+    def _line(record: PeerRecord) -> bytes:
+        return b"    " + orjson.dumps(record.addr) + b": " + orjson.dumps(record.to_json())
 
     def _start_write(self) -> None:
         self._writing = True
