@@ -140,16 +140,18 @@ def load(path: str | os.PathLike, max_peers: int = DEFAULT_MAX_PEERS) -> list[Pe
     return [_record_from_json(addr, raw, path) for addr, raw in peers.items()]
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash at any moment leaves
-    either the old or the new file, never a mix; runs in a thread."""
+def write_atomically(path: Path, data: bytes | list[bytes]) -> None:
+    """Replace ``path`` with ``data`` (bytes, or chunks written in order) so
+    that a crash at any moment leaves either the old or the new file, never
+    a mix; runs in a thread."""
     directory = path.parent
     tmp = directory / f".{path.name}.tmp-{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        for chunk in [data] if isinstance(data, bytes) else data:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -361,8 +363,12 @@ class PeerStore:
         """The file's content: one line per address, each encoded when its
         record was made or last changed, so a write of a large store joins
         bytes it already has."""
+        return b"".join(self._chunks())
+
+    def _chunks(self) -> list[bytes]:
+        # The body is the only large part: joined once, never copied again.
         body = b",\n".join(self._lines.values())
-        return _HEAD + body + (b"\n" if body else b"") + b"  }\n}\n"
+        return [_HEAD, body, b"\n  }\n}\n" if body else b"  }\n}\n"]
 
     @staticmethod
     def _line(record: PeerRecord) -> bytes:
@@ -372,7 +378,7 @@ class PeerStore:
         self._writing = True
         waiters, self._waiters = self._waiters, []
         self._dirty = False
-        data = self.snapshot()
+        data = self._chunks()
         started = time.monotonic()
         d = deferToThreadPool(
             self._reactor, self._reactor.getThreadPool(), write_atomically, self.path, data
