@@ -747,6 +747,10 @@ def main(argv: list[str] | None = None) -> None:
     if opts.command == "devnet" and opts.base_port + opts.nodes - 1 > 65535:
         parser().exit(EXIT_USAGE, f"foxnode devnet: ports {opts.base_port}..{opts.base_port + opts.nodes - 1} "
                                   "run past 65535; choose a lower --base-port\n")
+    # A command started in the background by a non-interactive shell (a CI
+    # job, a script's "&") inherits SIGINT ignored, and then Twisted does
+    # not take it over: Ctrl-C and kill -INT must still stop us cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     react(_run, (opts,))
 
 
