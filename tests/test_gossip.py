@@ -3,8 +3,6 @@ message of its topics exactly once; bad envelopes are refused."""
 
 import time
 
-import orjson
-import pytest
 import pytest_twisted
 
 from foxnode import client, codec, identity

@@ -4,7 +4,7 @@ sees when running five nodes bootstrapped from one."""
 import pytest_twisted
 
 from foxnode import client
-from foxnode.testing import spawn_node, stop_all, wait_for
+from foxnode.testing import spawn_node, stop_all
 
 FAST = ("--exchange-interval", "1")
 

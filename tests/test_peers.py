@@ -2,9 +2,7 @@
 pair, peer exchange. Every address is on loopback."""
 
 import os
-import socket
 
-import pytest
 import pytest_twisted
 from twisted.internet import protocol
 from twisted.internet.endpoints import TCP4ServerEndpoint

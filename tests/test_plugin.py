@@ -23,7 +23,7 @@ from twisted.python.usage import UsageError
 
 from foxnode import client, tap
 from foxnode.identity import is_node_id
-from foxnode.testing import LOOPBACK, NodeProcess, free_port, running_node, start_node, wait_until_serving
+from foxnode.testing import LOOPBACK, NodeProcess, free_port, running_node, wait_until_serving
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 SOURCE_TREE = Path(__file__).resolve().parent.parent

@@ -26,7 +26,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from foxnode import client, codec
-from foxnode.testing import LOOPBACK, running_node, start_node, wait_for
+from foxnode.testing import LOOPBACK, running_node, wait_for
 
 REPLY_TIMEOUT = 5.0
 

@@ -31,7 +31,7 @@ from foxnode.store import (
     StoreWriteError,
     load,
 )
-from foxnode.testing import LOOPBACK, free_port, running_node, spawn_node, start_node
+from foxnode.testing import LOOPBACK, free_port, running_node, spawn_node
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 TIMEOUT = 10.0

@@ -18,7 +18,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 
 from foxnode import client
-from foxnode.testing import running_node, start_node, wait_for
+from foxnode.testing import running_node, wait_for
 
 TIMEOUT = 10.0
 
