@@ -65,8 +65,9 @@ class GossipConfig:
     max_topics_per_connection: int = 64
     #: ids remembered at most (each until its envelope expires)
     seen_capacity: int = 200_000
-    #: envelopes kept to answer grafts: how many, and for how long
+    #: envelopes kept to answer grafts: how many, how many bytes, how long
     cache_capacity: int = 10_000
+    cache_bytes: int = 32 * 1024 * 1024
     cache_seconds: float = 120.0
     #: how long to wait for an announced envelope before asking for it
     graft_timeout: float = 0.4
@@ -166,6 +167,7 @@ class Gossip:
         self.seen: OrderedDict[str, float] = OrderedDict()
         #: message id -> (envelope, encoded gossip frame), to answer grafts
         self.cache: OrderedDict[str, tuple[Envelope, bytes]] = OrderedDict()
+        self._cache_bytes = 0
         #: topic -> connections subscribed to it
         self.subscribers: dict[str, set] = {}
         #: node ids of peers whose link is lazy (ids only); all others are eager
@@ -279,6 +281,7 @@ class Gossip:
             pending[0].cancel()
         frame = codec.encode_event("gossip", envelope=envelope.to_json())
         self.cache[envelope.id] = (envelope, frame)
+        self._cache_bytes += len(frame)
         self._trim()
         self.deliver(envelope)
         announce = codec.encode_event("ihave", ids=[envelope.id])
@@ -406,8 +409,9 @@ class Gossip:
     # -- bounded memory ------------------------------------------------------------
 
     def _trim(self) -> None:
-        while len(self.cache) > self.config.cache_capacity:
-            self.cache.popitem(last=False)
+        while self.cache and (len(self.cache) > self.config.cache_capacity
+                              or self._cache_bytes > self.config.cache_bytes):
+            self._uncache()
         while len(self.seen) > self.config.seen_capacity:
             # Full of live ids: forgetting the oldest risks a re-delivery of
             # it only if someone replays it before it expires.
@@ -423,7 +427,11 @@ class Gossip:
             message_id, (envelope, _) = next(iter(self.cache.items()))
             if envelope.created >= horizon and envelope.expires >= now:
                 break
-            self.cache.popitem(last=False)
+            self._uncache()
+
+    def _uncache(self) -> None:
+        _, (_, frame) = self.cache.popitem(last=False)
+        self._cache_bytes -= len(frame)
 
 
 def _reason_label(reason: str) -> str:

@@ -241,3 +241,23 @@ async def test_slow_subscriber_does_not_stall_others_and_memory_stays_bounded(re
         for c in (slow, fast, publisher):
             c.close()
         await node.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_envelope_cache_is_bounded_in_bytes(reactor, tmp_path):
+    import attrs
+
+    node = await start_node(reactor, tmp_path / "n", "--rate", "5000", "--burst", "5000")
+    gossip = node.node.gossip
+    gossip.config = attrs.evolve(gossip.config, cache_bytes=1_000_000)
+    conn = await client.connect(reactor, node.url)
+    try:
+        for i in range(60):  # 60 messages of 50 kB: 3 MB of envelopes
+            reply = await conn.request("publish", {"topic": "t", "payload": [i, "p" * 50_000]})
+            assert reply.status == 202
+        held = sum(len(frame) for _, frame in gossip.cache.values())
+        assert held == gossip._cache_bytes <= 1_000_000
+        assert 0 < len(gossip.cache) < 60
+    finally:
+        conn.close()
+        await node.stop()
