@@ -587,6 +587,10 @@ class PeerManager:
     def _exchange_round(self) -> None:
         for conn in list(self.peers.values()):
             self.exchange_with(conn)
+        # Retry times of addresses the store has since dropped or evicted.
+        store = self.node.store
+        for addr in [a for a in self._next_attempt if a not in store]:
+            del self._next_attempt[addr]
 
     def topology(self) -> dict[str, Any]:
         """The nodes and links this node can see: its own connections and
