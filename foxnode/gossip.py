@@ -215,7 +215,9 @@ class Gossip:
         except (orjson.JSONEncodeError, UnicodeError) as e:
             # Only reachable in-process: what arrives over the wire was JSON.
             return codec.bad_args("publish", f"not representable as JSON ({e})")
-        self.accept(envelope, sender=None)
+        # Spread it once the reply is out, so that the publisher, subscribed
+        # to its own topic, hears 202 before the message.
+        self.reactor.callLater(0, self.accept, envelope, None)
         return codec.accepted({"id": envelope.id})
 
     def _topics_arg(self, op: str, args: Any) -> list[str] | codec.Reply:

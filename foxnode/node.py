@@ -9,13 +9,14 @@ hang off the node and receive the connections' events.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from typing import Any, Callable
 
 import attrs
 import orjson
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.python.failure import Failure
 
 from foxnode import PROTOCOL_VERSION, __version__, address, codec, logs
@@ -111,11 +112,17 @@ class Node:
         """Stop activity, close every connection and flush the peer store;
         fires when the store is on disk."""
         self.stopping = True
-        for conn in list(self.connections):
-            conn.close(CLOSE_SHUTDOWN, "node shutting down")
         for hook in self.stop_hooks:
             hook()
-        return self.store.close()
+        conns = list(self.connections)
+        for conn in conns:
+            conn.close(CLOSE_SHUTDOWN, "node shutting down")
+        # The closes update the store (last seen, why): flush after them,
+        # but do not let a peer that never answers hold the shutdown.
+        closed = DeferredList([c.when_closed() for c in conns], consumeErrors=True)
+        closed.addTimeout(3, self.reactor)
+        closed.addBoth(lambda _: self.store.close())
+        return closed
 
     # -- ConnectionHandler -------------------------------------------------------
 
@@ -217,7 +224,9 @@ class Node:
             try:
                 valid.append(address.parse(addr).url)
             except address.InvalidAddress as e:
-                rejected.append({"addr": addr if isinstance(addr, str) else repr(addr)[:100], "reason": str(e)})
+                # A non-string is shown as the JSON text it came as (cut short).
+                shown = addr if isinstance(addr, str) else json.dumps(addr, default=repr)[:100]
+                rejected.append({"addr": shown, "reason": str(e)})
         result = self.store.add(valid, REGISTER)
         rejected.extend(result.rejected)
         response = {"accepted": result.accepted, "rejected": rejected}

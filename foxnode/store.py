@@ -204,6 +204,7 @@ class PeerStore:
         self._waiters: list[Deferred] = []
         self._lazy_call: Any = None
         self._dirty = False
+        self._closed = False
         self.writes = 0
 
     @classmethod
@@ -342,6 +343,8 @@ class PeerStore:
 
     def mark_dirty(self) -> None:
         self._dirty = True
+        if self._closed:
+            return  # close() wrote what there was; the node is going away
         if self._lazy_call is None or not self._lazy_call.active():
             self._lazy_call = self._reactor.callLater(self.flush_delay, self._lazy_flush)
 
@@ -404,6 +407,7 @@ class PeerStore:
 
     def close(self) -> Deferred:
         """Flush pending changes; for service shutdown."""
+        self._closed = True
         if self._lazy_call is not None and self._lazy_call.active():
             self._lazy_call.cancel()
         self._lazy_call = None
