@@ -18,6 +18,7 @@ import base64
 import concurrent.futures
 import json
 import os
+import random
 import socket
 import struct
 import time
@@ -262,6 +263,123 @@ async def test_malformed_frame_closes_with_its_code(reactor, node_dir, case):
         await running.stop()
 
 
+# -- the node's own reading of whole small text frames (protocol.py) -----------------
+#
+# The listening side takes whole, small, masked text frames itself and
+# leaves everything else to Autobahn; a stream of frames must be answered
+# the same however TCP cuts it, with both paths taking turns.
+
+def _mixed_stream(limit: int) -> tuple[bytes, list[int]]:
+    """Frames of every kind the two paths share, and the request ids their
+    replies must carry, in order."""
+    def req(i: int, pad: int = 0) -> bytes:
+        body = {"op": "time", "id": i}
+        if pad:
+            body["pad"] = "é" * pad  # two bytes each, so frames can end mid-character
+        return orjson.dumps(body)
+
+    parts: list[bytes] = []
+    ids: list[int] = []
+    for i in range(40):
+        kind = i % 8
+        if kind == 1:  # 126-byte length form
+            parts.append(frame(TEXT, req(i, pad=150)))
+        elif kind == 2:  # fragmented, with a ping between the fragments
+            body = req(i, pad=20)
+            parts += [frame(TEXT, body[:7], fin=False), frame(PING, b"hi"), frame(CONT, body[7:])]
+        elif kind == 3:  # binary: the lab's node read it as text
+            parts.append(frame(BINARY, req(i)))
+        elif kind == 4:  # exactly at --max-message-size
+            body = req(i)
+            parts.append(frame(TEXT, body[:-1] + b" " * (limit - len(body)) + b"}"))
+        elif kind == 5:
+            parts.append(frame(PONG, b"unsolicited"))
+            parts.append(frame(TEXT, req(i)))
+        else:
+            parts.append(frame(TEXT, req(i)))
+        ids.append(i)
+    return b"".join(parts), ids
+
+
+def _read_ids(raw: Raw, count: int) -> list[Any]:
+    ids = []
+    while len(ids) < count:
+        fin, op, payload = raw.read_frame()
+        if op in (PING, PONG):
+            assert op == PONG and payload == b"hi", (op, payload)
+            continue
+        assert op == TEXT and fin, (op, payload)
+        reply = json.loads(payload)
+        assert reply["status"] == 200, reply
+        ids.append(reply["id"])
+    return ids
+
+
+@pytest.mark.parametrize("split", ["whole", "bytes", "random"])
+@pytest_twisted.ensureDeferred
+async def test_frames_are_answered_in_order_however_tcp_cuts_them(reactor, node_dir, split):
+    limit = 4096
+    running = await start_node(reactor, node_dir, "--max-message-size", str(limit), "--burst", "1000")
+    stream, ids = _mixed_stream(limit)
+    try:
+        def talk() -> list[Any]:
+            raw = Raw(running.port)
+            raw.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                assert raw.upgrade() == 101
+                if split == "whole":
+                    raw.send(stream)
+                else:
+                    rng = random.Random(7)
+                    at = 0
+                    while at < len(stream):
+                        n = 1 if split == "bytes" else rng.randint(1, 300)
+                        raw.send(stream[at:at + n])
+                        at += n
+                        if split == "bytes" and at % 97 == 0:
+                            time.sleep(0.001)  # let some pieces arrive alone
+                return _read_ids(raw, len(ids))
+            finally:
+                raw.close()
+
+        assert await deferToThread(talk) == ids
+        await still_serving(reactor, running)
+    finally:
+        await running.stop()
+
+
+@pytest.mark.parametrize("bad, code", [
+    (frame(TEXT, b'{"op": "time", "x": "\xff"}'), 1007),
+    (frame(TEXT, b'{"op": "time"}', mask=False), 1002),
+    (frame(TEXT, b'{"op": "time"}', rsv=4), 1002),
+    (frame(TEXT, b'{"op": "time", "pad": "' + b"x" * 4100 + b'"}'), 1009),
+    # a 16-bit length field holding a length that fits in 7 bits
+    (b"\x81\xfe\x00\x0e" + frame(TEXT, b'{"op": "time"}')[2:], 1002),
+])
+@pytest_twisted.ensureDeferred
+async def test_bad_frame_after_good_ones_in_one_segment(reactor, node_dir, bad, code):
+    # The good frames before it are answered; the bad one closes the
+    # connection with Autobahn's code, as it would alone.
+    running = await start_node(reactor, node_dir, "--max-message-size", "4096")
+    try:
+        def attack() -> tuple[list[Any], int | None]:
+            raw = Raw(running.port)
+            try:
+                assert raw.upgrade() == 101
+                good = b"".join(frame(TEXT, orjson.dumps({"op": "time", "id": i})) for i in range(3))
+                raw.send(good + bad + frame(TEXT, b'{"op": "time", "id": 99}'))
+                return _read_ids(raw, 3), raw.read_close()
+            finally:
+                raw.close()
+
+        answered, closed = await deferToThread(attack)
+        assert answered == [0, 1, 2]
+        assert closed == code
+        await still_serving(reactor, running)
+    finally:
+        await running.stop()
+
+
 @pytest_twisted.ensureDeferred
 async def test_truncated_frame_then_disconnect(reactor, node_dir):
     running = await start_node(reactor, node_dir)
@@ -392,6 +510,37 @@ async def test_client_that_answers_pings_is_kept(reactor, node_dir, interval, ti
         finally:
             proto.close()
             await proto.when_closed()
+        await still_serving(reactor, running)
+    finally:
+        await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_that_keeps_sending_is_alive_without_pongs(reactor, node_dir):
+    # Any frame from the client shows it is there (Autobahn restarts the
+    # ping timeout on any traffic), also the ones the node reads itself.
+    running = await start_node(reactor, node_dir, "--ping-interval", "1", "--ping-timeout", "1")
+    try:
+        def talk() -> int:
+            raw = Raw(running.port)
+            try:
+                assert raw.upgrade() == 101
+                answered = 0
+                started = time.monotonic()
+                while time.monotonic() - started < 4:
+                    raw.send(frame(TEXT, b'{"op": "time"}'))
+                    while True:  # pings are read and never answered
+                        _, op, payload = raw.read_frame()
+                        assert op != CLOSE, f"closed after {time.monotonic() - started:.1f} s: {payload!r}"
+                        if op == TEXT:
+                            break
+                    answered += 1
+                    time.sleep(0.2)
+                return answered
+            finally:
+                raw.close()
+
+        assert await deferToThread(talk) >= 10
         await still_serving(reactor, running)
     finally:
         await running.stop()
