@@ -52,6 +52,10 @@ def is_loopback_host(host: str) -> bool:
 # junk after "]", several colons) is refused before the parts are read.
 _AUTHORITY = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[^\[\]:@/?#]+)(?::(?P<port>[^:]*))?$")
 _NUMERIC_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
+# What ipaddress.IPv4Address takes (four decimal octets, no leading zeros),
+# matched without building one: registers check an address each.
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}")
 _UNPRINTABLE = re.compile(r"[\s\x00-\x1f\x7f]")
 # scheme, authority, path (a query may follow; a fragment is refused before)
 _SPLIT = re.compile(r"^(wss?)://([^/?#]*)([^?#]*)")
@@ -69,11 +73,8 @@ def _check_host(host: str) -> str:
     # A name ending in a number is an IPv4 address to a resolver, and
     # 127.1, 2130706433 or 0x7f.1 all reach 127.0.0.1: only the canonical
     # dotted quad is taken, so that what an address reaches is plain to see.
-    if _NUMERIC_LABEL.match(host.lower().rstrip(".").rsplit(".", 1)[-1]):
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            raise InvalidAddress("malformed IPv4 address (give four decimal parts)") from None
+    if _NUMERIC_LABEL.match(host.lower().rstrip(".").rsplit(".", 1)[-1]) and not _IPV4.fullmatch(host):
+        raise InvalidAddress("malformed IPv4 address (give four decimal parts)")
     return host
 
 

@@ -25,6 +25,7 @@ Every address here is on 127.0.0.0/8 or ``localhost``.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -305,6 +306,34 @@ def test_parse_non_text_values(value):
     with pytest.raises(address.InvalidAddress) as e:
         address.parse(value)
     assert str(e.value)
+
+
+@FUZZ
+@given(st.one_of(
+    st.text(alphabet="0123456789.x\u0663", max_size=20),
+    st.lists(st.integers(0, 300).map(str), min_size=3, max_size=5).map(".".join),
+    st.lists(st.text(alphabet="0123456789", min_size=1, max_size=4), min_size=4, max_size=4).map(".".join),
+))
+@example("127.0.0.1")
+@example("127.0.0.01")
+@example("256.0.0.1")
+@example("1.2.3.4.")
+def test_ipv4_hosts_are_taken_exactly_as_ipaddress_takes_them(host):
+    # parse() checks dotted quads with a pattern, not ipaddress: the two
+    # must agree on every host whose last label is a number.
+    try:
+        ipaddress.IPv4Address(host)
+        expected = True
+    except ValueError:
+        expected = False
+    if not address._NUMERIC_LABEL.match(host.lower().rstrip(".").rsplit(".", 1)[-1]):
+        return  # a host name, not an IPv4 address
+    try:
+        address.parse(f"ws://{host}:9/ws")
+        taken = True
+    except address.InvalidAddress:
+        taken = False
+    assert taken == expected, host
 
 
 def test_well_formed_addresses_are_accepted():
