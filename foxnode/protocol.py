@@ -12,6 +12,7 @@ answered before an earlier one (a ``register`` waiting for the disk).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -399,8 +400,9 @@ class FoxServerProtocol(FoxConnection, WebSocketServerProtocol):
                 break
         return data[start:] if start else data
 
-    @property
+    @functools.cached_property
     def _payload_limit(self) -> int:
+        # Read once the factory's options are on the protocol (onOpen).
         limits = [x for x in (self.maxFramePayloadSize, self.maxMessagePayloadSize) if x > 0]
         return min(limits, default=0xFFFF)
 
