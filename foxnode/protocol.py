@@ -402,7 +402,8 @@ class FoxServerProtocol(FoxConnection, WebSocketServerProtocol):
 
     @functools.cached_property
     def _payload_limit(self) -> int:
-        # Read once the factory's options are on the protocol (onOpen).
+        # Read once: Autobahn copies the factory's options onto the protocol
+        # when the connection is made, before any frame can arrive.
         limits = [x for x in (self.maxFramePayloadSize, self.maxMessagePayloadSize) if x > 0]
         return min(limits, default=0xFFFF)
 
