@@ -357,10 +357,13 @@ class FoxServerProtocol(FoxConnection, WebSocketServerProtocol):
         # with nothing of Autobahn's half-read; anything else (a partial or
         # fragmented frame, control frames, bad UTF-8, an oversized frame,
         # a protocol violation) goes to Autobahn unchanged, from the first
-        # byte not taken here.
+        # byte not taken here (tests/test_frame_reading.py checks the two
+        # are indistinguishable). Autobahn's bookkeeping that foxnode does
+        # not use is skipped for these frames: traffic statistics, tracked
+        # timings and "message" observers.
         if (self.state == self.STATE_OPEN and not self.data and self.current_frame is None
                 and not self.inside_message and self._perMessageCompress is None
-                and not self.logOctets and not self.logFrames):
+                and self.applyMask and not self.logOctets and not self.logFrames):
             data = self._take_text_frames(data)
             if not data:
                 return
@@ -403,7 +406,8 @@ class FoxServerProtocol(FoxConnection, WebSocketServerProtocol):
     @functools.cached_property
     def _payload_limit(self) -> int:
         # Read once: Autobahn copies the factory's options onto the protocol
-        # when the connection is made, before any frame can arrive.
+        # when the connection is made, before any frame can arrive, and
+        # foxnode never changes a connection's limits afterwards.
         limits = [x for x in (self.maxFramePayloadSize, self.maxMessagePayloadSize) if x > 0]
         return min(limits, default=0xFFFF)
 
