@@ -14,6 +14,7 @@ with a ``StoreError`` naming the file and the fault.
 
 from __future__ import annotations
 
+import heapq
 import os
 import time
 from pathlib import Path
@@ -113,6 +114,15 @@ def _record_from_json(addr: str, raw: Any, path: Path) -> PeerRecord:
     return PeerRecord(addr=addr, **values)
 
 
+def _eviction_key(record: PeerRecord) -> tuple[bool, int, float] | None:
+    """Where a record stands in the order a full store evicts in, worst
+    first: never verified, then most failures, then oldest. None: never
+    evicted as it is (bootstrap, or verified and working)."""
+    if record.source == BOOTSTRAP or (record.verified and not record.failures and not record.is_self):
+        return None
+    return (record.verified, -record.failures, record.added)
+
+
 def load(path: str | os.PathLike, max_peers: int = DEFAULT_MAX_PEERS) -> list[PeerRecord]:
     """Read and validate the peers file; a missing file is an empty store."""
     path = Path(path)
@@ -198,6 +208,10 @@ class PeerStore:
         #: each record's line in the file, in the records' order, encoded
         #: when the record is made or changed
         self._lines: dict[str, bytes] = {a: self._line(r) for a, r in self._records.items()}
+        #: (eviction key, address) of evictable records, worst on top; an
+        #: entry whose record changed or went is stale and skipped when met
+        self._eviction_order: list[tuple[bool, int, float, str]] = []
+        self._rebuild_eviction_order()
         #: bumped on every change of the set of addresses, so callers can cache
         self.generation = 0
         self._writing = False
@@ -262,6 +276,7 @@ class PeerStore:
         for addr in fresh:
             record = self._records[addr] = PeerRecord(addr=addr, added=now, source=source)
             self._lines[addr] = self._line(record)
+            self._note_eviction_order(record)
             accepted.append(addr)
         if (fresh or overflow > 0) and not durable:
             self.generation += 1
@@ -306,16 +321,42 @@ class PeerStore:
             raise StoreWriteError(f"{len(missing)} of the addresses could not be written")
 
     def _eviction_candidates(self, count: int, keep: set[str]) -> list[PeerRecord]:
-        # Never an address a request is still waiting to see written: that
-        # request would then have to be told its write failed.
-        evictable = [
-            r for r in self._records.values()
-            if r.source != BOOTSTRAP and r.addr not in keep and r.addr not in self._unwritten
-            and (not r.verified or r.failures > 0 or r.is_self)
+        # Taken from a heap, not by sorting the store: a register flood into
+        # a full store evicts on every request.
+        order = self._eviction_order
+        victims: list[PeerRecord] = []
+        chosen: set[str] = set()
+        held = []
+        while order and len(victims) < count:
+            entry = heapq.heappop(order)
+            addr = entry[3]
+            record = self._records.get(addr)
+            if record is None or addr in chosen or _eviction_key(record) != entry[:3]:
+                continue  # stale: the record went or changed (a newer entry exists)
+            if addr in keep or addr in self._unwritten:
+                # Never an address a request is still waiting to see written
+                # (that request would have to be told its write failed); it
+                # may be evicted later, so its entry goes back.
+                held.append(entry)
+                continue
+            victims.append(record)
+            chosen.add(addr)
+        for entry in held:
+            heapq.heappush(order, entry)
+        return victims
+
+    def _note_eviction_order(self, record: PeerRecord) -> None:
+        key = _eviction_key(record)
+        if key is not None:
+            heapq.heappush(self._eviction_order, (*key, record.addr))
+            if len(self._eviction_order) > 2 * len(self._records) + 1024:
+                self._rebuild_eviction_order()  # mostly stale entries by now
+
+    def _rebuild_eviction_order(self) -> None:
+        self._eviction_order = [
+            (*key, r.addr) for r in self._records.values() if (key := _eviction_key(r)) is not None
         ]
-        # Worst first: never verified, then most failures, then oldest.
-        evictable.sort(key=lambda r: (r.verified, -r.failures, r.added))
-        return evictable[:count]
+        heapq.heapify(self._eviction_order)
 
     def remove(self, addr: str) -> None:
         if addr in self._records:
@@ -333,8 +374,11 @@ class PeerStore:
         record = self._records.get(addr)
         if record is None:
             return None
+        was = _eviction_key(record)
         for name, value in fields.items():
             setattr(record, name, value)
+        if _eviction_key(record) != was:
+            self._note_eviction_order(record)
         self._lines[addr] = self._line(record)
         self.mark_dirty()
         return record
