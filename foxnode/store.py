@@ -32,6 +32,8 @@ from foxnode import address
 FORMAT = "foxnode/peers"
 VERSION = 1
 DEFAULT_MAX_PEERS = 10_000
+#: seconds over which evictions from a full store are summed up in the log
+EVICTION_LOG_WINDOW = 10.0
 _HEAD = b'{\n  "format": "%s",\n  "version": %d,\n  "peers": {\n' % (FORMAT.encode(), VERSION)
 
 #: Sources of an address, as stored in its record.
@@ -212,6 +214,8 @@ class PeerStore:
         #: entry whose record changed or went is stale and skipped when met
         self._eviction_order: list[tuple[bool, int, float, str]] = []
         self._rebuild_eviction_order()
+        self._evicted_unsaid = 0
+        self._eviction_log_call: Any = None
         #: bumped on every change of the set of addresses, so callers can cache
         self.generation = 0
         self._writing = False
@@ -268,7 +272,7 @@ class PeerStore:
             for victim in victims:
                 self._drop(victim.addr)
             if victims:
-                log.info("peer store full: evicted {n} unverified or failing addresses", n=len(victims))
+                self._say_evicted(len(victims))
             room = self.max_peers - len(self._records)
             for addr in fresh[room:]:
                 rejected.append({"addr": addr, "reason": "peer store is full"})
@@ -344,6 +348,24 @@ class PeerStore:
         for entry in held:
             heapq.heappush(order, entry)
         return victims
+
+    def _say_evicted(self, count: int) -> None:
+        # A flood into a full store evicts on every register: the first
+        # eviction is logged at once, the rest summed up once a window.
+        if self._eviction_log_call is None:
+            log.info("peer store full: evicted {n} unverified or failing addresses", n=count)
+            self._eviction_log_call = self._reactor.callLater(EVICTION_LOG_WINDOW, self._say_evicted_since)
+        else:
+            self._evicted_unsaid += count
+
+    def _say_evicted_since(self) -> None:
+        count, self._evicted_unsaid = self._evicted_unsaid, 0
+        self._eviction_log_call = None
+        if count:
+            log.info("peer store full: evicted {n} unverified or failing addresses in the last {s:.0f} s",
+                     n=count, s=EVICTION_LOG_WINDOW)
+            if not self._closed:
+                self._eviction_log_call = self._reactor.callLater(EVICTION_LOG_WINDOW, self._say_evicted_since)
 
     def _note_eviction_order(self, record: PeerRecord) -> None:
         key = _eviction_key(record)
@@ -455,6 +477,9 @@ class PeerStore:
         if self._lazy_call is not None and self._lazy_call.active():
             self._lazy_call.cancel()
         self._lazy_call = None
+        if self._eviction_log_call is not None and self._eviction_log_call.active():
+            self._eviction_log_call.cancel()
+            self._say_evicted_since()
         if self._dirty or self._writing or self._waiters:
             d = self.commit()
             d.addErrback(lambda f: None)

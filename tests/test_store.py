@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import re
 import signal
 import subprocess
@@ -20,7 +21,9 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet.defer import gatherResults
+from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
 
 from foxnode import client
 from foxnode.store import (
@@ -331,6 +334,79 @@ async def test_bootstrap_addresses_are_never_evicted(reactor, tmp_path):
         r = store.add([addr(53, 0, 9)], REGISTER)
         assert r.rejected == [{"addr": addr(53, 0, 9), "reason": "peer store is full"}]
         assert set(store.addresses()) == {boot, addr(53, 0, 7)}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_full_store_evicts_in_the_same_order_as_a_sort_of_the_store(tmp_path, seed):
+    # The store keeps its eviction order in a heap updated as records
+    # change; a model re-sorts everything for every eviction. Adds go in
+    # lazily (durable=False), so no disk and no running reactor are needed.
+    rng = random.Random(seed)
+    store = PeerStore(Clock(), tmp_path / "peers.json", max_peers=40)
+    model: dict[str, PeerRecord] = {}
+    clock = 1000.0
+    for step in range(1500):
+        clock += 1
+        action = rng.random()
+        known = sorted(model)
+        if action < 0.55 or not known:
+            fresh = [addr(rng.randrange(250), rng.randrange(250), rng.randrange(1, 250))
+                     for _ in range(rng.choice([1, 1, 1, 3]))]
+            source = BOOTSTRAP if rng.random() < 0.05 else REGISTER
+            store.add(fresh, source, now=clock, durable=False)
+            # the model: the old implementation, sorting on every eviction
+            # (ties, only among one request's addresses, go by address)
+            new = [a for a in dict.fromkeys(fresh) if a not in model]
+            overflow = len(model) + len(new) - 40
+            if overflow > 0:
+                evictable = sorted(
+                    (r for r in model.values() if r.source != BOOTSTRAP and r.addr not in fresh
+                     and (not r.verified or r.failures > 0 or r.is_self)),
+                    key=lambda r: (r.verified, -r.failures, r.added, r.addr))
+                for r in evictable[:overflow]:
+                    del model[r.addr]
+                new = new[:40 - len(model)]
+            for a in new:
+                model[a] = PeerRecord(addr=a, added=clock, source=source)
+        elif action < 0.9:
+            a = rng.choice(known)
+            change = rng.choice([
+                {"last_handshake": clock, "failures": 0},
+                {"failures": model[a].failures + 1},
+                {"failures": 0},
+                {"is_self": True},
+                {"last_seen": clock},
+            ])
+            store.update(a, **change)
+            for name, value in change.items():
+                setattr(model[a], name, value)
+        else:
+            a = rng.choice(known)
+            store.remove(a)
+            del model[a]
+        assert sorted(store.addresses()) == sorted(model), f"step {step}"
+
+
+def test_a_flood_into_a_full_store_is_logged_as_a_sum_not_per_register(tmp_path):
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        clock = Clock()
+        # (no lazy flush within the test: a Clock has no threads to write with)
+        store = PeerStore(clock, tmp_path / "peers.json", max_peers=10, flush_delay=3600)
+        store.add([addr(60, 0, i) for i in range(1, 11)], REGISTER, durable=False)
+        for i in range(1, 501):
+            store.add([addr(61, i // 250, i % 250 + 1)], REGISTER, durable=False)
+            clock.advance(0.05)  # 25 s in all
+        assert len(store) == 10
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    said = [formatEvent(e) for e in events if "evicted" in (e.get("log_format") or "")]
+    # one line at once, then one per 10-s window: not one per register
+    assert 2 <= len(said) <= 4, said
+    counts = [int(re.search(r"evicted (\d+)", line).group(1)) for line in said]
+    assert said[0].endswith("evicted 1 unverified or failing addresses"), said
+    assert 400 <= sum(counts) <= 500, said
 
 
 @pytest_twisted.ensureDeferred
