@@ -211,9 +211,9 @@ class PeerStore:
         #: when the record is made or changed
         self._lines: dict[str, bytes] = {a: self._line(r) for a, r in self._records.items()}
         #: (eviction key, address) of evictable records, worst on top; an
-        #: entry whose record changed or went is stale and skipped when met
-        self._eviction_order: list[tuple[bool, int, float, str]] = []
-        self._rebuild_eviction_order()
+        #: entry whose record changed or went is stale and skipped when met.
+        #: Kept only once the store has been full (None until then).
+        self._eviction_order: list[tuple[bool, int, float, str]] | None = None
         self._evicted_unsaid = 0
         self._eviction_log_call: Any = None
         #: bumped on every change of the set of addresses, so callers can cache
@@ -327,6 +327,8 @@ class PeerStore:
     def _eviction_candidates(self, count: int, keep: set[str]) -> list[PeerRecord]:
         # Taken from a heap, not by sorting the store: a register flood into
         # a full store evicts on every request.
+        if self._eviction_order is None:
+            self._rebuild_eviction_order()
         order = self._eviction_order
         victims: list[PeerRecord] = []
         chosen: set[str] = set()
@@ -368,6 +370,8 @@ class PeerStore:
                 self._eviction_log_call = self._reactor.callLater(EVICTION_LOG_WINDOW, self._say_evicted_since)
 
     def _note_eviction_order(self, record: PeerRecord) -> None:
+        if self._eviction_order is None:
+            return  # built from the records when first needed
         key = _eviction_key(record)
         if key is not None:
             heapq.heappush(self._eviction_order, (*key, record.addr))
@@ -396,10 +400,11 @@ class PeerStore:
         record = self._records.get(addr)
         if record is None:
             return None
-        was = _eviction_key(record)
+        tracked = self._eviction_order is not None
+        was = _eviction_key(record) if tracked else None
         for name, value in fields.items():
             setattr(record, name, value)
-        if _eviction_key(record) != was:
+        if tracked and _eviction_key(record) != was:
             self._note_eviction_order(record)
         self._lines[addr] = self._line(record)
         self.mark_dirty()
