@@ -210,10 +210,15 @@ class PeerStore:
         #: each record's line in the file, in the records' order, encoded
         #: when the record is made or changed
         self._lines: dict[str, bytes] = {a: self._line(r) for a, r in self._records.items()}
-        #: (eviction key, address) of evictable records, worst on top; an
-        #: entry whose record changed or went is stale and skipped when met.
-        #: Kept only once the store has been full (None until then).
-        self._eviction_order: list[tuple[bool, int, float, str]] | None = None
+        #: each address's place in the order records were added: among
+        #: equally bad records the oldest arrival is evicted first
+        self._arrival: dict[str, int] = {a: i for i, a in enumerate(self._records)}
+        self._arrivals = len(self._arrival)
+        #: (eviction key, arrival, address) of evictable records, worst on
+        #: top; an entry whose record changed or went is stale and skipped
+        #: when met. Kept only once the store has been full (None until
+        #: then), and without records still waiting for their first write.
+        self._eviction_order: list[tuple[bool, int, float, int, str]] | None = None
         self._evicted_unsaid = 0
         self._eviction_log_call: Any = None
         #: bumped on every change of the set of addresses, so callers can cache
@@ -280,7 +285,10 @@ class PeerStore:
         for addr in fresh:
             record = self._records[addr] = PeerRecord(addr=addr, added=now, source=source)
             self._lines[addr] = self._line(record)
-            self._note_eviction_order(record)
+            self._arrival[addr] = self._arrivals
+            self._arrivals += 1
+            if not durable:
+                self._note_eviction_order(record)
             accepted.append(addr)
         if (fresh or overflow > 0) and not durable:
             self.generation += 1
@@ -304,7 +312,15 @@ class PeerStore:
         back, on success check they are all still there."""
         self._unwritten.difference_update(fresh)
         if isinstance(result, Failure):
-            return self._roll_back(result, fresh, source)
+            result = self._roll_back(result, fresh, source)
+        # Evictable from now on (they were kept out of the eviction order
+        # while their write was in flight).
+        for addr in fresh:
+            record = self._records.get(addr)
+            if record is not None:
+                self._note_eviction_order(record)
+        if isinstance(result, Failure):
+            return result
         return self._still_there(result, accepted)
 
     def _roll_back(self, failure: Failure, fresh: list[str], source: str) -> Failure:
@@ -335,14 +351,14 @@ class PeerStore:
         held = []
         while order and len(victims) < count:
             entry = heapq.heappop(order)
-            addr = entry[3]
+            addr = entry[4]
             record = self._records.get(addr)
             if record is None or addr in chosen or _eviction_key(record) != entry[:3]:
                 continue  # stale: the record went or changed (a newer entry exists)
             if addr in keep or addr in self._unwritten:
-                # Never an address a request is still waiting to see written
-                # (that request would have to be told its write failed); it
-                # may be evicted later, so its entry goes back.
+                # A request's own addresses, or (after an update during its
+                # write) one a request still waits to see written, which it
+                # would then be told failed: kept, and its entry goes back.
                 held.append(entry)
                 continue
             victims.append(record)
@@ -356,7 +372,8 @@ class PeerStore:
         # eviction is logged at once, the rest summed up once a window.
         if self._eviction_log_call is None:
             log.info("peer store full: evicted {n} unverified or failing addresses", n=count)
-            self._eviction_log_call = self._reactor.callLater(EVICTION_LOG_WINDOW, self._say_evicted_since)
+            if not self._closed:  # nothing scheduled after close: said at once
+                self._eviction_log_call = self._reactor.callLater(EVICTION_LOG_WINDOW, self._say_evicted_since)
         else:
             self._evicted_unsaid += count
 
@@ -374,13 +391,14 @@ class PeerStore:
             return  # built from the records when first needed
         key = _eviction_key(record)
         if key is not None:
-            heapq.heappush(self._eviction_order, (*key, record.addr))
+            heapq.heappush(self._eviction_order, (*key, self._arrival[record.addr], record.addr))
             if len(self._eviction_order) > 2 * len(self._records) + 1024:
                 self._rebuild_eviction_order()  # mostly stale entries by now
 
     def _rebuild_eviction_order(self) -> None:
         self._eviction_order = [
-            (*key, r.addr) for r in self._records.values() if (key := _eviction_key(r)) is not None
+            (*key, self._arrival[r.addr], r.addr) for r in self._records.values()
+            if r.addr not in self._unwritten and (key := _eviction_key(r)) is not None
         ]
         heapq.heapify(self._eviction_order)
 
@@ -393,6 +411,7 @@ class PeerStore:
     def _drop(self, addr: str) -> None:
         del self._records[addr]
         self._lines.pop(addr, None)
+        self._arrival.pop(addr, None)
 
     def update(self, addr: str, **fields: Any) -> PeerRecord | None:
         """Change bookkeeping fields of a record; written lazily. Records

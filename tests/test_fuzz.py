@@ -318,22 +318,25 @@ def test_parse_non_text_values(value):
 @example("127.0.0.01")
 @example("256.0.0.1")
 @example("1.2.3.4.")
+@example("\u0663.2.3.4")
+@example("127.0.0.\u0663")
 def test_ipv4_hosts_are_taken_exactly_as_ipaddress_takes_them(host):
     # parse() checks dotted quads with a pattern, not ipaddress: the two
-    # must agree on every host whose last label is a number.
+    # must agree on every host that is not a plain host name.
     try:
         ipaddress.IPv4Address(host)
         expected = True
     except ValueError:
         expected = False
-    if not address._NUMERIC_LABEL.match(host.lower().rstrip(".").rsplit(".", 1)[-1]):
-        return  # a host name, not an IPv4 address
     try:
         address.parse(f"ws://{host}:9/ws")
         taken = True
     except address.InvalidAddress:
         taken = False
-    assert taken == expected, host
+    numeric = address._NUMERIC_LABEL.match(host.lower().rstrip(".").rsplit(".", 1)[-1])
+    if expected or numeric or not host.isascii():
+        # (host names are ASCII; one ending in a number is an IPv4 address)
+        assert taken == expected, host
 
 
 def test_well_formed_addresses_are_accepted():
