@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
 import json
 import os
 import random
 import socket
 import struct
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import orjson
 import pytest
@@ -172,14 +173,21 @@ class Raw:
         self.sock.close()
 
 
-def raw_call(port: int, message: Any) -> Any:
-    """One request on a fresh raw WebSocket connection (blocking)."""
-    raw = Raw(port)
+@contextlib.contextmanager
+def upgraded(port: int, **kw: Any) -> Iterator[Raw]:
+    """A raw connection past its WebSocket upgrade, closed after use."""
+    raw = Raw(port, **kw)
     try:
         assert raw.upgrade() == 101
-        return raw.request(message)
+        yield raw
     finally:
         raw.close()
+
+
+def raw_call(port: int, message: Any) -> Any:
+    """One request on a fresh raw WebSocket connection (blocking)."""
+    with upgraded(port) as raw:
+        return raw.request(message)
 
 
 def check_time_reply(reply: Any) -> None:
@@ -244,16 +252,12 @@ async def test_malformed_frame_closes_with_its_code(reactor, node_dir, case):
     running = await start_node(reactor, node_dir, "--max-message-size", "4096")
     try:
         def attack() -> tuple[Any, int | None]:
-            raw = Raw(running.port)
-            try:
-                assert raw.upgrade() == 101
+            with upgraded(running.port) as raw:
                 # The connection works before the attack...
                 first = raw.request({"op": "time", "id": 1})
                 for f in frames:
                     raw.send(f)
                 return first, raw.read_close()
-            finally:
-                raw.close()
 
         first, code = await deferToThread(attack)
         check_time_reply({k: v for k, v in first.items() if k != "id"})
@@ -323,10 +327,8 @@ async def test_frames_are_answered_in_order_however_tcp_cuts_them(reactor, node_
     stream, ids = _mixed_stream(limit)
     try:
         def talk() -> list[Any]:
-            raw = Raw(running.port)
-            raw.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                assert raw.upgrade() == 101
+            with upgraded(running.port) as raw:
+                raw.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if split == "whole":
                     raw.send(stream)
                 else:
@@ -339,8 +341,6 @@ async def test_frames_are_answered_in_order_however_tcp_cuts_them(reactor, node_
                         if split == "bytes" and at % 97 == 0:
                             time.sleep(0.001)  # let some pieces arrive alone
                 return _read_ids(raw, len(ids))
-            finally:
-                raw.close()
 
         assert await deferToThread(talk) == ids
         await still_serving(reactor, running)
@@ -363,14 +363,10 @@ async def test_bad_frame_after_good_ones_in_one_segment(reactor, node_dir, bad, 
     running = await start_node(reactor, node_dir, "--max-message-size", "4096")
     try:
         def attack() -> tuple[list[Any], int | None]:
-            raw = Raw(running.port)
-            try:
-                assert raw.upgrade() == 101
+            with upgraded(running.port) as raw:
                 good = b"".join(frame(TEXT, orjson.dumps({"op": "time", "id": i})) for i in range(3))
                 raw.send(good + bad + frame(TEXT, b'{"op": "time", "id": 99}'))
                 return _read_ids(raw, 3), raw.read_close()
-            finally:
-                raw.close()
 
         answered, closed = await deferToThread(attack)
         assert answered == [0, 1, 2]
@@ -522,9 +518,7 @@ async def test_client_that_keeps_sending_is_alive_without_pongs(reactor, node_di
     running = await start_node(reactor, node_dir, "--ping-interval", "1", "--ping-timeout", "1")
     try:
         def talk() -> int:
-            raw = Raw(running.port)
-            try:
-                assert raw.upgrade() == 101
+            with upgraded(running.port) as raw:
                 answered = 0
                 started = time.monotonic()
                 while time.monotonic() - started < 4:
@@ -537,8 +531,6 @@ async def test_client_that_keeps_sending_is_alive_without_pongs(reactor, node_di
                     answered += 1
                     time.sleep(0.2)
                 return answered
-            finally:
-                raw.close()
 
         assert await deferToThread(talk) >= 10
         await still_serving(reactor, running)
@@ -909,9 +901,7 @@ def _attack_round(port: int, worker: int, round_no: int, stored_malformed: list)
         return go
 
     def register_flood() -> None:
-        raw = Raw(port, timeout=5)
-        try:
-            assert raw.upgrade() == 101
+        with upgraded(port, timeout=5) as raw:
             for r in range(3):
                 addrs = [f"ws://127.3.{(worker * 7 + round_no + r) % 256}.{j + 1}:9/ws" for j in range(40)]
                 # The first within --max-register-addrs with every malformed kind; then over it.
@@ -921,8 +911,6 @@ def _attack_round(port: int, worker: int, round_no: int, stored_malformed: list)
                 reply = raw.read_message()
                 if reply["status"] == 202:
                     stored_malformed.extend(set(MALFORMED) & set(reply["response"]["accepted"]))
-        finally:
-            raw.close()
 
     def request_flood() -> None:
         raw = Raw(port, timeout=3)
@@ -945,15 +933,11 @@ def _attack_round(port: int, worker: int, round_no: int, stored_malformed: list)
                 raw.close(reset=bool(i % 2))
 
     def deep() -> None:
-        raw = Raw(port, timeout=3)
-        try:
-            assert raw.upgrade() == 101
+        with upgraded(port, timeout=3) as raw:
             raw.send(frame(TEXT, nested(10_000)))
             raw.read_message()
             raw.send(frame(TEXT, b'{"op": "publish", "args": {"topic": 5, "payload": null}}'))
             raw.read_message()
-        finally:
-            raw.close()
 
     for f in [frame(TEXT, b"\xff\xfe"), frame(TEXT, length=1 << 62), frame(TEXT, BIG * 20),
               frame(TEXT, b"{}", mask=False), frame(0x3, b"x"), frame(CONT, b"x")]:
