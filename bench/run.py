@@ -648,6 +648,11 @@ def table(figures: dict) -> str:
         rows.append((key, f"{f['metric']} [{f['unit']}, {f['better']} is better]{flag}", f["a"], _fmt(f["a_median"], digits),
                      f["b"], _fmt(f["b_median"], digits), _fmt(f["ratio_median"], 3),
                      " ".join(_fmt(r, 3) for r in f["ratios"])))
+    return _text_table(rows)
+
+
+def _text_table(rows: list[tuple]) -> str:
+    """Rows as aligned columns, the first row a header underlined."""
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for n, r in enumerate(rows):
@@ -668,13 +673,7 @@ def sizes_table(sizes: list[dict]) -> str:
                      _fmt(r.get("time_to_last_node_ms_p99"), 2), _fmt(r.get("time_to_last_node_ms_max"), 2),
                      _fmt((r.get("connectivity") or {}).get("mean_degree"), 1),
                      "" if r.get("available") else str(r.get("reason", ""))[:60]))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for n, r in enumerate(rows):
-        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return _text_table(rows)
 
 
 def versions() -> dict:
