@@ -9,6 +9,7 @@ hang off the node and receive the connections' events.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
 from collections import Counter
@@ -27,6 +28,22 @@ from foxnode.protocol import CLOSE_RATE_LIMIT, CLOSE_SHUTDOWN
 from foxnode.store import REGISTER, PeerStore, StoreWriteError
 
 log = logs.logger(__name__)
+
+
+DEFAULT_TRUSTED = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+def is_trusted_host(host: str, trusted: tuple) -> bool:
+    """Whether a remote IP address falls in one of the ``trusted``
+    networks (an IPv4-mapped IPv6 address counts as its IPv4 address)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # not an IP address (a UNIX socket, a test transport)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    if mapped is not None:
+        ip = mapped
+    return any(ip.version == net.version and ip in net for net in trusted)
 
 
 @attrs.frozen
@@ -55,6 +72,10 @@ class NodeConfig:
     handshake_timeout: float = 10.0
     #: this node serves TLS (wss://)
     secure: bool = False
+    #: networks whose clients are the node's operator (PROTOCOL.md "Who may
+    #: do what"): not rate-limited or capped per IP, and alone allowed the
+    #: operator ops
+    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = DEFAULT_TRUSTED
 
 
 Op = Callable[[Any, Any], Any]
@@ -126,7 +147,12 @@ class Node:
 
     # -- ConnectionHandler -------------------------------------------------------
 
+    def is_trusted(self, conn: Any) -> bool:
+        """Whether ``conn`` comes from the node's operator (``--trusted``)."""
+        return is_trusted_host(conn.remote_host, self.config.trusted)
+
     def connection_opened(self, conn: Any) -> None:
+        conn.trusted = self.is_trusted(conn)
         conn.rate_bucket = TokenBucket(self.config.rate, self.config.burst, self.reactor.seconds)
         self.connections.add(conn)
         self.metrics.connections.labels(conn.direction).inc()

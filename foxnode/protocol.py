@@ -78,6 +78,9 @@ class FoxConnection:
     peer_addr: str | None = None
     #: The handler's rate limit for this connection (a TokenBucket), if any.
     rate_bucket: Any = None
+    #: Set by the node when the connection opens: it comes from the node's
+    #: operator (``--trusted``).
+    trusted: bool = False
 
     def _fox_init(self) -> None:
         self._pending: dict[str, Deferred] = {}

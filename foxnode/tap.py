@@ -6,6 +6,7 @@ and declarative: identity, peer store, node, web site, listening endpoint.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from typing import Any
 
@@ -20,7 +21,7 @@ from foxnode import address, identity, logs
 from foxnode.client import TrustError, load_trust_root
 from foxnode.gossip import Gossip, GossipConfig
 from foxnode.metrics import NodeMetrics
-from foxnode.node import Node, NodeConfig
+from foxnode.node import DEFAULT_TRUSTED, Node, NodeConfig
 from foxnode.peers import PeerConfig, PeerManager
 from foxnode.protocol import FoxServerFactory
 from foxnode.store import BOOTSTRAP, PeerStore, StoreError
@@ -98,6 +99,16 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["peer"] = []
+        self["trusted"] = []
+
+    def opt_trusted(self, cidr: str) -> None:
+        """A network (CIDR, or one address) whose clients are the node's
+        operator; repeatable; given at all, it replaces the default
+        127.0.0.0/8 and ::1."""
+        try:
+            self["trusted"].append(ipaddress.ip_network(cidr, strict=False))
+        except ValueError as e:
+            raise usage.UsageError(f"--trusted {cidr}: {e}") from None
 
     def opt_peer(self, url: str) -> None:
         """A bootstrap peer (ws:// or wss:// URL) to dial; repeatable."""
@@ -160,6 +171,7 @@ class Options(usage.Options):
             handshake_timeout=self["handshake-timeout"],
             # Peers that only learn our port must know to dial wss:// then.
             secure=self["listen"].startswith(("ssl:", "tls:")),
+            trusted=tuple(self["trusted"]) or DEFAULT_TRUSTED,
         )
 
 

@@ -1,0 +1,42 @@
+"""Who is the node's operator: ``--trusted`` networks (PROTOCOL.md "Who may do what")."""
+
+import ipaddress
+
+import pytest
+from twisted.python import usage
+
+from foxnode import tap
+from foxnode.node import DEFAULT_TRUSTED, is_trusted_host
+
+
+@pytest.mark.parametrize("host, expected", [
+    ("127.0.0.1", True), ("127.3.0.1", True), ("::1", True),
+    # An IPv4-mapped address is its IPv4 address, in either direction.
+    ("::ffff:127.0.0.1", True), ("::ffff:10.0.0.1", False),
+    ("10.0.0.1", False), ("::2", False), ("0.0.0.0", False),
+    # Not an IP address at all (a UNIX socket, "?"): never trusted.
+    ("?", False), ("localhost", False), ("", False),
+])
+def test_default_trusts_loopback_only(host, expected):
+    assert is_trusted_host(host, DEFAULT_TRUSTED) is expected
+
+
+def test_given_networks_replace_the_default():
+    options = tap.Options()
+    options.parseOptions(["--trusted", "127.5.0.0/16", "--trusted", "::1"])
+    trusted = options.node_config().trusted
+    assert trusted == (ipaddress.ip_network("127.5.0.0/16"), ipaddress.ip_network("::1/128"))
+    assert is_trusted_host("127.5.9.9", trusted)
+    assert not is_trusted_host("127.0.0.1", trusted)
+
+
+def test_default_when_not_given():
+    options = tap.Options()
+    options.parseOptions([])
+    assert options.node_config().trusted == DEFAULT_TRUSTED
+
+
+def test_bad_network_is_one_usage_line():
+    options = tap.Options()
+    with pytest.raises(usage.UsageError, match="--trusted 300.0.0.0/8"):
+        options.parseOptions(["--trusted", "300.0.0.0/8"])
