@@ -441,8 +441,22 @@ class FoxConnection:
             d.callback(self._closed_result)
 
 
+#: What the node's own frame reader and writer (below) use of Autobahn's
+#: insides, all set once the WebSocket is open. setup.cfg bounds Autobahn to
+#: the versions tests/test_frame_reading.py and test_frame_writing.py pass
+#: with; a version without them makes the node use Autobahn's own path.
+AUTOBAHN_INSIDES = (
+    "state", "data", "current_frame", "inside_message", "_perMessageCompress", "applyMask",
+    "logOctets", "logFrames", "autoPingTimeoutCall", "autoPingRestartOnAnyTraffic",
+    "_cancelAutoPingTimeoutCall", "maxFramePayloadSize", "maxMessagePayloadSize",
+)
+
+
 class FoxServerProtocol(FoxConnection, WebSocketServerProtocol):
     direction = "in"
+    #: False: every frame is read and written by Autobahn (for tests, and
+    #: set by the first connection if an Autobahn lacks what it needs).
+    own_frames = True
 
     def _send_text(self, payload: bytes) -> None:
         # A server's text frame is a fixed header and the payload as is
@@ -451,7 +465,7 @@ class FoxServerProtocol(FoxConnection, WebSocketServerProtocol):
         # does for a "time" request, so frames are written here while the
         # connection is plainly open (no compression is ever negotiated, see
         # FoxServerFactory); everything else stays Autobahn's.
-        if self.state != self.STATE_OPEN or self._perMessageCompress is not None:
+        if self.state != self.STATE_OPEN or self._perMessageCompress is not None or not self.own_frames:
             self.sendMessage(payload, isBinary=False)
             return
         n = len(payload)
@@ -475,7 +489,7 @@ class FoxServerProtocol(FoxConnection, WebSocketServerProtocol):
         # are indistinguishable). Autobahn's bookkeeping that foxnode does
         # not use is skipped for these frames: traffic statistics, tracked
         # timings and "message" observers.
-        if (self.state == self.STATE_OPEN and not self.data and self.current_frame is None
+        if (self.own_frames and self.state == self.STATE_OPEN and not self.data and self.current_frame is None
                 and not self._reading_held
                 and not self.inside_message and self._perMessageCompress is None
                 and self.applyMask and not self.logOctets and not self.logFrames):
@@ -531,6 +545,15 @@ class FoxServerProtocol(FoxConnection, WebSocketServerProtocol):
         self.handshake_nonce = os.urandom(16).hex()
         super().connectionMade()
         self._become_producer()
+
+    def onOpen(self) -> None:
+        if FoxServerProtocol.own_frames:
+            missing = [name for name in AUTOBAHN_INSIDES if not hasattr(self, name)]
+            if missing:
+                FoxServerProtocol.own_frames = False
+                self._log.warn("this Autobahn lacks {missing}: frames are read and written by "
+                               "Autobahn alone (slower)", missing=", ".join(missing))
+        super().onOpen()
 
     def onConnect(self, request: Any) -> tuple[None, dict[str, str]]:
         refusal = self.handler.admit(self) if hasattr(self.handler, "admit") else None

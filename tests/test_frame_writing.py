@@ -14,7 +14,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from foxnode.protocol import FoxServerFactory
+from foxnode.protocol import AUTOBAHN_INSIDES, FoxServerFactory, FoxServerProtocol
 
 from test_frame_reading import HANDSHAKE, Handler
 
@@ -58,6 +58,21 @@ def test_own_frame_writing_matches_autobahn(n):
     t.clear()
     assert p.send_frame(payload) is True
     assert t.value() == autobahn_bytes([payload])
+
+
+def test_autobahn_has_what_the_own_frames_use():
+    p, _ = opened()
+    assert p.own_frames
+    assert [name for name in AUTOBAHN_INSIDES if not hasattr(p, name)] == []
+
+
+def test_own_frames_can_be_switched_off(monkeypatch):
+    monkeypatch.setattr(FoxServerProtocol, "own_frames", False)
+    payloads = [body(n) for n in SIZES]
+    p, t = opened()
+    for payload in payloads:
+        p._send_text(payload)
+    assert t.value() == autobahn_bytes(payloads)
 
 
 def test_compression_falls_back_to_autobahn():
