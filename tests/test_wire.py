@@ -296,3 +296,25 @@ async def test_no_frame_over_the_limit_leaves_the_node(reactor, node_dir):
             await c.when_closed()
     finally:
         await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_foxnode_call_reads_what_its_node_sends(reactor, node_dir):
+    from test_cli import run
+
+    running = await start_node(reactor, node_dir, "--max-message-size", str(4 << 20))
+    try:
+        addrs = _full_store_addresses()
+        await _fill(running, addrs)
+        code, out, err = await run(reactor, "call", running.url, "peers", timeout=60)
+        assert (code, err) == (0, "")
+        assert json.loads(out)["response"]["peers"] == running.node.store.addresses()
+        # Told to read less than the node sends, it fails with one line.
+        code, out, err = await run(reactor, "call", "--max-message-size", "100000", running.url, "peers")
+        assert code == 2 and err.count("\n") == 1, (code, err)
+        # And a request over its own limit is not sent.
+        code, out, err = await run(reactor, "call", "--max-message-size", "100", running.url, "register",
+                                   json.dumps({"addr": "ws://127.3.0.1:9/" + "a" * 200}))
+        assert code == 2 and "--max-message-size" in err, (code, err)
+    finally:
+        await running.stop()
