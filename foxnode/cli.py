@@ -143,9 +143,11 @@ class _OneCallProtocol(FoxClientProtocol):
 
 
 def open_connection(reactor: Any, url: str, handler: Any, *, cafile: str | None = None,
-                    timeout: float = 10.0, protocol: type | None = None) -> tuple[Any, Deferred]:
+                    timeout: float = 10.0, protocol: type | None = None,
+                    max_message_size: int = client.CLIENT_MAX_MESSAGE) -> tuple[Any, Deferred]:
     """Dial ``url``; returns the factory and a Deferred firing with the open protocol."""
-    factory = FoxClientFactory(url, handler, reactor, open_timeout=timeout)
+    factory = FoxClientFactory(url, handler, reactor, open_timeout=timeout,
+                               max_message_size=max_message_size)
     if protocol is not None:
         factory.protocol = protocol
     d = endpoint(reactor, url, cafile, timeout).connect(factory)
@@ -212,11 +214,16 @@ async def run_call(reactor: Any, opts: argparse.Namespace) -> None:
 
     async def exchange() -> dict:
         factory, opened = open_connection(reactor, url, client.Listener(), cafile=opts.cafile,
-                                          timeout=timeout, protocol=_OneCallProtocol)
+                                          timeout=timeout, protocol=_OneCallProtocol,
+                                          max_message_size=opts.max_message_size)
         factory.reply = Deferred()
         proto = await opened
         proto_box.append(proto)
-        proto.send_frame(codec.encode_request(opts.op, opts.args, opts.id))
+        request = codec.encode_request(opts.op, opts.args, opts.id)
+        if len(request) > proto.send_limit:
+            raise Failed(EXIT_USAGE, f"the request is {len(request)} bytes, over --max-message-size "
+                                     f"({opts.max_message_size})")
+        proto.send_frame(request)
         proto.sent = True
         return await factory.reply
 
@@ -268,7 +275,8 @@ async def run_watch(reactor: Any, opts: argparse.Namespace) -> None:
 
     reactor.addSystemEventTrigger("before", "shutdown", stop)
     try:
-        _, opened = open_connection(reactor, url, client.Listener(on_event), cafile=opts.cafile, timeout=timeout)
+        _, opened = open_connection(reactor, url, client.Listener(on_event), cafile=opts.cafile,
+                                    timeout=timeout, max_message_size=opts.max_message_size)
         opened.addTimeout(timeout, reactor)
         proto = state["proto"] = await opened
         reply = await proto.request("subscribe", {"topics": opts.topics}, timeout=timeout)
@@ -684,6 +692,10 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=_positive(float), default=10.0, metavar="SECONDS",
                        help="give up connecting (and, for call, waiting for the reply) after this long "
                             "(default: %(default)s)")
+        p.add_argument("--max-message-size", type=_positive(int), default=client.CLIENT_MAX_MESSAGE,
+                       metavar="BYTES",
+                       help="largest message to read from the node, and to send (default: %(default)s; "
+                            "a node sends at most its own --max-message-size, 1 MiB by default)")
         p.add_argument("--cafile", metavar="PEM",
                        help="for wss://: trust the CA certificate(s) in this PEM file (or directory) "
                             "instead of the system's, e.g. for a node with a self-signed certificate")

@@ -19,6 +19,12 @@ from foxnode import address, codec
 from foxnode.protocol import FoxClientFactory, FoxClientProtocol
 
 
+#: The largest message a client reads by default: far above what a node
+#: sends (its --max-message-size, 1 MiB by default), so that a client never
+#: fails a connection on a reply its node was allowed to send.
+CLIENT_MAX_MESSAGE = 64 << 20
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
 
@@ -82,6 +88,9 @@ class Listener:
     def rate_refused(self, conn: FoxClientProtocol, bucket: Any) -> codec.Reply:
         return codec.too_many("Too many messages.")  # unused: a client sets no rate
 
+    def event_refused(self, conn: FoxClientProtocol, bucket: Any) -> None:
+        pass  # unused: a client sets no budget
+
     def message_refused(self, conn: FoxClientProtocol, reply: codec.Reply) -> None:
         pass
 
@@ -98,9 +107,10 @@ class Listener:
 
 def connect(reactor: Any, url: str, on_event: Callable[[codec.Event], None] | None = None,
             trust_roots: str | None = None, timeout: float = 10.0,
-            max_message_size: int = 1 << 20) -> Deferred:
+            max_message_size: int = CLIENT_MAX_MESSAGE) -> Deferred:
     """Open a WebSocket connection; fires with the open ``FoxClientProtocol``
-    (use ``.request(op, args)`` and ``.close()`` on it)."""
+    (use ``.request(op, args)`` and ``.close()`` on it). ``max_message_size``
+    bounds what it reads, and what it sends."""
     addr = address.parse(url)
     factory = FoxClientFactory(url, Listener(on_event), reactor, open_timeout=timeout,
                                max_message_size=max_message_size)
@@ -110,9 +120,10 @@ def connect(reactor: Any, url: str, on_event: Callable[[codec.Event], None] | No
 
 
 def call(reactor: Any, url: str, op: str, args: Any = None, timeout: float = 10.0,
-         trust_roots: str | None = None) -> Deferred:
+         trust_roots: str | None = None, max_message_size: int = CLIENT_MAX_MESSAGE) -> Deferred:
     """Connect, send one request, close; fires with the ``codec.Reply``."""
-    d = connect(reactor, url, trust_roots=trust_roots, timeout=timeout)
+    d = connect(reactor, url, trust_roots=trust_roots, timeout=timeout,
+                max_message_size=max_message_size)
 
     def send(proto: FoxClientProtocol) -> Deferred:
         r = proto.request(op, args, timeout=timeout)

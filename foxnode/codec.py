@@ -10,6 +10,7 @@ and nowhere else.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, NamedTuple
 
 import orjson
@@ -24,11 +25,19 @@ DEFAULT_MAX_DEPTH = 64
 
 
 class CodecError(Exception):
-    """A frame that is not a request; ``reply`` is what to send back."""
+    """A frame that is not a request; ``reply`` is what to send back.
 
-    def __init__(self, reply: "Reply") -> None:
+    ``has_id``/``rid``: the request's id when the codec already knows it
+    (None: unknown, look it up). ``event``: the name, when the frame was an
+    event (pushes get no reply)."""
+
+    def __init__(self, reply: "Reply", has_id: bool | None = None, rid: Any = None,
+                 event: str | None = None) -> None:
         super().__init__(reply.error)
         self.reply = reply
+        self.has_id = has_id
+        self.rid = rid
+        self.event = event
 
 
 # Plain named tuples, not attrs classes: one of each is made per message,
@@ -128,9 +137,17 @@ def _too_deep(value: Any, limit: int) -> bool:
 
 
 def loads(payload: bytes | str) -> Any:
-    """Parse JSON text; raises ``CodecError(PARSE_ERROR)``."""
+    """Parse JSON text; raises ``CodecError(PARSE_ERROR)``.
+
+    The result may hold values JSON cannot carry back (see ``unsendable``)
+    only if orjson refused the text."""
+    return _loads(payload)[0]
+
+
+def _loads(payload: bytes | str) -> tuple[Any, bool]:
+    """The value, and whether it came from the fallback parser."""
     try:
-        return orjson.loads(payload)
+        return orjson.loads(payload), False
     except (orjson.JSONDecodeError, TypeError, ValueError):
         pass
     # orjson refuses a few texts the lab's node (Python's json) took, such as
@@ -138,9 +155,52 @@ def loads(payload: bytes | str) -> Any:
     try:
         # UTF-8 only (json.loads would guess UTF-16 or -32 from bytes).
         text = payload.decode("utf-8") if isinstance(payload, bytes) else payload
-        return json.loads(text)
+        return json.loads(text), True
     except (ValueError, TypeError, RecursionError):
         raise CodecError(PARSE_ERROR) from None
+
+
+_INT64_MIN, _UINT64_MAX = -(1 << 63), (1 << 64) - 1
+
+
+def _unsendable_scalar(value: Any) -> str | None:
+    if isinstance(value, float):
+        if value != value or value in (math.inf, -math.inf):
+            return "NaN or Infinity (not a JSON number)"
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if not _INT64_MIN <= value <= _UINT64_MAX:
+            return "an integer beyond 64 bits"
+    elif isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "a lone UTF-16 surrogate (not Unicode text)"
+    return None
+
+
+def unsendable(value: Any) -> str | None:
+    """What in ``value`` the node could not send on as JSON, or None.
+
+    Python's json (the fallback of ``loads``) takes NaN, Infinity, 1e999,
+    lone surrogate escapes such as "\\ud800" and integers of any size;
+    orjson writes NaN as null and refuses the rest, so such a value would
+    change on its way or wedge the writer. Walked without recursion."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, child in item.items():
+                fault = _unsendable_scalar(key)
+                if fault is not None:
+                    return fault + " as a key"
+                stack.append(child)
+        elif isinstance(item, list):
+            stack.extend(item)
+        else:
+            fault = _unsendable_scalar(item)
+            if fault is not None:
+                return fault
+    return None
 
 
 def decode(payload: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> Request | Response | Event:
@@ -150,13 +210,15 @@ def decode(payload: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> Request | Resp
     text. Anything that is not one of the three raises ``CodecError`` whose
     reply is the seed's answer for it.
     """
-    message = loads(payload)
+    message, fallback = _loads(payload)
     if not isinstance(message, dict):
         raise CodecError(BODY_ERROR)
     # Counting brackets is C-speed and bounds the depth from above, so the
     # walk runs only for the rare message that could be too deep.
     if payload.count(b"[") + payload.count(b"{") > max_depth and _too_deep(message, max_depth):
         raise CodecError(Reply(400, f"Message nests deeper than {max_depth} levels."))
+    if fallback:
+        _refuse_unsendable(message)
     op = message.get("op")
     if isinstance(op, str):
         rid = message.get("id")
@@ -170,6 +232,18 @@ def decode(payload: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> Request | Resp
     if isinstance(event, str) and "op" not in message:
         return Event(event, message)
     raise CodecError(BODY_ERROR)
+
+
+def _refuse_unsendable(message: dict) -> None:
+    fault = unsendable(message)
+    if fault is None:
+        return
+    rid = message.get("id")
+    # An id that is itself unsendable cannot be echoed: the reply goes without.
+    has_id = "id" in message and _valid_id(rid) and _unsendable_scalar(rid) is None
+    event = message.get("event") if "op" not in message else None
+    raise CodecError(Reply(400, f"Message holds {fault}, which JSON cannot carry back."),
+                     has_id, rid if has_id else None, event if isinstance(event, str) else None)
 
 
 def request_id_of(payload: bytes) -> tuple[bool, Any]:
@@ -189,7 +263,31 @@ def request_id_of(payload: bytes) -> tuple[bool, Any]:
 _OK_PREFIX = b'{"status":200,"error":"OK","response":'
 
 
+#: What a reply becomes when it cannot be encoded (a bug, never the
+#: client's fault); the node logs nothing more for it than this text.
+UNENCODABLE = Reply(500, "Internal error: the reply could not be encoded as JSON.")
+
+
 def encode_reply(reply: Reply, has_id: bool = False, rid: Any = None) -> bytes:
+    """The reply's frame. Never raises for what a reply holds: a reply
+    that cannot be encoded becomes ``UNENCODABLE``, an id that cannot
+    be echoed is left out."""
+    try:
+        return _encode_reply(reply, has_id, rid)
+    except (orjson.JSONEncodeError, TypeError):
+        pass
+    if has_id:
+        try:
+            orjson.dumps(rid)
+        except (orjson.JSONEncodeError, TypeError):
+            has_id, rid = False, None
+    try:
+        return _encode_reply(reply, has_id, rid)
+    except (orjson.JSONEncodeError, TypeError):
+        return _encode_reply(UNENCODABLE, has_id, rid)
+
+
+def _encode_reply(reply: Reply, has_id: bool, rid: Any) -> bytes:
     if reply.status == 200 and reply.error == "OK":
         # The common reply: its fixed head is spliced, not serialized.
         head = _OK_PREFIX + orjson.dumps(reply.response)

@@ -59,6 +59,9 @@ class NodeMetrics:
             ["kind"], registry=r)
         self.rate_limited = Counter(
             "foxnode_rate_limited", "Requests refused by a rate limit", registry=r)
+        self.peer_events_dropped = Counter(
+            "foxnode_peer_events_rate_limited",
+            "Events pushed by peers (gossip, ihave, ...) dropped over their budget", registry=r)
 
     def count_request(self, op: str, status: int) -> None:
         key = (op if op in KNOWN_OPS else "other", status)

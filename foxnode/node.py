@@ -9,6 +9,7 @@ hang off the node and receive the connections' events.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import json
 import time
@@ -28,6 +29,9 @@ from foxnode.protocol import CLOSE_RATE_LIMIT, CLOSE_SHUTDOWN
 from foxnode.store import REGISTER, PeerStore, StoreWriteError
 
 log = logs.logger(__name__)
+
+#: Bytes of a reply besides its response: the head, and an id.
+REPLY_MARGIN = 1024
 
 
 DEFAULT_TRUSTED = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
@@ -61,6 +65,13 @@ class NodeConfig:
     #: requests per second per connection, and the burst allowed above it
     rate: float = 50.0
     burst: float = 100.0
+    #: the budget of one peer (a connection that said hello): its requests
+    #: and pushed events per second, and the burst above it
+    peer_rate: float = 1000.0
+    peer_burst: float = 5000.0
+    #: requests of one connection waiting for their replies before the node
+    #: stops reading it
+    max_in_flight: int = 64
     #: WebSocket connections from one remote IP address
     max_per_ip: int = 32
     max_depth: int = 64
@@ -100,7 +111,7 @@ class Node:
         #: the peer manager (peers.py) and gossip (gossip.py) once installed
         self.peers: Any = None
         self.gossip: Any = None
-        self._peers_cache: tuple[int, Any] = (-1, None)
+        self._peers_cache: tuple[int, bytes, list[str] | None] = (-1, b"", None)
         self._zone, self._zone_until = "", 0.0
         self._ops: dict[str, Op] = {
             "register": self.op_register,
@@ -153,7 +164,11 @@ class Node:
 
     def connection_opened(self, conn: Any) -> None:
         conn.trusted = self.is_trusted(conn)
-        conn.rate_bucket = TokenBucket(self.config.rate, self.config.burst, self.reactor.seconds)
+        # The operator's scripts may pipeline as fast as they like; a peer
+        # is budgeted whoever it is, once it said hello.
+        if not conn.trusted:
+            conn.rate_bucket = TokenBucket(self.config.rate, self.config.burst, self.reactor.seconds)
+        conn.peer_bucket = TokenBucket(self.config.peer_rate, self.config.peer_burst, self.reactor.seconds)
         self.connections.add(conn)
         self.metrics.connections.labels(conn.direction).inc()
         if conn.direction == "in":
@@ -169,7 +184,7 @@ class Node:
         if self.stopping:
             return "node shutting down"
         host = conn.remote_host
-        if self._per_ip[host] >= self.config.max_per_ip:
+        if self._per_ip[host] >= self.config.max_per_ip and not self.is_trusted(conn):
             return f"too many connections from {host}"
         # Counted from the upgrade on, so a burst of handshakes counts too.
         self._per_ip[host] += 1
@@ -181,13 +196,21 @@ class Node:
         set in ``connection_opened``, which the protocol charges for every
         message, well-formed or not); closes a connection that keeps going."""
         self.metrics.rate_limited.inc()
-        if bucket.refused > self.config.burst:
+        self._close_if_ignored(conn, bucket)
+        return codec.too_many(
+            f"Too many requests: the limit is {bucket.rate:g} per second; "
+            f"retry after {bucket.retry_after():.2f} s.")
+
+    def event_refused(self, conn: Any, bucket: TokenBucket) -> None:
+        """A peer's pushed event over its budget: dropped and counted."""
+        self.metrics.peer_events_dropped.inc()
+        self._close_if_ignored(conn, bucket)
+
+    def _close_if_ignored(self, conn: Any, bucket: TokenBucket) -> None:
+        if bucket.refused > bucket.burst and conn.can_send():
             # Kept sending while told to slow down: not a client that listens.
             log.info("{conn}: closing, ignored the rate limit", conn=conn.describe())
             conn.close(CLOSE_RATE_LIMIT, "request rate limit ignored")
-        return codec.too_many(
-            f"Too many requests: the limit is {self.config.rate:g} per second; "
-            f"retry after {bucket.retry_after():.2f} s.")
 
     def message_refused(self, conn: Any, reply: codec.Reply) -> None:
         """A message that was not a request, answered by the codec."""
@@ -269,13 +292,41 @@ class Node:
 
         return result.durable.addBoth(settled)
 
+    def _reply_budget(self) -> int:
+        """Bytes a reply's ``response`` may take: the message size limit
+        less room for the reply's head and an id."""
+        return max(1024, self.config.max_message_size - REPLY_MARGIN)
+
     def op_peers(self, conn: Any, args: Any) -> codec.Reply:
-        generation, cached = self._peers_cache
+        cursor = args.get("cursor") if isinstance(args, dict) else None
+        if cursor is not None and not isinstance(cursor, str):
+            return codec.bad_args("peers", '"cursor" must be the "next" of an earlier peers reply')
+        generation, whole, ordered = self._peers_cache
         if generation != self.store.generation:
             # Serialized once per change of the address set, not per request.
-            cached = orjson.Fragment(orjson.dumps({"peers": self.store.addresses()}))
-            self._peers_cache = (self.store.generation, cached)
-        return codec.ok(cached)
+            whole = orjson.dumps({"peers": self.store.addresses()})
+            ordered = None
+            self._peers_cache = (self.store.generation, whole, ordered)
+        if cursor is None and len(whole) <= self._reply_budget():
+            return codec.ok(orjson.Fragment(whole))  # the seed's reply, exactly
+        if ordered is None:
+            # Pages go in address order, so that a cursor (the last address
+            # of a page) still means the same place after the store changed.
+            ordered = sorted(self.store.addresses())
+            self._peers_cache = (self.store.generation, whole, ordered)
+        start = bisect.bisect_right(ordered, cursor) if cursor is not None else 0
+        # Room for '{"peers":[],"next":' and the cursor, an address at most.
+        room = self._reply_budget() - 32 - 6 * address.MAX_ADDRESS_LENGTH
+        page: list[str] = []
+        for addr in ordered[start:]:
+            room -= len(orjson.dumps(addr)) + 1
+            if room < 0 and page:
+                break
+            page.append(addr)
+        response: dict[str, Any] = {"peers": page}
+        if start + len(page) < len(ordered):
+            response["next"] = page[-1] if page else cursor
+        return codec.ok(response)
 
     def op_time(self, conn: Any, args: Any) -> codec.Reply:
         now = time.time()
@@ -291,7 +342,20 @@ class Node:
             # and the links this node can see.
             info["peers"] = self.peers.peer_states()
             info["topology"] = self.peers.topology()
+            self._fit_detail(info)
         return codec.ok(info)
+
+    def _fit_detail(self, info: dict[str, Any]) -> None:
+        """Cut ``info``'s detail until it fits a message; say so."""
+        budget = self._reply_budget()
+        if len(orjson.dumps(info)) <= budget:
+            return
+        info["truncated"] = True
+        peers = info["peers"]
+        while peers and len(orjson.dumps(info)) > budget:
+            del peers[len(peers) // 2:]
+        if len(orjson.dumps(info)) > budget:
+            info["topology"] = {"nodes": [], "links": []}
 
     # -- views -----------------------------------------------------------------------
 

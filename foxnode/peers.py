@@ -263,6 +263,7 @@ class PeerManager:
         c = self.node.config
         factory = FoxClientFactory(addr, self.node, self.reactor,
                                    max_message_size=c.max_message_size, send_queue=c.send_queue,
+                                   max_in_flight=c.max_in_flight,
                                    max_depth=c.max_depth, ping_interval=c.ping_interval,
                                    ping_timeout=c.ping_timeout, open_timeout=self.config.dial_timeout)
         endpoint = endpoint_for(self.reactor, parsed, self.config.trust_roots, self.config.dial_timeout)

@@ -26,13 +26,14 @@ from autobahn.twisted.websocket import (
     WebSocketServerProtocol,
 )
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
+from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout, fail
 from foxnode import logs
 from twisted.python.failure import Failure
 
 from foxnode import codec
 
 NONCE_HEADER = "X-Foxnode-Nonce"
+_UNLIMITED = 1 << 62
 INTERNAL_ERROR = codec.Reply(500, "Internal error; the node logged it.")
 
 #: Close codes an application may send: 1000, or the private range
@@ -44,6 +45,10 @@ CLOSE_TOO_SLOW = 4009
 
 #: Bytes of frames a connection may hold back while its reader is slow.
 DEFAULT_SEND_QUEUE = 1 << 20
+#: Requests of one connection whose replies are not yet sent (a register
+#: waiting for the disk, and everything queued behind it) before the node
+#: stops reading that connection.
+DEFAULT_MAX_IN_FLIGHT = 64
 
 
 class ConnectionHandler(TypingProtocol):
@@ -56,6 +61,8 @@ class ConnectionHandler(TypingProtocol):
     def handle_event(self, conn: "FoxConnection", event: codec.Event) -> None: ...
 
     def rate_refused(self, conn: "FoxConnection", bucket: Any) -> codec.Reply: ...
+
+    def event_refused(self, conn: "FoxConnection", bucket: Any) -> None: ...
 
     def message_refused(self, conn: "FoxConnection", reply: codec.Reply) -> None: ...
 
@@ -76,8 +83,11 @@ class FoxConnection:
     node_id: str | None = None
     #: The address other nodes dial to reach the remote (peers only).
     peer_addr: str | None = None
-    #: The handler's rate limit for this connection (a TokenBucket), if any.
+    #: The handler's rate limit for this connection (a TokenBucket), if any,
+    #: while it is a client; and the budget of its requests and events once
+    #: it said hello (a peer).
     rate_bucket: Any = None
+    peer_bucket: Any = None
     #: Set by the node when the connection opens: it comes from the node's
     #: operator (``--trusted``).
     trusted: bool = False
@@ -102,6 +112,11 @@ class FoxConnection:
         self._backlog: deque = deque()
         self._backlog_bytes = 0
         self.dropped = 0
+        # Requests in flight: at ``factory.max_in_flight`` replies not yet
+        # sent, the socket is not read (what was read waits, unparsed, in
+        # Autobahn's buffer) until half of them are out.
+        self._reading_held = False
+        self._release_call: Any = None
 
     def _become_producer(self) -> None:
         transport = self.transport
@@ -179,12 +194,16 @@ class FoxConnection:
         """Send a request; the Deferred fires with its ``codec.Reply``."""
         self._next_request += 1
         rid = f"r{self._next_request}"
+        frame = codec.encode_request(op, args, rid)
+        if len(frame) > self.send_limit:
+            return fail(RequestFailed(f"request {op!r} of {len(frame)} bytes is over the "
+                                      f"message size limit of {self.send_limit} bytes"))
         d: Deferred = Deferred()
         self._pending[rid] = d
         if timeout is not None:
             d.addTimeout(timeout, self.factory.reactor)
             d.addErrback(self._forget, rid)
-        self.send_frame(codec.encode_request(op, args, rid))
+        self.send_frame(frame)
         return d
 
     def _forget(self, failure: Failure, rid: str) -> Failure:
@@ -193,6 +212,12 @@ class FoxConnection:
 
     def _send_text(self, payload: bytes) -> None:
         self.sendMessage(payload, isBinary=False)
+
+    @property
+    def send_limit(self) -> int:
+        """The largest message this side sends: its own --max-message-size,
+        which is also the default limit of the receiving side."""
+        return self.maxMessagePayloadSize or _UNLIMITED
 
     def can_send(self) -> bool:
         # Autobahn's own state: a closing connection refuses new messages.
@@ -203,6 +228,13 @@ class FoxConnection:
         queue drops a ``droppable`` frame (a push; counted in ``dropped``)
         and otherwise closes the connection: a reply must never be lost."""
         if not self.can_send():
+            return False
+        if len(frame) > self.send_limit:
+            # The receiver would fail the connection (1009) on it. Replies
+            # never get here (``_reply_frame`` turns them into an error).
+            self.dropped += 1
+            self._log.info("{conn}: not sent, a frame of {n} bytes is over the message size limit "
+                           "({limit})", conn=self.describe(), n=len(frame), limit=self.send_limit)
             return False
         if not self._paused and not self._backlog:
             self._send_text(frame)
@@ -222,6 +254,9 @@ class FoxConnection:
         """Close with a close frame; the reason is at most 123 bytes of UTF-8."""
         if reason is not None:
             reason = reason.encode("utf-8")[:123].decode("utf-8", "ignore")
+        if self._reading_held and self._release_call is None:
+            # The close handshake must be read, held requests or not.
+            self._release_call = self.factory.reactor.callLater(0, self._release_reading)
         if self.can_send():
             self.sendClose(code, reason)
         elif not self.fox_open:
@@ -243,18 +278,31 @@ class FoxConnection:
                 d.callback(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        # Every message is charged to the rate the handler set for this
-        # connection (peers, once they said hello, are not rate-limited).
-        bucket = self.rate_bucket
-        if bucket is not None and self.node_id is None and not bucket.take():
-            self._queue_reply(self.handler.rate_refused(self, bucket), *codec.request_id_of(payload))
-            return
+        # A client's every message is charged, before the parse it costs,
+        # to the rate the handler set (none for the node's operator). A
+        # peer's are charged to its own budget once parsed, so that a
+        # request can be told 429 and an event dropped.
+        peer = self.node_id is not None
+        if not peer:
+            bucket = self.rate_bucket
+            if bucket is not None and not bucket.take():
+                self._queue_reply(self.handler.rate_refused(self, bucket), *codec.request_id_of(payload))
+                return
         try:
             message = codec.decode(payload, self.factory.max_depth)
         except codec.CodecError as e:
-            has_id, rid = (False, None) if e.reply is codec.PARSE_ERROR else codec.request_id_of(payload)
+            if peer and not self._peer_charge(None):
+                return
             self.handler.message_refused(self, e.reply)
+            if e.event is not None and not (self.direction == "in" and not peer):
+                return  # a peer's push: no reply to a push
+            if e.has_id is not None:
+                has_id, rid = e.has_id, e.rid
+            else:
+                has_id, rid = (False, None) if e.reply is codec.PARSE_ERROR else codec.request_id_of(payload)
             self._queue_reply(e.reply, has_id, rid)
+            return
+        if peer and type(message) is not codec.Response and not self._peer_charge(message):
             return
         if type(message) is codec.Request:
             try:
@@ -266,7 +314,7 @@ class FoxConnection:
                     and not self._paused and self.state == self.STATE_OPEN):
                 # The common case, taken without detours: an immediate
                 # reply, nothing ahead of it, a reader keeping up.
-                self._send_text(codec.encode_reply(result, message.has_id, message.id))
+                self._send_text(self._reply_frame(result, message.has_id, message.id))
                 return
             self._queue_reply(result, message.has_id, message.id)
         elif self.direction == "in" and self.node_id is None:
@@ -286,12 +334,40 @@ class FoxConnection:
             except Exception:
                 self._log.failure("event {event} failed for {conn}", event=message.name, conn=self.describe())
 
+    def _peer_charge(self, message: Any) -> bool:
+        """Charge one message of a peer to its budget; False: over it, and
+        answered (a request: 429) or dropped (an event, a bad message)."""
+        bucket = self.peer_bucket
+        if bucket is None or bucket.take():
+            return True
+        if type(message) is codec.Request:
+            self._queue_reply(self.handler.rate_refused(self, bucket), message.has_id, message.id)
+        else:
+            self.handler.event_refused(self, bucket)
+        return False
+
+    def _reply_frame(self, reply: codec.Reply, has_id: bool, rid: Any) -> bytes:
+        """The frame of a reply, never over the limit the receiver has."""
+        frame = codec.encode_reply(reply, has_id, rid)
+        limit = self.send_limit
+        if len(frame) <= limit:
+            return frame
+        self._log.info("{conn}: a reply of {n} bytes is over the message size limit ({limit})",
+                       conn=self.describe(), n=len(frame), limit=limit)
+        refusal = codec.Reply(413, f"Reply too large: {len(frame)} bytes, over the node's "
+                                   f"--max-message-size of {limit} bytes.")
+        frame = codec.encode_reply(refusal, has_id, rid)
+        # An id of nearly the limit's size cannot come back either.
+        return frame if len(frame) <= limit else codec.encode_reply(refusal)
+
     def _queue_reply(self, result: Any, has_id: bool, rid: Any) -> None:
         if not isinstance(result, Deferred) and not self._replies:
-            self.send_frame(codec.encode_reply(result, has_id, rid))
+            self.send_frame(self._reply_frame(result, has_id, rid))
             return
         slot = [None]
         self._replies.append(slot)
+        if len(self._replies) >= self.factory.max_in_flight:
+            self._hold_reading()
         if isinstance(result, Deferred):
             result.addBoth(self._reply_ready, slot, has_id, rid)
         else:
@@ -301,9 +377,41 @@ class FoxConnection:
         if isinstance(reply, Failure):
             self._log.failure("request failed for {conn}", reply, conn=self.describe())
             reply = INTERNAL_ERROR
-        slot[0] = codec.encode_reply(reply, has_id, rid)
+        slot[0] = self._reply_frame(reply, has_id, rid)
         while self._replies and self._replies[0][0] is not None:
             self.send_frame(self._replies.popleft()[0])
+        if (self._reading_held and self._release_call is None
+                and len(self._replies) <= self.factory.max_in_flight // 2):
+            # Later, not from inside the reply that may be running in onMessage.
+            self._release_call = self.factory.reactor.callLater(0, self._release_reading)
+
+    # -- backpressure on requests --------------------------------------------------
+
+    def _hold_reading(self) -> None:
+        if not self._reading_held:
+            self._reading_held = True
+            self.transport.pauseProducing()
+
+    def _release_reading(self) -> None:
+        call, self._release_call = self._release_call, None
+        if call is not None and call.active():
+            call.cancel()
+        if not self._reading_held:
+            return
+        self._reading_held = False
+        if self.transport is None:
+            return
+        self.transport.resumeProducing()
+        if self.data:
+            # What was read before the hold, in the order it came.
+            self.consumeData()
+
+    def processData(self) -> bool:
+        # Autobahn's frame loop: while requests are held, frames already
+        # read stay in its buffer, unparsed.
+        if self._reading_held and self.state == self.STATE_OPEN:
+            return False
+        return super().processData()
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         was_open, self.fox_open = self.fox_open, False
@@ -315,6 +423,9 @@ class FoxConnection:
         self._replies.clear()
         self._backlog.clear()
         self._backlog_bytes = 0
+        if self._release_call is not None and self._release_call.active():
+            self._release_call.cancel()
+        self._release_call = None
         waiters, self._open_waiters = self._open_waiters, []
         for d in waiters:
             d.errback(RequestFailed(f"connection closed before it opened ({code}: {reason})"))
@@ -330,8 +441,22 @@ class FoxConnection:
             d.callback(self._closed_result)
 
 
+#: What the node's own frame reader and writer (below) use of Autobahn's
+#: insides, all set once the WebSocket is open. setup.cfg bounds Autobahn to
+#: the versions tests/test_frame_reading.py and test_frame_writing.py pass
+#: with; a version without them makes the node use Autobahn's own path.
+AUTOBAHN_INSIDES = (
+    "state", "data", "current_frame", "inside_message", "_perMessageCompress", "applyMask",
+    "logOctets", "logFrames", "autoPingTimeoutCall", "autoPingRestartOnAnyTraffic",
+    "_cancelAutoPingTimeoutCall", "maxFramePayloadSize", "maxMessagePayloadSize",
+)
+
+
 class FoxServerProtocol(FoxConnection, WebSocketServerProtocol):
     direction = "in"
+    #: False: every frame is read and written by Autobahn (for tests, and
+    #: set by the first connection if an Autobahn lacks what it needs).
+    own_frames = True
 
     def _send_text(self, payload: bytes) -> None:
         # A server's text frame is a fixed header and the payload as is
@@ -340,7 +465,7 @@ class FoxServerProtocol(FoxConnection, WebSocketServerProtocol):
         # does for a "time" request, so frames are written here while the
         # connection is plainly open (no compression is ever negotiated, see
         # FoxServerFactory); everything else stays Autobahn's.
-        if self.state != self.STATE_OPEN or self._perMessageCompress is not None:
+        if self.state != self.STATE_OPEN or self._perMessageCompress is not None or not self.own_frames:
             self.sendMessage(payload, isBinary=False)
             return
         n = len(payload)
@@ -364,7 +489,8 @@ class FoxServerProtocol(FoxConnection, WebSocketServerProtocol):
         # are indistinguishable). Autobahn's bookkeeping that foxnode does
         # not use is skipped for these frames: traffic statistics, tracked
         # timings and "message" observers.
-        if (self.state == self.STATE_OPEN and not self.data and self.current_frame is None
+        if (self.own_frames and self.state == self.STATE_OPEN and not self.data and self.current_frame is None
+                and not self._reading_held
                 and not self.inside_message and self._perMessageCompress is None
                 and self.applyMask and not self.logOctets and not self.logFrames):
             data = self._take_text_frames(data)
@@ -402,8 +528,8 @@ class FoxServerProtocol(FoxConnection, WebSocketServerProtocol):
             if self.autoPingTimeoutCall is not None and self.autoPingRestartOnAnyTraffic:
                 self._cancelAutoPingTimeoutCall()
             self.onMessage(payload, False)
-            if self.state != self.STATE_OPEN:
-                break
+            if self.state != self.STATE_OPEN or self._reading_held:
+                break  # the rest waits in Autobahn's buffer
         return data[start:] if start else data
 
     @functools.cached_property
@@ -419,6 +545,15 @@ class FoxServerProtocol(FoxConnection, WebSocketServerProtocol):
         self.handshake_nonce = os.urandom(16).hex()
         super().connectionMade()
         self._become_producer()
+
+    def onOpen(self) -> None:
+        if FoxServerProtocol.own_frames:
+            missing = [name for name in AUTOBAHN_INSIDES if not hasattr(self, name)]
+            if missing:
+                FoxServerProtocol.own_frames = False
+                self._log.warn("this Autobahn lacks {missing}: frames are read and written by "
+                               "Autobahn alone (slower)", missing=", ".join(missing))
+        super().onOpen()
 
     def onConnect(self, request: Any) -> tuple[None, dict[str, str]]:
         refusal = self.handler.admit(self) if hasattr(self.handler, "admit") else None
@@ -470,12 +605,13 @@ class FoxServerFactory(WebSocketServerFactory):
                  max_message_size: int = 1 << 20, ping_interval: float = 30.0,
                  ping_timeout: float = 15.0, open_timeout: float = 10.0,
                  send_queue: int = DEFAULT_SEND_QUEUE, max_depth: int = codec.DEFAULT_MAX_DEPTH,
-                 max_connections: int = 0) -> None:
+                 max_connections: int = 0, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> None:
         super().__init__(reactor=reactor)
         self.handler = handler
         self.reactor = reactor
         self.send_queue = send_queue
         self.max_depth = max_depth
+        self.max_in_flight = max_in_flight
         _apply_options(self, max_message_size, ping_interval, ping_timeout, open_timeout)
         self.setProtocolOptions(
             # The lab's node accepted any origin; browsers on other pages may talk to us.
@@ -496,12 +632,14 @@ class FoxClientFactory(WebSocketClientFactory):
                  max_message_size: int = 1 << 20, ping_interval: float = 30.0,
                  ping_timeout: float = 15.0, open_timeout: float = 10.0,
                  send_queue: int = DEFAULT_SEND_QUEUE, max_depth: int = codec.DEFAULT_MAX_DEPTH,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None,
+                 max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> None:
         super().__init__(url, reactor=reactor, headers=headers or {})
         self.handler = handler
         self.reactor = reactor
         self.send_queue = send_queue
         self.max_depth = max_depth
+        self.max_in_flight = max_in_flight
         _apply_options(self, max_message_size, ping_interval, ping_timeout, open_timeout)
 
 

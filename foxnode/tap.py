@@ -51,6 +51,13 @@ def _positive_float(value: str) -> float:
     return x
 
 
+def _burst(value: str) -> float:
+    x = float(value)
+    if not 1 <= x < float("inf"):
+        raise ValueError("must be at least 1 (one message)")
+    return x
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
@@ -71,6 +78,14 @@ class Options(usage.Options):
         ["max-depth", None, 64, "Deepest JSON nesting a request may have.", _positive_int],
         ["rate", None, 50.0, "Requests per second one connection may send (token bucket).", _positive_float],
         ["burst", None, 100.0, "Requests one connection may send at once above --rate.", _positive_float],
+        ["peer-rate", None, 1000.0,
+         "Requests and events per second one peer (a connection that said hello) may send.",
+         _positive_float],
+        ["peer-burst", None, 5000.0, "Requests and events one peer may send at once above --peer-rate.",
+         _burst],
+        ["max-in-flight", None, 64,
+         "Requests of one connection awaiting their replies before the node stops reading it.",
+         _positive_int],
         ["max-connections", None, 1000, "Most WebSocket connections in all.", _positive_int],
         ["max-per-ip", None, 32, "Most WebSocket connections from one IP address.", _positive_int],
         ["ping-interval", None, 30, "Seconds (whole) between WebSocket pings to each connection.", _positive_int],
@@ -164,6 +179,9 @@ class Options(usage.Options):
             send_queue=self["send-queue"],
             rate=self["rate"],
             burst=self["burst"],
+            peer_rate=self["peer-rate"],
+            peer_burst=self["peer-burst"],
+            max_in_flight=self["max-in-flight"],
             max_per_ip=self["max-per-ip"],
             max_depth=self["max-depth"],
             ping_interval=self["ping-interval"],
@@ -260,7 +278,8 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
         node, reactor, max_message_size=node_config.max_message_size,
         send_queue=node_config.send_queue, max_depth=node_config.max_depth,
         ping_interval=node_config.ping_interval, ping_timeout=node_config.ping_timeout,
-        open_timeout=node_config.handshake_timeout, max_connections=config["max-connections"])
+        open_timeout=node_config.handshake_timeout, max_connections=config["max-connections"],
+        max_in_flight=node_config.max_in_flight)
     site = make_site(node, ws_factory)
     endpoint = serverFromString(reactor, config["listen"])
     from autobahn.websocket import USES_NVX

@@ -35,6 +35,9 @@ from foxnode import address, client
 from foxnode.testing import LOOPBACK, connect_as_peer, sleep, spawn_node, start_node, wait_for
 
 TIMEOUT = 5.0
+#: Makes 127.0.0.1 an outsider: limits are for clients other than the
+#: node's operator (loopback, by default).
+OUTSIDER = ("--trusted", "127.9.9.9/32")
 TRACEBACK_SIGNS = ("Traceback", "Error(", 'File "', "Unhandled")
 
 # WebSocket opcodes
@@ -719,7 +722,7 @@ async def flood(reactor: Any, running: Any, body: bytes, count: int) -> tuple[li
 
 @pytest_twisted.ensureDeferred
 async def test_request_flood_over_the_rate_is_told_to_wait_then_closed(reactor, node_dir):
-    running = await start_node(reactor, node_dir, "--rate", "5", "--burst", "10")
+    running = await start_node(reactor, node_dir, "--rate", "5", "--burst", "10", *OUTSIDER)
     try:
         replies, code = await flood(reactor, running, b'{"op": "time"}', 200)
         statuses = [r["status"] for r in replies]
@@ -738,7 +741,7 @@ async def test_request_flood_over_the_rate_is_told_to_wait_then_closed(reactor, 
 async def test_flood_of_bad_messages_is_rate_limited_too(reactor, node_dir, body):
     # Each bad message costs the node a parse (up to --max-message-size
     # bytes) and a reply: it counts against --rate like any request.
-    running = await start_node(reactor, node_dir, "--rate", "5", "--burst", "10")
+    running = await start_node(reactor, node_dir, "--rate", "5", "--burst", "10", *OUTSIDER)
     try:
         proto, inbox = await session(reactor, running.url)
         for _ in range(200):
@@ -759,7 +762,7 @@ async def test_flood_of_bad_messages_is_rate_limited_too(reactor, node_dir, body
 
 @pytest_twisted.ensureDeferred
 async def test_connections_over_max_per_ip_and_max_connections_get_503(reactor, node_dir):
-    running = await start_node(reactor, node_dir, "--max-per-ip", "2", "--max-connections", "4")
+    running = await start_node(reactor, node_dir, "--max-per-ip", "2", "--max-connections", "4", *OUTSIDER)
     try:
         def attack() -> list:
             kept, statuses = [], []
@@ -954,7 +957,7 @@ def test_twistd_node_survives_a_mix_of_attacks(tmp_path):
     node = spawn_node(tmp_path / "node", "--max-peers", "50", "--max-register-addrs", "30",
                       "--max-message-size", "65536", "--rate", "20", "--burst", "40",
                       "--max-per-ip", "200", "--ping-interval", "2", "--ping-timeout", "2",
-                      "--handshake-timeout", "2")
+                      "--handshake-timeout", "2", *OUTSIDER)
     try:
         check_time_reply(raw_call(node.port, {"op": "time"}))
         before = rss_kb(node.process.pid)

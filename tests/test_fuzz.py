@@ -124,6 +124,9 @@ OPS = ["register", "peers", "time", "info", "hello", "exchange", "publish", "sub
 
 def check_decoded(message) -> None:
     assert isinstance(message, (codec.Request, codec.Response, codec.Event)), message
+    # Whatever is taken can be sent on unchanged: nothing in it that JSON
+    # (and orjson) cannot carry back.
+    assert codec.unsendable(list(message)) is None, message
     if isinstance(message, codec.Request):
         assert isinstance(message.op, str)
         if message.has_id:
@@ -142,8 +145,11 @@ def check_codec_error(error: codec.CodecError) -> None:
     assert isinstance(reply, codec.Reply)
     assert type(reply.status) is int and 400 <= reply.status <= 599
     assert isinstance(reply.error, str) and reply.error
-    # The error reply itself must be sendable.
+    # The error reply itself must be sendable, with the id it names.
     codec.encode_reply(reply)
+    if error.has_id:
+        assert codec.unsendable(error.rid) is None
+        orjson.dumps(error.rid)
 
 
 def decode_checked(payload: bytes, max_depth: int = codec.DEFAULT_MAX_DEPTH) -> None:

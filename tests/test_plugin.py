@@ -55,6 +55,9 @@ DEFAULTS = {
     "max-depth": 64,
     "rate": 50.0,
     "burst": 100.0,
+    "peer-rate": 1000.0,
+    "peer-burst": 5000.0,
+    "max-in-flight": 64,
     "max-connections": 1000,
     "max-per-ip": 32,
     "ping-interval": 30,
@@ -71,6 +74,7 @@ DEFAULTS = {
     "max-ttl": 3600,
     "send-queue": 1 << 20,
     "cafile": None,
+    "trusted": [],
 }
 
 
