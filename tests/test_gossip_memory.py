@@ -262,3 +262,50 @@ async def test_announcers_of_an_awaited_id_are_live_peers_only(reactor, tmp_path
             await wait_for(reactor, lambda: not peers, what="the peer to leave")
     finally:
         await node.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_subscribers_queue_holds_what_it_counts(reactor, tmp_path):
+    queue = 200_000
+    node = await start_node(reactor, tmp_path / "n", "--send-queue", str(queue))
+    gossip = node.node.gossip
+    me = node.node.identity
+    slow = await client.connect(reactor, node.url)
+    try:
+        assert (await slow.request("subscribe", {"topics": ["t"]})).status == 200
+        slow.transport.pauseProducing()  # it stops reading
+        port = slow.transport.getHost().port
+        server_side = [c for c in node.node.connections if c.remote_port == port][0]
+        # Small messages, more than loopback's socket buffers take, and
+        # some hundreds of frames in the queue.
+        count = 8000
+        # No cache, so that what is measured is the queue's.
+        gossip.config = attrs.evolve(gossip.config, cache_capacity=0)
+        envelopes = [Envelope.create(me, "t", [i, "x" * 500], 600, time.time()) for i in range(count)]
+        tracemalloc.start()
+        before = traced()
+        for i, envelope in enumerate(envelopes):
+            gossip.accept(envelope, None)
+            if i % 100 == 0:
+                await sleep(reactor, 0)  # the transport writes what it can
+        del envelope
+        envelopes.clear()
+        gossip.seen.clear()
+        assert not gossip.cache
+        kept = traced() - before
+        tracemalloc.stop()
+        held = server_side._backlog_bytes
+        assert node.node.metrics.send_dropped.labels("subscriber")._value.get() > 0, "queue never full"
+        print(f"the queue counts {held} bytes in {len(server_side._backlog)} frames; "
+              f"the node keeps {kept} bytes")
+        # What the socket took is gone from the process; what is queued
+        # costs its count and a few bytes per frame, not 4 KiB each (nor
+        # does the transport's own buffer, some 64 KiB, count for much).
+        assert held <= queue
+        assert kept < 1.25 * queue + 256 * 1024
+    finally:
+        if tracemalloc.is_tracing():
+            tracemalloc.stop()
+        slow.transport.resumeProducing()
+        slow.close()
+        await node.stop()
