@@ -30,15 +30,42 @@ Peer frames (events, only after the ``hello`` handshake):
 ``{"event": "graft", "ids": [...]}``, ``{"event": "prune"}``, and
 ``{"event": "rejected", "id": ..., "reason": ...}`` telling a peer why its
 envelope was dropped.
+
+Memory. A payload held decoded costs far more than its JSON text: 64 KiB of
+``[{},{},...]`` is some 20,000 Python objects, 1.5 MB. So no payload is
+kept past the accepting of its envelope: the frames that carry it (to peers,
+to subscribers) are encoded then, and the cache keeps the gossip frame and
+three scalars. What gossip keeps, and its bound in bytes (figures measured
+on CPython 3.11, 64-bit; defaults in brackets):
+
+- ``cache``: at most ``cache_bytes`` [32 MiB], counting each entry's
+  bookkeeping as ``CACHE_ENTRY_BYTES`` beside its frame; and at most
+  ``cache_capacity`` [10,000] entries.
+- ``seen``: at most ``seen_capacity`` [200,000] ids, about 230 bytes each
+  (a 64-character id, a float, an ordered-dict slot): 46 MB when full.
+- ``missing`` (announced ids awaited, each with its graft timer): at most
+  ``cache_capacity`` [10,000] entries of about 750 bytes, plus 8 bytes per
+  announcer, and announcers are live peers only (at most
+  ``--max-inbound`` + ``--max-outbound``): some 10 MB when full.
+- ``lazy``: node ids of live peers only, shared with their connections.
+- ``subscribers``: per connection at most ``max_topics_per_connection``
+  [64] topics of at most ``max_topic_length`` [128] characters, under
+  1 KiB each: at most 64 KiB per connection, released when it closes.
+
+Frames queued for a slow reader are its connection's, bounded by
+``--send-queue`` per connection (one frame object per message, shared by
+every queue that holds it, and holding no more than its length: see
+``_event``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import orjson
@@ -74,6 +101,30 @@ class GossipConfig:
     #: bad envelopes a peer may send (a burst, then per second) before it is dropped
     abuse_burst: float = 20.0
     abuse_rate: float = 0.5
+
+
+#: What one cache entry costs beside the bytes of its frame (its key, the
+#: tuple and floats, the ordered-dict slot, the bytes object's header):
+#: about 330 bytes measured, charged with room to spare. (The frame is
+#: copied to an allocation of its own size: see ``_event``.)
+CACHE_ENTRY_BYTES = 512
+
+_MESSAGE_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def is_message_id(value: Any) -> bool:
+    """A message id as ``Envelope.create`` makes them: 64 lowercase hex
+    digits (so each one held costs the same few bytes)."""
+    return isinstance(value, str) and _MESSAGE_ID.fullmatch(value) is not None
+
+
+class Cached(NamedTuple):
+    """What the cache keeps of an envelope: never its decoded payload."""
+
+    #: the encoded gossip frame, sent as it is to answer a graft
+    frame: bytes
+    created: float
+    expires: float
 
 
 class Rejected(Exception):
@@ -115,7 +166,9 @@ class Envelope:
         return self.created + self.ttl
 
     def to_json(self) -> dict[str, Any]:
-        return attrs.asdict(self)
+        # Not recursive: the payload is JSON already, and a deep copy of a
+        # payload of 20,000 containers costs as much as decoding it.
+        return attrs.asdict(self, recurse=False)
 
     @classmethod
     def from_json(cls, raw: Any, config: GossipConfig, now: float) -> "Envelope":
@@ -165,8 +218,9 @@ class Gossip:
         self.config = config or GossipConfig()
         #: message id -> when it may be forgotten
         self.seen: OrderedDict[str, float] = OrderedDict()
-        #: message id -> (envelope, encoded gossip frame), to answer grafts
-        self.cache: OrderedDict[str, tuple[Envelope, bytes]] = OrderedDict()
+        #: message id -> its gossip frame and times, to answer grafts
+        self.cache: OrderedDict[str, Cached] = OrderedDict()
+        #: what the cache holds, frames and bookkeeping (CACHE_ENTRY_BYTES each)
         self._cache_bytes = 0
         #: topic -> connections subscribed to it
         self.subscribers: dict[str, set] = {}
@@ -281,12 +335,15 @@ class Gossip:
         pending = self.missing.pop(envelope.id, None)
         if pending is not None and pending[0].active():
             pending[0].cancel()
-        frame = codec.encode_event("gossip", envelope=envelope.to_json())
-        self.cache[envelope.id] = (envelope, frame)
-        self._cache_bytes += len(frame)
+        # The payload is encoded once, for both frames; after this method
+        # nothing refers to its decoded form.
+        payload = orjson.Fragment(codec.dumps(envelope.payload))
+        frame = _event("gossip", envelope=dict(envelope.to_json(), payload=payload))
+        self.cache[envelope.id] = Cached(frame, envelope.created, envelope.expires)
+        self._cache_bytes += len(frame) + CACHE_ENTRY_BYTES
         self._trim()
-        self.deliver(envelope)
-        announce = codec.encode_event("ihave", ids=[envelope.id])
+        self.deliver(envelope, payload)
+        announce = _event("ihave", ids=[envelope.id])
         sender_id = sender.node_id if sender is not None else None
         metrics = self.node.metrics
         for peer_id, conn in self._peer_conns().items():
@@ -299,13 +356,15 @@ class Gossip:
             else:
                 metrics.send_dropped.labels("peer").inc()
 
-    def deliver(self, envelope: Envelope) -> None:
+    def deliver(self, envelope: Envelope, payload: orjson.Fragment | None = None) -> None:
+        """Push ``envelope`` to this node's subscribers of its topic;
+        ``payload``, when given, is its payload encoded already."""
         subscribers = self.subscribers.get(envelope.topic)
         if not subscribers:
             return
-        frame = codec.encode_event("message", id=envelope.id, topic=envelope.topic,
-                                   payload=envelope.payload, origin=envelope.origin,
-                                   created=envelope.created)
+        frame = _event("message", id=envelope.id, topic=envelope.topic,
+                       payload=envelope.payload if payload is None else payload,
+                       origin=envelope.origin, created=envelope.created)
         metrics = self.node.metrics
         for conn in list(subscribers):
             if conn.send_frame(frame, droppable=True):
@@ -323,7 +382,7 @@ class Gossip:
             self.node.metrics.gossip_received.labels("duplicate").inc()
             if conn.node_id not in self.lazy:
                 self.lazy.add(conn.node_id)
-                conn.send_frame(codec.encode_event("prune"), droppable=True)
+                conn.send_frame(_event("prune"), droppable=True)
             return
         try:
             envelope = Envelope.from_json(raw, self.config, time.time())
@@ -339,8 +398,8 @@ class Gossip:
         self.node.metrics.gossip_received.labels(_reason_label(reason)).inc()
         log.info("dropped envelope {id} from {peer}: {reason}", id=str(message_id)[:16],
                  peer=conn.node_id[:12], reason=reason)
-        conn.send_frame(codec.encode_event("rejected", id=message_id if isinstance(message_id, str) else None,
-                                           reason=reason), droppable=True)
+        conn.send_frame(_event("rejected", id=message_id if isinstance(message_id, str) else None,
+                               reason=reason), droppable=True)
         bucket = conn.fox_state.get("abuse")
         if bucket is None:
             bucket = conn.fox_state["abuse"] = TokenBucket(
@@ -356,17 +415,27 @@ class Gossip:
         if not isinstance(ids, list):
             return
         for message_id in ids[:1000]:
-            if not isinstance(message_id, str) or len(message_id) != 64 or message_id in self.seen:
+            if not is_message_id(message_id) or message_id in self.seen:
                 continue
             waiting = self.missing.get(message_id)
             if waiting is not None:
-                if conn.node_id not in waiting[1]:
-                    waiting[1].append(conn.node_id)
+                self._add_announcer(waiting[1], conn.node_id)
                 continue
             if len(self.missing) >= self.config.cache_capacity:
                 continue
             timer = self.reactor.callLater(self.config.graft_timeout, self._graft, message_id)
             self.missing[message_id] = (timer, [conn.node_id])
+
+    def _add_announcer(self, announcers: list[str], peer_id: str) -> None:
+        if peer_id in announcers:
+            return
+        peers = self._peer_conns()
+        if len(announcers) >= len(peers):
+            # Peers that left stay listed until a graft passes them over;
+            # dropped here, the list stays within the live peers however
+            # fast peers come and go.
+            announcers[:] = [p for p in announcers if p in peers]
+        announcers.append(peer_id)
 
     def _graft(self, message_id: str) -> None:
         waiting = self.missing.get(message_id)
@@ -381,7 +450,7 @@ class Gossip:
             if conn is None:
                 continue
             self.lazy.discard(peer_id)
-            conn.send_frame(codec.encode_event("graft", ids=[message_id]))
+            conn.send_frame(_event("graft", ids=[message_id]))
             timer = self.reactor.callLater(self.config.graft_timeout * 2, self._graft, message_id)
             self.missing[message_id] = (timer, announcers)
             return
@@ -396,7 +465,7 @@ class Gossip:
             return
         for message_id in ids[:1000]:
             cached = self.cache.get(message_id) if isinstance(message_id, str) else None
-            if cached is not None and conn.send_frame(cached[1], droppable=True):
+            if cached is not None and conn.send_frame(cached.frame, droppable=True):
                 self.node.metrics.gossip_sent.inc()
 
     def on_prune(self, conn: Any, event: codec.Event) -> None:
@@ -426,14 +495,23 @@ class Gossip:
             del self.seen[message_id]
         horizon = now - self.config.cache_seconds
         while self.cache:
-            message_id, (envelope, _) = next(iter(self.cache.items()))
-            if envelope.created >= horizon and envelope.expires >= now:
+            oldest = next(iter(self.cache.values()))
+            if oldest.created >= horizon and oldest.expires >= now:
                 break
             self._uncache()
 
     def _uncache(self) -> None:
-        _, (_, frame) = self.cache.popitem(last=False)
-        self._cache_bytes -= len(frame)
+        _, cached = self.cache.popitem(last=False)
+        self._cache_bytes -= len(cached.frame) + CACHE_ENTRY_BYTES
+
+
+def _event(name: str, **fields: Any) -> bytes:
+    """An event frame in an allocation of its own size. orjson hands back
+    its output in the buffer it grew while writing, and keeps it: a
+    400-byte frame holds 4 KiB (orjson 3.13). Gossip's frames wait in the
+    cache and in slow readers' send queues, which count ``len(frame)``:
+    copied, what they count is what they hold."""
+    return memoryview(codec.encode_event(name, **fields)).tobytes()
 
 
 def _reason_label(reason: str) -> str:

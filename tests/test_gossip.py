@@ -6,7 +6,7 @@ import time
 import pytest_twisted
 
 from foxnode import client, codec, identity
-from foxnode.gossip import CLOSE_ABUSE, Envelope
+from foxnode.gossip import CACHE_ENTRY_BYTES, CLOSE_ABUSE, Envelope
 from foxnode.testing import connect_as_peer, sleep, start_node, wait_for
 
 
@@ -255,7 +255,7 @@ async def test_the_envelope_cache_is_bounded_in_bytes(reactor, tmp_path):
         for i in range(60):  # 60 messages of 50 kB: 3 MB of envelopes
             reply = await conn.request("publish", {"topic": "t", "payload": [i, "p" * 50_000]})
             assert reply.status == 202
-        held = sum(len(frame) for _, frame in gossip.cache.values())
+        held = sum(len(entry.frame) + CACHE_ENTRY_BYTES for entry in gossip.cache.values())
         assert held == gossip._cache_bytes <= 1_000_000
         assert 0 < len(gossip.cache) < 60
     finally:
