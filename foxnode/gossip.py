@@ -55,7 +55,7 @@ on CPython 3.11, 64-bit; defaults in brackets):
 Frames queued for a slow reader are its connection's, bounded by
 ``--send-queue`` per connection (one frame object per message, shared by
 every queue that holds it, and holding no more than its length: see
-``_event``).
+``codec.exact``).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class GossipConfig:
 #: What one cache entry costs beside the bytes of its frame (its key, the
 #: tuple and floats, the ordered-dict slot, the bytes object's header):
 #: about 330 bytes measured, charged with room to spare. (The frame is
-#: copied to an allocation of its own size: see ``_event``.)
+#: copied to an allocation of its own size: see ``codec.exact``.)
 CACHE_ENTRY_BYTES = 512
 
 _MESSAGE_ID = re.compile(r"[0-9a-f]{64}")
@@ -338,12 +338,12 @@ class Gossip:
         # The payload is encoded once, for both frames; after this method
         # nothing refers to its decoded form.
         payload = orjson.Fragment(codec.dumps(envelope.payload))
-        frame = _event("gossip", envelope=dict(envelope.to_json(), payload=payload))
+        frame = codec.encode_event("gossip", envelope=dict(envelope.to_json(), payload=payload))
         self.cache[envelope.id] = Cached(frame, envelope.created, envelope.expires)
         self._cache_bytes += len(frame) + CACHE_ENTRY_BYTES
         self._trim()
         self.deliver(envelope, payload)
-        announce = _event("ihave", ids=[envelope.id])
+        announce = codec.encode_event("ihave", ids=[envelope.id])
         sender_id = sender.node_id if sender is not None else None
         metrics = self.node.metrics
         for peer_id, conn in self._peer_conns().items():
@@ -362,7 +362,7 @@ class Gossip:
         subscribers = self.subscribers.get(envelope.topic)
         if not subscribers:
             return
-        frame = _event("message", id=envelope.id, topic=envelope.topic,
+        frame = codec.encode_event("message", id=envelope.id, topic=envelope.topic,
                        payload=envelope.payload if payload is None else payload,
                        origin=envelope.origin, created=envelope.created)
         metrics = self.node.metrics
@@ -382,7 +382,7 @@ class Gossip:
             self.node.metrics.gossip_received.labels("duplicate").inc()
             if conn.node_id not in self.lazy:
                 self.lazy.add(conn.node_id)
-                conn.send_frame(_event("prune"), droppable=True)
+                conn.send_frame(codec.encode_event("prune"), droppable=True)
             return
         try:
             envelope = Envelope.from_json(raw, self.config, time.time())
@@ -398,7 +398,7 @@ class Gossip:
         self.node.metrics.gossip_received.labels(_reason_label(reason)).inc()
         log.info("dropped envelope {id} from {peer}: {reason}", id=str(message_id)[:16],
                  peer=conn.node_id[:12], reason=reason)
-        conn.send_frame(_event("rejected", id=message_id if isinstance(message_id, str) else None,
+        conn.send_frame(codec.encode_event("rejected", id=message_id if isinstance(message_id, str) else None,
                                reason=reason), droppable=True)
         bucket = conn.fox_state.get("abuse")
         if bucket is None:
@@ -450,7 +450,7 @@ class Gossip:
             if conn is None:
                 continue
             self.lazy.discard(peer_id)
-            conn.send_frame(_event("graft", ids=[message_id]))
+            conn.send_frame(codec.encode_event("graft", ids=[message_id]))
             timer = self.reactor.callLater(self.config.graft_timeout * 2, self._graft, message_id)
             self.missing[message_id] = (timer, announcers)
             return
@@ -503,15 +503,6 @@ class Gossip:
     def _uncache(self) -> None:
         _, cached = self.cache.popitem(last=False)
         self._cache_bytes -= len(cached.frame) + CACHE_ENTRY_BYTES
-
-
-def _event(name: str, **fields: Any) -> bytes:
-    """An event frame in an allocation of its own size. orjson hands back
-    its output in the buffer it grew while writing, and keeps it: a
-    400-byte frame holds 4 KiB (orjson 3.13). Gossip's frames wait in the
-    cache and in slow readers' send queues, which count ``len(frame)``:
-    copied, what they count is what they hold."""
-    return memoryview(codec.encode_event(name, **fields)).tobytes()
 
 
 def _reason_label(reason: str) -> str:
