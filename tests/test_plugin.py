@@ -71,6 +71,11 @@ DEFAULTS = {
     "max-ttl": 3600,
     "send-queue": 1 << 20,
     "cafile": None,
+    "trusted": [],
+    "allowed-origin": [],
+    "allowed-host": [],
+    "max-http": 128,
+    "max-http-per-ip": 16,
 }
 
 
