@@ -614,8 +614,10 @@ class FoxServerFactory(WebSocketServerFactory):
         self.max_in_flight = max_in_flight
         _apply_options(self, max_message_size, ping_interval, ping_timeout, open_timeout)
         self.setProtocolOptions(
-            # The lab's node accepted any origin; browsers on other pages may talk to us.
+            # Origins are checked before the upgrade reaches Autobahn (web.py,
+            # --allowed-origin), so Autobahn lets every one through.
             allowedOrigins=["*"],
+            allowNullOrigin=True,
             # No compression: a small compressed frame must not inflate to megabytes.
             perMessageCompressionAccept=lambda offers: None,
             # Autobahn answers 503 to WebSocket upgrades beyond this many.

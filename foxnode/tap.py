@@ -25,7 +25,7 @@ from foxnode.node import DEFAULT_TRUSTED, Node, NodeConfig
 from foxnode.peers import PeerConfig, PeerManager
 from foxnode.protocol import FoxServerFactory
 from foxnode.store import BOOTSTRAP, PeerStore, StoreError
-from foxnode.web import make_site
+from foxnode.web import Origin, WebConfig, host_key, make_site
 
 log = logs.logger(__name__)
 
@@ -91,7 +91,13 @@ class Options(usage.Options):
         ["ping-interval", None, 30, "Seconds (whole) between WebSocket pings to each connection.", _positive_int],
         ["ping-timeout", None, 15, "Seconds (whole) to wait for a pong before closing a connection.", _positive_int],
         ["handshake-timeout", None, 10.0,
-         "Seconds a WebSocket opening handshake, a dial or a peer's hello may take.", _positive_float],
+         "Seconds an HTTP request (however slowly it trickles in), a WebSocket opening handshake, "
+         "a dial or a peer's hello may take.", _positive_float],
+        ["max-http", None, 128, "Most HTTP connections (not yet upgraded to WebSocket) in all.",
+         _positive_int],
+        ["max-http-per-ip", None, 16,
+         "Most HTTP connections (not yet upgraded to WebSocket) from one IP address "
+         "(IPv6: one /64); --trusted clients are held to --max-http only.", _positive_int],
         ["max-peers", None, 10_000, "Most addresses the peer store holds.", _positive_int],
         ["max-outbound", None, 8, "Most outbound peer connections.", _nonnegative_int],
         ["max-inbound", None, 24, "Most inbound peer connections.", _nonnegative_int],
@@ -115,6 +121,22 @@ class Options(usage.Options):
         super().__init__()
         self["peer"] = []
         self["trusted"] = []
+        self["allowed-origin"] = []
+        self["allowed-host"] = []
+
+    def opt_allowed_origin(self, origin: str) -> None:
+        """An origin (scheme://host[:port]) besides the node's own whose web
+        pages may open /ws; '*' for any page; repeatable."""
+        if origin != "*" and Origin.parse(origin) is None:
+            raise usage.UsageError(f"--allowed-origin {origin}: give scheme://host[:port] or *")
+        self["allowed-origin"].append(origin)
+
+    def opt_allowed_host(self, name: str) -> None:
+        """A host name (or address) besides the node's own addresses and
+        localhost that requests may name in Host; repeatable."""
+        if host_key(name) is None:
+            raise usage.UsageError(f"--allowed-host {name}: give a host name or IP address, no port")
+        self["allowed-host"].append(name)
 
     def opt_trusted(self, cidr: str) -> None:
         """A network (CIDR, or one address) whose clients are the node's
@@ -163,6 +185,17 @@ class Options(usage.Options):
             backoff_max=self["max-backoff"],
             dial_timeout=self["handshake-timeout"],
             trust_roots=self["cafile"],
+        )
+
+    def web_config(self) -> WebConfig:
+        origins = self["allowed-origin"]
+        return WebConfig(
+            allowed_origins=tuple(Origin.parse(o) for o in origins if o != "*"),
+            any_origin="*" in origins,
+            allowed_hosts=tuple(host_key(h) for h in self["allowed-host"]),
+            max_http=self["max-http"],
+            max_http_per_ip=self["max-http-per-ip"],
+            request_timeout=self["handshake-timeout"],
         )
 
     def gossip_config(self) -> GossipConfig:
@@ -280,7 +313,7 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
         ping_interval=node_config.ping_interval, ping_timeout=node_config.ping_timeout,
         open_timeout=node_config.handshake_timeout, max_connections=config["max-connections"],
         max_in_flight=node_config.max_in_flight)
-    site = make_site(node, ws_factory)
+    site = make_site(node, ws_factory, config.web_config())
     endpoint = serverFromString(reactor, config["listen"])
     from autobahn.websocket import USES_NVX
 

@@ -75,6 +75,10 @@ DEFAULTS = {
     "send-queue": 1 << 20,
     "cafile": None,
     "trusted": [],
+    "allowed-origin": [],
+    "allowed-host": [],
+    "max-http": 128,
+    "max-http-per-ip": 16,
 }
 
 
