@@ -218,14 +218,17 @@ def connect_as_peer(reactor: Any, url: str, ident: Any = None, network: str = "f
     client protocol, whose ``node_id`` is the identity's. For tests that
     play a (possibly misbehaving) peer."""
     from foxnode import PROTOCOL_VERSION, client, identity
-    from foxnode.peers import hello_proof
+    from foxnode.peers import DIALER, LISTENER, hello_proof
 
     ident = ident or identity.Identity.generate()
     conn = yield client.connect(reactor, url, on_event=on_event)
+    nonce = os.urandom(16).hex()
+    listener_nonce, listener_id = conn.server_nonce or "", conn.server_node_id or ""
     args = {
         "node_id": ident.node_id, "network": network, "version": PROTOCOL_VERSION,
-        "nonce": os.urandom(16).hex(),
-        "signature": ident.sign(hello_proof(network, conn.server_nonce or "", ident.node_id)),
+        "nonce": nonce,
+        "signature": ident.sign(hello_proof(DIALER, network, listener_nonce, nonce, ident.node_id,
+                                            listener_id)),
     }
     if port is not None:
         args["port"] = port
@@ -233,6 +236,11 @@ def connect_as_peer(reactor: Any, url: str, ident: Any = None, network: str = "f
     if reply.status != 200:
         conn.close()
         raise RuntimeError(f"hello refused: {reply.status} {reply.error} {reply.response}")
+    proof = hello_proof(LISTENER, network, listener_nonce, nonce, ident.node_id, listener_id)
+    if (reply.response.get("node_id") != listener_id
+            or not identity.verify(listener_id, reply.response.get("signature"), proof)):
+        conn.close()
+        raise RuntimeError(f"the node's hello reply does not prove its id: {reply.response}")
     conn.node_id = reply.response["node_id"]
     conn.fox_state["identity"] = ident
     return conn
