@@ -12,11 +12,10 @@ Every address here is on loopback; the fake ones use 127.3.0.0/16, port 9.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest_twisted
-from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.defer import DeferredQueue
 from twisted.internet.endpoints import TCP4ServerEndpoint
 
 from foxnode import PROTOCOL_VERSION, client, codec, identity
@@ -98,7 +97,7 @@ async def next_hello(reactor: Any, trap: Trap) -> Any:
     return await d
 
 
-async def make_dial(reactor: Any, dialer: Any, url: str) -> Deferred:
+async def make_dial(reactor: Any, dialer: Any, url: str) -> list:
     """``dialer`` dials ``url``; the outcome is kept, never raised."""
     outcome: list = []
     d = dialer.node.peers.dial(url)
@@ -164,7 +163,7 @@ async def two_nodes(reactor: Any, tmp_path: Any) -> tuple[Any, Any]:
 @pytest_twisted.ensureDeferred
 async def test_listener_signature_relayed_to_another_node_is_refused(reactor, tmp_path):
     lone, target = await two_nodes(reactor, tmp_path)
-    l_id, c_id = lone.node.node_id, target.node.node_id
+    l_id = lone.node.node_id
     try:
         before = snapshot(target)
         attacker = identity.Identity.generate()
@@ -196,7 +195,7 @@ async def test_listener_signature_relayed_to_another_node_is_refused(reactor, tm
 @pytest_twisted.ensureDeferred
 async def test_dialer_proof_taken_by_a_trap_is_refused_by_the_node_it_names(reactor, tmp_path):
     lone, target = await two_nodes(reactor, tmp_path)
-    l_id, c_id = lone.node.node_id, target.node.node_id
+    l_id = lone.node.node_id
     trap = await Trap().listen(reactor)
     attacker = identity.Identity.generate()
     try:

@@ -22,7 +22,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from foxnode import PROTOCOL_VERSION, client, identity
 from foxnode.gossip import Envelope
 from foxnode.peers import DIALER, hello_proof
-from foxnode.testing import connect_as_peer, start_node, wait_for
+from foxnode.testing import connect_as_peer, start_node
 
 TIMEOUT = 10.0
 ABSENT = object()
