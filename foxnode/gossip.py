@@ -199,7 +199,11 @@ class Envelope:
             raise Rejected("created in the future")
         if created + ttl < now:
             raise Rejected("expired")
-        content = _canonical(fields["origin"], topic, fields["payload"], created, ttl, fields["nonce"])
+        try:
+            content = _canonical(fields["origin"], topic, fields["payload"], created, ttl, fields["nonce"])
+        except (TypeError, ValueError):
+            # orjson.JSONEncodeError: an integer over 64 bits, a lone surrogate
+            raise Rejected("payload not representable as JSON") from None
         if len(content) > config.max_payload + 1024:
             raise Rejected(f"payload over {config.max_payload} bytes")
         if hashlib.sha256(content).hexdigest() != fields["id"]:
@@ -253,37 +257,42 @@ class Gossip:
     # -- client ops ----------------------------------------------------------------
 
     def op_publish(self, conn: Any, args: Any) -> codec.Reply:
-        if not isinstance(args, dict) or "topic" not in args or "payload" not in args:
-            return codec.missing_args("publish", "topic", "payload")
+        if not isinstance(args, dict):
+            return codec.bad_args("publish", '"args" must be an object with "topic" and "payload"')
+        for name in ("topic", "payload"):
+            if name not in args:
+                return codec.bad_args("publish", f'"{name}" is missing')
         topic = args["topic"]
         if not isinstance(topic, str) or not 0 < len(topic) <= self.config.max_topic_length:
-            return codec.bad_args("publish", f"topic must be a string of 1 to {self.config.max_topic_length} characters")
+            return codec.bad_args("publish", f'"topic" must be a string of 1 to {self.config.max_topic_length} characters')
         ttl = args.get("ttl", self.config.default_ttl)
         if not isinstance(ttl, int) or isinstance(ttl, bool) or not 0 < ttl <= self.config.max_ttl:
-            return codec.bad_args("publish", f"ttl must be a whole number of seconds, 1 to {self.config.max_ttl}")
+            return codec.bad_args("publish", f'"ttl" must be a whole number of seconds, 1 to {self.config.max_ttl}')
         try:
             size = len(orjson.dumps(args["payload"]))
             if size > self.config.max_payload:
-                return codec.bad_args("publish", f"payload is {size} bytes, over the limit of {self.config.max_payload}")
+                return codec.bad_args("publish", f'"payload" is {size} bytes, over the limit of {self.config.max_payload}')
             envelope = Envelope.create(self.node.identity, topic, args["payload"], ttl, time.time())
         except (orjson.JSONEncodeError, UnicodeError) as e:
             # Only reachable in-process: what arrives over the wire was JSON.
-            return codec.bad_args("publish", f"not representable as JSON ({e})")
+            return codec.bad_args("publish", f'"payload" is not representable as JSON ({e})')
         # Spread it once the reply is out, so that the publisher, subscribed
         # to its own topic, hears 202 before the message.
         self.reactor.callLater(0, self.accept, envelope, None)
         return codec.accepted({"id": envelope.id})
 
     def _topics_arg(self, op: str, args: Any) -> list[str] | codec.Reply:
-        if not isinstance(args, dict) or "topics" not in args:
-            return codec.missing_args(op, "topics")
+        if not isinstance(args, dict):
+            return codec.bad_args(op, '"args" must be an object with "topics"')
+        if "topics" not in args:
+            return codec.bad_args(op, '"topics" is missing')
         topics = args["topics"]
         if isinstance(topics, str):
             topics = [topics]
         limit = self.config.max_topic_length
         if (not isinstance(topics, list)
                 or not all(isinstance(t, str) and 0 < len(t) <= limit for t in topics)):
-            return codec.bad_args(op, f"topics must be a list of strings of 1 to {limit} characters")
+            return codec.bad_args(op, f'"topics" must be a list of strings of 1 to {limit} characters')
         return topics
 
     def op_subscribe(self, conn: Any, args: Any) -> codec.Reply:
@@ -292,7 +301,7 @@ class Gossip:
             return topics
         mine = conn.fox_state.setdefault("topics", set())
         if len(mine | set(topics)) > self.config.max_topics_per_connection:
-            return codec.bad_args("subscribe", f"at most {self.config.max_topics_per_connection} topics per connection")
+            return codec.bad_args("subscribe", f'"topics": at most {self.config.max_topics_per_connection} per connection')
         for topic in topics:
             mine.add(topic)
             self.subscribers.setdefault(topic, set()).add(conn)

@@ -336,8 +336,13 @@ class Node:
         return codec.ok({"time": now, "time_zone": self._zone})
 
     def op_info(self, conn: Any, args: Any) -> codec.Reply:
+        if args is not None and not isinstance(args, dict):
+            return codec.bad_args("info", '"args" must be an object')
+        detail = (args or {}).get("detail", False)
+        if not isinstance(detail, bool):
+            return codec.bad_args("info", '"detail" must be true or false')
         info = self.info(conn)
-        if isinstance(args, dict) and args.get("detail") is True and self.peers is not None:
+        if detail and self.peers is not None:
             # For the node's page: every known address with its dial state,
             # and the links this node can see.
             info["peers"] = self.peers.peer_states()

@@ -11,15 +11,28 @@ Twisted client endpoint; per-address retry delays come from Twisted's
 Outbound connections, concurrent dials and the dial rate are bounded, so a
 flood of registered addresses cannot make the node hammer anyone.
 
-Handshake. The listening side puts a fresh nonce in the WebSocket upgrade
-response (protocol.py). The dialer's ``hello`` carries its node id, network,
-protocol version, listening port or advertised address, a fresh nonce of
-its own, and its signature over the listener's nonce; the listener checks
-it and answers with its own id and its signature over the dialer's nonce.
+Handshake. The listening side puts a fresh nonce and its node id in the
+WebSocket upgrade response (protocol.py). The dialer's ``hello`` carries its
+node id, network, protocol version, listening port or advertised address, a
+fresh nonce of its own, and its signature over ``hello_proof("dialer", ...)``;
+the listener checks it and answers with its own id and its signature over
+the same values with the role ``"listener"``. Each proof names the role,
+the network, both nonces and both node ids, and each side checks the
+other's with the values it saw itself (its own nonce, its own id), so a
+signature taken from one connection proves nothing on another: not in the
+other role, not to another node, not a second time. What no handshake
+without a secure channel can stop is a full relay: a node in the middle
+that passes every byte both ways is a proxy (TLS is the answer to that).
 Either side ends the connection, with ``{code, text, retry_after?}`` in the
 reply and the code in the close frame, on: wrong network, incompatible
 version, bad proof, a connection to itself, a second connection to a node
 already connected, or too many peers.
+
+Peer exchange hands on only addresses this node completed a handshake with
+by dialing them itself. The address an inbound peer advertises is only its
+claim; the node proves it with a *probe*: a dial whose ``hello`` says
+``"probe": true``, which the listener answers with its proof and then
+closes, without making the prober a peer.
 
 One connection per pair. When a second connection to a connected node
 completes its handshake, both sides keep the one dialed by the node with
@@ -32,10 +45,12 @@ from __future__ import annotations
 import heapq
 import os
 import random
+import string
 import time
-from typing import Any
+from typing import Any, Callable
 
 import attrs
+import orjson
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
@@ -105,10 +120,27 @@ class HandshakeRefused(Exception):
         return r
 
 
-def hello_proof(network: str, nonce: str, signer: str) -> bytes:
-    """What a node signs to prove it holds ``signer``'s key: the other
-    side's fresh nonce, bound to the network and the signer's id."""
-    return b"\x00".join([b"foxnode-hello/1", network.encode(), nonce.encode(), signer.encode()])
+DIALER = "dialer"
+LISTENER = "listener"
+#: addresses waiting for a probe at most (each came with an inbound peer)
+MAX_UNPROVEN = 256
+_HEX = frozenset(string.hexdigits)
+
+
+def hello_proof(role: str, network: str, listener_nonce: str, dialer_nonce: str,
+                dialer_id: str, listener_id: str) -> bytes:
+    """What the ``role`` side of one handshake signs: the role, the network,
+    both sides' fresh nonces and both node ids. Encoded as a JSON list, so
+    that no value can run into the next."""
+    if role not in (DIALER, LISTENER):
+        raise ValueError(f"role must be {DIALER!r} or {LISTENER!r}")
+    return orjson.dumps(["foxnode-hello/2", role, network, listener_nonce, dialer_nonce,
+                         dialer_id, listener_id])
+
+
+def is_nonce(value: object) -> bool:
+    """A handshake nonce: 16 to 128 hex digits."""
+    return isinstance(value, str) and 16 <= len(value) <= 128 and _HEX.issuperset(value)
 
 
 class PeerManager:
@@ -132,6 +164,8 @@ class PeerManager:
         self._exchanger = LoopingCall(self._exchange_round)
         self._exchanger.clock = self.reactor
         self._soon: Any = None
+        #: addresses inbound peers advertised, to be proven by a probe (in order)
+        self._unproven: dict[str, None] = {}
         self.running = False
         node.peers = self
         node.add_op("hello", self.op_hello)
@@ -242,6 +276,7 @@ class PeerManager:
         if free <= 0 or len(self.dialing) >= self.config.max_dialing or not self._dial_tokens.ready():
             # Decided before scanning the store: a register flood ticks
             # often, and the periodic tick comes back for what waits.
+            self._probe_some()
             return
         for record in self.candidates(now, limit=min(free, self.config.max_dialing)):
             if free <= 0 or len(self.dialing) >= self.config.max_dialing or not self._dial_tokens.take():
@@ -254,10 +289,40 @@ class PeerManager:
                 log.failure("cannot dial {addr}", addr=record.addr)
                 self._next_attempt[record.addr] = now + self.config.backoff_max
             free -= 1
+        self._probe_some()
 
-    def dial(self, addr: str) -> Deferred:
+    def _probe_some(self) -> None:
+        """Probe addresses inbound peers advertised, within the dial bounds
+        (concurrent dials, dial rate) but outside ``max_outbound``: a probe
+        closes as soon as it has its answer."""
+        store = self.node.store
+        for addr in list(self._unproven):
+            if len(self.dialing) >= self.config.max_dialing:
+                return
+            record = store.get(addr)
+            if record is None or record.dialed or record.is_self:
+                del self._unproven[addr]
+                continue
+            if addr in self.dialing:
+                continue
+            if not self._dial_tokens.take():
+                return
+            del self._unproven[addr]
+            try:
+                self.dial(addr, probe=True).addErrback(lambda f: None)
+            except Exception:
+                log.failure("cannot probe {addr}", addr=addr)
+
+    def _want_proof(self, addr: str) -> None:
+        if addr not in self._unproven and len(self._unproven) < MAX_UNPROVEN:
+            self._unproven[addr] = None
+            self.tick_soon()
+
+    def dial(self, addr: str, probe: bool = False) -> Deferred:
         """Connect to ``addr`` and say hello; fires with the connection or
-        fails with the reason. Bookkeeping (backoff, record) is done here."""
+        fails with the reason. Bookkeeping (backoff, record) is done here.
+        A ``probe`` only proves who listens there: it closes once answered
+        and fires with the connection closing."""
         self.node.metrics.dials.labels("started").inc()
         parsed = address.parse(addr)
         c = self.node.config
@@ -273,6 +338,8 @@ class PeerManager:
 
         def opened(proto: Any) -> Deferred:
             proto.fox_state["dial_addr"] = addr
+            if probe:
+                proto.fox_state["probe"] = True
             self._dial_conns[addr] = proto
             return proto.when_opened().addCallback(self._say_hello, addr)
 
@@ -289,11 +356,17 @@ class PeerManager:
         return result
 
     def _say_hello(self, proto: Any, addr: str) -> Deferred:
+        listener_nonce, listener_id = proto.server_nonce, proto.server_node_id
+        if not is_nonce(listener_nonce) or not identity.is_node_id(listener_id):
+            proto.close(CLOSE_CODES[BAD_HELLO], BAD_HELLO)
+            raise HandshakeRefused(BAD_HELLO, "the upgrade response lacks a nonce or node id "
+                                              f"(a node older than protocol {PROTOCOL_VERSION}?)")
         nonce = os.urandom(16).hex()
-        server_nonce = proto.server_nonce or ""
         args = self._hello_args(nonce)
-        args["signature"] = self.node.identity.sign(
-            hello_proof(self.node.config.network, server_nonce, self.node.node_id))
+        if proto.fox_state.get("probe"):
+            args["probe"] = True
+        args["signature"] = self.node.identity.sign(hello_proof(
+            DIALER, self.node.config.network, listener_nonce, nonce, self.node.node_id, listener_id))
         d = proto.request("hello", args, timeout=self.config.dial_timeout)
         d.addCallback(self._hello_answered, proto, addr, nonce)
         return d
@@ -321,13 +394,32 @@ class PeerManager:
                 self._learn(proto, reply.response.get("peers"), "a full peer")
             proto.close(CLOSE_CODES.get(refusal.code, CLOSE_NORMAL), refusal.code)
             raise refusal
+        listener_id = proto.server_node_id
+
+        def listener_proof(remote: dict[str, Any]) -> bytes:
+            if remote["node_id"] != listener_id:
+                raise HandshakeRefused(BAD_PROOF, "the reply's node id is not the one the upgrade named")
+            return hello_proof(LISTENER, self.node.config.network, proto.server_nonce, nonce,
+                               self.node.node_id, listener_id)
+
         try:
-            remote = self._check_hello(reply.response, nonce)
+            remote = self._check_hello(reply.response, listener_proof, dialer=False)
         except HandshakeRefused as refusal:
             proto.close(CLOSE_CODES[refusal.code], refusal.code)
             raise
+        if proto.fox_state.get("probe"):
+            self._proven(addr, remote["node_id"])
+            proto.close(CLOSE_NORMAL, "probe answered")
+            return proto
         self._admit(proto, remote, addr)
         return proto
+
+    def _proven(self, addr: str, node_id: str) -> None:
+        """``addr`` led to ``node_id``, in a handshake this node dialed."""
+        now = time.time()
+        self._next_attempt.pop(addr, None)
+        self.node.store.update(addr, node_id=node_id, last_handshake=now, last_dialed=now,
+                               last_seen=now, failures=0, last_error=None)
 
     def _dialed(self, proto: Any) -> Any:
         self.node.metrics.dials.labels("connected").inc()
@@ -378,10 +470,17 @@ class PeerManager:
             return codec.forbidden("hello is sent by the dialing node")
         if conn.node_id is not None:
             return codec.forbidden("hello was already said on this connection")
+        my_nonce = getattr(conn, "handshake_nonce", "")
+
+        def dialer_proof(remote: dict[str, Any]) -> bytes:
+            return hello_proof(DIALER, self.node.config.network, my_nonce, remote["nonce"],
+                               remote["node_id"], self.node.node_id)
+
         try:
-            remote = self._check_hello(args, getattr(conn, "handshake_nonce", ""))
+            remote = self._check_hello(args, dialer_proof, dialer=True)
             addr = self._remote_address(conn, remote)
-            self._check_admission(conn, remote)
+            if not remote.get("probe"):
+                self._check_admission(conn, remote)
         except HandshakeRefused as refusal:
             log.info("refused peer from {host}: {code} ({text})", host=conn.remote_host,
                      code=refusal.code, text=refusal.text)
@@ -393,51 +492,65 @@ class PeerManager:
                 # Turned away, a node whose only bootstrap we are would know
                 # no one: tell it where else to go.
                 reason["peers"] = self.sample_for(conn)
-            return codec.Reply(403 if refusal.code != TOO_MANY_PEERS else 503, refusal.text, reason)
+            status = {TOO_MANY_PEERS: 503, BAD_HELLO: 400}.get(refusal.code, 403)
+            return codec.Reply(status, refusal.text, reason)
         response = self._hello_args("")
         del response["nonce"]
-        response["signature"] = self.node.identity.sign(
-            hello_proof(self.node.config.network, remote["nonce"], self.node.node_id))
+        response["signature"] = self.node.identity.sign(hello_proof(
+            LISTENER, self.node.config.network, my_nonce, remote["nonce"], remote["node_id"],
+            self.node.node_id))
         response["observed"] = conn.remote_host
+        if remote.get("probe"):
+            # Only proving who listens here: no peer, nothing recorded.
+            response["probe"] = True
+            self.reactor.callLater(0, conn.close, CLOSE_NORMAL, "probe answered")
+            return codec.ok(response)
         self._admit(conn, remote, addr)
         return codec.ok(response)
 
     def _remote_address(self, conn: Any, remote: dict[str, Any]) -> str | None:
         """The address to dial the remote at: its ``advertise``, else the
         port it announced at the address its connection came from."""
-        if remote.get("advertise"):
-            return remote["advertise"]
+        if remote.get("advertise") is not None:
+            return address.parse(remote["advertise"]).url
         port = remote.get("port")
-        if isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535:
+        if port is not None:
             return address.with_host(port, conn.remote_host, secure=remote.get("secure") is True)
         return None
 
-    def _check_hello(self, args: Any, my_nonce: str) -> dict[str, Any]:
-        """Validate the other side's hello (request or reply); returns it."""
+    def _check_hello(self, args: Any, proof_of: Callable[[dict[str, Any]], bytes],
+                     dialer: bool) -> dict[str, Any]:
+        """Validate the other side's hello (a dialer's request, or the
+        listener's reply) and its proof: ``proof_of(args)`` is what the other
+        side must have signed, made of the values this side saw. Every
+        refusal names the field."""
         if not isinstance(args, dict):
-            raise HandshakeRefused(BAD_HELLO, "hello needs an object of args")
+            raise HandshakeRefused(BAD_HELLO, 'hello needs "args": an object')
         node_id = args.get("node_id")
         if not identity.is_node_id(node_id):
-            raise HandshakeRefused(BAD_HELLO, "hello needs a node_id (64 hex characters)")
+            raise HandshakeRefused(BAD_HELLO, '"node_id" must be a string of 64 hex characters')
         network = args.get("network")
+        if not isinstance(network, str):
+            raise HandshakeRefused(BAD_HELLO, '"network" must be a string')
         if network != self.node.config.network:
-            raise HandshakeRefused(WRONG_NETWORK, f"this node is on network {self.node.config.network!r}")
+            raise HandshakeRefused(WRONG_NETWORK, f'"network": this node is on network {self.node.config.network!r}')
         version = args.get("version")
-        if not isinstance(version, int) or isinstance(version, bool) or version != PROTOCOL_VERSION:
-            raise HandshakeRefused(INCOMPATIBLE_VERSION, f"this node speaks protocol {PROTOCOL_VERSION}")
-        if not identity.verify(node_id, args.get("signature"), hello_proof(network, my_nonce, node_id)):
-            raise HandshakeRefused(BAD_PROOF, "the signature does not prove the node id")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise HandshakeRefused(BAD_HELLO, '"version" must be a whole number')
+        if version != PROTOCOL_VERSION:
+            raise HandshakeRefused(INCOMPATIBLE_VERSION, f'"version": this node speaks protocol {PROTOCOL_VERSION}')
+        if dialer and not is_nonce(args.get("nonce")):
+            raise HandshakeRefused(BAD_HELLO, '"nonce" must be a string of 16 to 128 hex digits')
+        for name, valid, what in _OPTIONAL_FIELDS:
+            if name in args and not valid(args[name]):
+                raise HandshakeRefused(BAD_HELLO, f'"{name}" must be {what}')
+        signature = args.get("signature")
+        if not isinstance(signature, str):
+            raise HandshakeRefused(BAD_HELLO, '"signature" must be a string (hex)')
+        if not identity.verify(node_id, signature, proof_of(args)):
+            raise HandshakeRefused(BAD_PROOF, '"signature" does not prove the node id on this connection')
         if node_id == self.node.node_id:
             raise HandshakeRefused(SELF, "this is a connection to the node itself")
-        nonce = args.get("nonce", "")
-        if "nonce" in args and (not isinstance(nonce, str) or not 16 <= len(nonce) <= 128):
-            raise HandshakeRefused(BAD_HELLO, "nonce must be a string of 16 to 128 characters")
-        advertise = args.get("advertise")
-        if advertise is not None:
-            try:
-                address.parse(advertise)
-            except address.InvalidAddress as e:
-                raise HandshakeRefused(BAD_HELLO, f"advertise: {e}") from None
         return args
 
     def _check_admission(self, conn: Any, remote: dict[str, Any]) -> None:
@@ -482,13 +595,17 @@ class PeerManager:
         now = time.time()
         store = self.node.store
         if dial_addr is not None:
-            self._next_attempt.pop(dial_addr, None)
-            store.update(dial_addr, node_id=remote_id, last_handshake=now, last_seen=now,
-                         failures=0, last_error=None)
+            self._proven(dial_addr, remote_id)
         if addr is not None and addr != dial_addr and self._shareable_from(conn, addr):
             store.add([addr], HANDSHAKE, durable=False)
-            store.update(addr, node_id=remote_id, last_handshake=now, last_seen=now,
-                         failures=0, last_error=None)
+            record = store.get(addr)
+            if record is not None and not record.dialed:
+                # Only the peer's claim: noted (so that it is not dialed
+                # while connected), and proven by a probe of our own before
+                # it is handed on. An address already proven is not a
+                # stranger's to rename.
+                store.update(addr, node_id=remote_id, last_seen=now)
+                self._want_proof(addr)
         log.info("peer {peer} connected ({direction}, {addr})", peer=remote_id[:12],
                  direction=conn.direction, addr=conn.peer_addr)
         # Learn the remote's peers now, then every exchange_interval.
@@ -533,11 +650,12 @@ class PeerManager:
         return codec.ok({"peers": self.sample_for(conn), "connected": list(self.peers)})
 
     def sample_for(self, conn: Any) -> list[str]:
-        """A bounded random sample of addresses proven by a handshake."""
+        """A bounded random sample of the addresses this node itself dialed
+        and completed a handshake with, and that have not failed since."""
         remote_is_loopback = address.is_loopback_host(conn.remote_host)
         good = []
         for r in self.node.store.records():
-            if r.is_self or not r.verified or r.failures or r.node_id == conn.node_id:
+            if r.is_self or not r.dialed or r.failures or r.node_id == conn.node_id:
                 continue
             if not remote_is_loopback and address.parse(r.addr).is_loopback:
                 continue
@@ -606,6 +724,28 @@ class PeerManager:
                 nodes.add(n)
                 links.add(tuple(sorted((peer_id, n))))
         return {"nodes": sorted(nodes), "links": sorted(list(l) for l in links)}
+
+
+def _is_address(value: object) -> bool:
+    try:
+        address.parse(value)
+    except address.InvalidAddress:
+        return False
+    return True
+
+
+def _is_port(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535
+
+
+#: fields a hello may carry, how each must look, and how that is said
+_OPTIONAL_FIELDS: tuple[tuple[str, Callable[[object], bool], str], ...] = (
+    ("port", _is_port, "a port number, 1 to 65535"),
+    ("secure", lambda v: isinstance(v, bool), "true or false"),
+    ("advertise", _is_address, f"a ws:// or wss:// address of at most {address.MAX_ADDRESS_LENGTH} characters"),
+    ("agent", lambda v: isinstance(v, str) and len(v) <= 256, "a string of at most 256 characters"),
+    ("probe", lambda v: isinstance(v, bool), "true or false"),
+)
 
 
 def _refusal_from(reply: codec.Reply) -> HandshakeRefused:

@@ -33,6 +33,9 @@ from twisted.python.failure import Failure
 from foxnode import codec
 
 NONCE_HEADER = "X-Foxnode-Nonce"
+#: The listener's node id, beside its nonce: the dialer's proof names the
+#: node it means to greet, so it cannot be relayed to another (peers.py).
+NODE_ID_HEADER = "X-Foxnode-Node-Id"
 _UNLIMITED = 1 << 62
 INTERNAL_ERROR = codec.Reply(500, "Internal error; the node logged it.")
 
@@ -561,12 +564,17 @@ class FoxServerProtocol(FoxConnection, WebSocketServerProtocol):
             raise ConnectionDeny(503, refusal)
         # A fresh nonce in the upgrade response lets a dialing node prove
         # its identity in its very first message (see peers.py).
-        return None, {NONCE_HEADER: self.handshake_nonce}
+        headers = {NONCE_HEADER: self.handshake_nonce}
+        node_id = getattr(self.handler, "node_id", None)
+        if isinstance(node_id, str):
+            headers[NODE_ID_HEADER] = node_id
+        return None, headers
 
 
 class FoxClientProtocol(FoxConnection, WebSocketClientProtocol):
     direction = "out"
     server_nonce: str | None = None
+    server_node_id: str | None = None
 
     def connectionMade(self) -> None:
         self._fox_init()
@@ -575,6 +583,7 @@ class FoxClientProtocol(FoxConnection, WebSocketClientProtocol):
 
     def onConnect(self, response: Any) -> None:
         self.server_nonce = response.headers.get(NONCE_HEADER.lower())
+        self.server_node_id = response.headers.get(NODE_ID_HEADER.lower())
 
 
 def _apply_options(factory: Any, max_message_size: int, ping_interval: float, ping_timeout: float,

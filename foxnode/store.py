@@ -66,10 +66,19 @@ class PeerRecord:
     last_error: str | None = None
     #: the address turned out to be this node itself: never dial it
     is_self: bool = False
+    #: when this node last completed a handshake by dialing the address
+    #: itself; only such addresses are handed on to other peers (an
+    #: address a peer merely advertised proves nothing). Absent from files
+    #: written before it existed.
+    last_dialed: float | None = None
 
     @property
     def verified(self) -> bool:
         return self.last_handshake is not None
+
+    @property
+    def dialed(self) -> bool:
+        return self.last_dialed is not None
 
     def to_json(self) -> dict[str, Any]:
         # Spelled out: attrs.asdict is several times slower, and every
@@ -78,6 +87,7 @@ class PeerRecord:
             "added": self.added, "source": self.source, "node_id": self.node_id,
             "last_handshake": self.last_handshake, "last_seen": self.last_seen,
             "failures": self.failures, "last_error": self.last_error, "is_self": self.is_self,
+            "last_dialed": self.last_dialed,
         }
 
 
@@ -90,6 +100,7 @@ _FIELDS: dict[str, tuple[type, ...]] = {
     "failures": (int,),
     "last_error": (str, type(None)),
     "is_self": (bool,),
+    "last_dialed": (int, float, type(None)),
 }
 
 

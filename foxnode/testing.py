@@ -212,29 +212,42 @@ def stop_all(nodes: Iterable[NodeProcess]) -> None:
 
 @inlineCallbacks
 def connect_as_peer(reactor: Any, url: str, ident: Any = None, network: str = "foxchain",
-                    on_event: Callable[[Any], None] | None = None, port: int | None = None) -> Any:
+                    on_event: Callable[[Any], None] | None = None, port: int | None = None,
+                    nonce: str | None = None, advertise: str | None = None) -> Any:
     """Connect to a node and complete a real ``hello`` as a peer with
-    identity ``ident`` (a fresh one by default); fires with the open
-    client protocol, whose ``node_id`` is the identity's. For tests that
-    play a (possibly misbehaving) peer."""
+    identity ``ident`` (a fresh one by default) and dialer nonce ``nonce``
+    (a fresh one by default); fires with the open client protocol, whose
+    ``node_id`` is the node's and whose ``fox_state["hello"]`` is the
+    node's hello reply. For tests that play a (possibly misbehaving) peer."""
     from foxnode import PROTOCOL_VERSION, client, identity
-    from foxnode.peers import hello_proof
+    from foxnode.peers import DIALER, LISTENER, hello_proof
 
     ident = ident or identity.Identity.generate()
     conn = yield client.connect(reactor, url, on_event=on_event)
+    nonce = nonce or os.urandom(16).hex()
+    listener_nonce, listener_id = conn.server_nonce or "", conn.server_node_id or ""
     args = {
         "node_id": ident.node_id, "network": network, "version": PROTOCOL_VERSION,
-        "nonce": os.urandom(16).hex(),
-        "signature": ident.sign(hello_proof(network, conn.server_nonce or "", ident.node_id)),
+        "nonce": nonce,
+        "signature": ident.sign(hello_proof(DIALER, network, listener_nonce, nonce, ident.node_id,
+                                            listener_id)),
     }
     if port is not None:
         args["port"] = port
+    if advertise is not None:
+        args["advertise"] = advertise
     reply = yield conn.request("hello", args)
     if reply.status != 200:
         conn.close()
         raise RuntimeError(f"hello refused: {reply.status} {reply.error} {reply.response}")
+    proof = hello_proof(LISTENER, network, listener_nonce, nonce, ident.node_id, listener_id)
+    if (reply.response.get("node_id") != listener_id
+            or not identity.verify(listener_id, reply.response.get("signature"), proof)):
+        conn.close()
+        raise RuntimeError(f"the node's hello reply does not prove its id: {reply.response}")
     conn.node_id = reply.response["node_id"]
     conn.fox_state["identity"] = ident
+    conn.fox_state["hello"] = reply.response
     return conn
 
 

@@ -8,7 +8,8 @@ from twisted.internet import protocol
 from twisted.internet.endpoints import TCP4ServerEndpoint
 
 from foxnode import client, identity
-from foxnode.peers import BAD_PROOF, CLOSE_CODES, DUPLICATE, WRONG_NETWORK, hello_proof
+from foxnode import PROTOCOL_VERSION
+from foxnode.peers import BAD_PROOF, CLOSE_CODES, DIALER, DUPLICATE, WRONG_NETWORK, hello_proof
 from foxnode.testing import start_node, wait_for
 
 FAST = ("--exchange-interval", "0.5")
@@ -141,11 +142,13 @@ async def test_hello_with_a_bad_proof_is_refused_and_closed(reactor, tmp_path):
         conn = await client.connect(reactor, a.url)
         forger = identity.Identity.generate()
         victim = identity.Identity.generate()
+        nonce = os.urandom(16).hex()
         args = {
-            "node_id": victim.node_id, "network": "foxchain", "version": 1,
-            "nonce": os.urandom(16).hex(), "port": 9,
+            "node_id": victim.node_id, "network": "foxchain", "version": PROTOCOL_VERSION,
+            "nonce": nonce, "port": 9,
             # signed by someone else than the node id it claims
-            "signature": forger.sign(hello_proof("foxchain", conn.server_nonce, victim.node_id)),
+            "signature": forger.sign(hello_proof(DIALER, "foxchain", conn.server_nonce, nonce,
+                                                victim.node_id, conn.server_node_id)),
         }
         reply = await conn.request("hello", args)
         assert reply.status == 403
@@ -257,7 +260,7 @@ async def test_loopback_addresses_are_not_handed_to_remote_peers(reactor, tmp_pa
         store = a.node.store
         store.add(["ws://127.0.0.9:9000/ws", "ws://localhost:9001/ws"], "register")
         for addr in store.addresses():
-            store.update(addr, last_handshake=1.0, node_id="cd" * 32)
+            store.update(addr, last_handshake=1.0, last_dialed=1.0, node_id="cd" * 32)
         peers = a.node.peers
         assert sorted(peers.sample_for(_Stub("127.0.0.1"))) == sorted(store.addresses())
         assert peers.sample_for(_Stub("peer-elsewhere")) == []

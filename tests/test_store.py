@@ -511,3 +511,16 @@ async def test_failed_register_is_not_listed_by_peers(reactor, node_dir):
     assert reply.status != 202, reply
     # The reply said nothing was registered; the node must not list it.
     assert addr(57, 0, 1) not in peers.response["peers"], (reply, peers)
+
+
+def test_a_peers_file_without_last_dialed_still_loads(tmp_path):
+    # Written before the field existed: loads, and its verified records are
+    # not taken as dialed by this node (so not handed on until dialed).
+    path = tmp_path / "peers.json"
+    path.write_text('{"format": "foxnode/peers", "version": 1, "peers": {"ws://127.3.0.1:9/ws": '
+                    '{"added": 1.0, "source": "handshake", "node_id": null, "last_handshake": 2.0, '
+                    '"last_seen": 2.0, "failures": 0, "last_error": null, "is_self": false}}}')
+    (record,) = load(path)
+    assert record.verified and not record.dialed and record.last_dialed is None
+    record.last_dialed = 3.0
+    assert record.to_json()["last_dialed"] == 3.0
