@@ -11,6 +11,7 @@ import contextlib
 import json
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -484,6 +485,7 @@ async def node_with_unwritable_store(reactor, node_dir):
     peers_dir = node_dir / "store"
     async with running_node(reactor, node_dir, "--peers-file", str(peers_dir / "peers.json")) as node:
         # The store's directory turns out to be a regular file.
+        shutil.rmtree(peers_dir)
         peers_dir.write_bytes(b"not a directory\n")
         yield node
 
