@@ -266,7 +266,10 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
         raise SystemExit(f"foxnode: cannot start: {e}") from None
     node_config = config.node_config()
     if node_config.bootstrap:
-        store.add(node_config.bootstrap, BOOTSTRAP)
+        # Dialed whatever the disk does: the operator named them, so a
+        # failed write keeps them (said in the log) instead of rolling back.
+        store.add(node_config.bootstrap, BOOTSTRAP, durable=False)
+        store.commit().addErrback(lambda _: None)  # a failure is logged by the store
     node = Node(reactor, node_config, node_identity, store, metrics)
     PeerManager(node, config.peer_config())
     Gossip(node, config.gossip_config())
