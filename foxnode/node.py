@@ -26,7 +26,7 @@ from foxnode.identity import Identity
 from foxnode.metrics import NodeMetrics
 from foxnode.limits import TokenBucket
 from foxnode.protocol import CLOSE_RATE_LIMIT, CLOSE_SHUTDOWN
-from foxnode.store import REGISTER, PeerStore, StoreWriteError
+from foxnode.store import CLOSE_TIMEOUT, REGISTER, PeerStore, StoreDurabilityError, StoreWriteError
 
 log = logs.logger(__name__)
 
@@ -142,7 +142,8 @@ class Node:
 
     def stop(self) -> Deferred:
         """Stop activity, close every connection and flush the peer store;
-        fires when the store is on disk."""
+        fires when the store is on disk, or ``CLOSE_TIMEOUT`` seconds after
+        the connections closed if the disk does not answer (store.py)."""
         self.stopping = True
         for hook in self.stop_hooks:
             hook()
@@ -153,7 +154,7 @@ class Node:
         # but do not let a peer that never answers hold the shutdown.
         closed = DeferredList([c.when_closed() for c in conns], consumeErrors=True)
         closed.addTimeout(3, self.reactor)
-        closed.addBoth(lambda _: self.store.close())
+        closed.addBoth(lambda _: self.store.close(timeout=CLOSE_TIMEOUT))
         return closed
 
     # -- ConnectionHandler -------------------------------------------------------
@@ -287,6 +288,12 @@ class Node:
             if not isinstance(outcome, Failure):
                 return codec.accepted(response)
             outcome.trap(StoreWriteError)
+            if isinstance(outcome.value, StoreDurabilityError):
+                # The file holds them and so does the store: kept and
+                # listed, but not acknowledged as durable.
+                return codec.unavailable(f"Peer store could not confirm the write ({outcome.value}); "
+                                         "the addresses are kept, but may not survive a crash. "
+                                         "Register them again to confirm.")
             return codec.unavailable(f"Peer store unavailable ({outcome.value}); "
                                      "nothing was registered. Try again later.")
 

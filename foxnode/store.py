@@ -10,30 +10,39 @@ updates (handshakes, failures) are only marked dirty and flushed lazily.
 
 The file is never overwritten when it could not be read: ``load`` refuses
 with a ``StoreError`` naming the file and the fault.
+
+Writes run on the store's own daemon thread, not the reactor's pool: a
+write that hangs (a hung disk) holds neither the reactor's shutdown, which
+joins its pool's threads, nor ``close()``, which gives up after a timeout
+and says what was not written.
 """
 
 from __future__ import annotations
 
+import errno
 import heapq
 import os
+import queue
+import secrets
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import attrs
 import orjson
-from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
-from foxnode import logs
+from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 
-from foxnode import address
+from foxnode import address, logs
 
 FORMAT = "foxnode/peers"
 VERSION = 1
 DEFAULT_MAX_PEERS = 10_000
 #: seconds over which evictions from a full store are summed up in the log
 EVICTION_LOG_WINDOW = 10.0
+#: seconds ``close()`` (the node's shutdown) waits for the last write
+CLOSE_TIMEOUT = 5.0
 _HEAD = b'{\n  "format": "%s",\n  "version": %d,\n  "peers": {\n' % (FORMAT.encode(), VERSION)
 
 #: Sources of an address, as stored in its record.
@@ -51,6 +60,16 @@ class StoreError(Exception):
 
 class StoreWriteError(Exception):
     """Writing the peers file failed; acknowledged nothing."""
+
+
+class StoreDurabilityError(StoreWriteError):
+    """The peers file holds the change, but the directory could not be
+    synced after the rename: kept in memory (as in the file), not
+    confirmed durable; the next write syncs again."""
+
+
+class DirectorySyncError(OSError):
+    """The rename is done, the directory's fsync failed."""
 
 
 @attrs.define
@@ -163,31 +182,91 @@ def load(path: str | os.PathLike, max_peers: int = DEFAULT_MAX_PEERS) -> list[Pe
     return [_record_from_json(addr, raw, path) for addr, raw in peers.items()]
 
 
+def _temp_name(name: str) -> str:
+    # Unpredictable, so nobody can plant a file or symlink there ahead of us.
+    return f".{name}.tmp-{secrets.token_hex(8)}"
+
+
+_TEMP_ATTEMPTS = 16
+
+
 def write_atomically(path: Path, data: bytes | list[bytes]) -> None:
     """Replace ``path`` with ``data`` (bytes, or chunks written in order) so
     that a crash at any moment leaves either the old or the new file, never
-    a mix; runs in a thread."""
-    directory = path.parent
-    tmp = directory / f".{path.name}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    a mix; runs in a thread. A symlink stays a symlink: the file it points
+    to is replaced, in its own directory. A failure before the rename
+    leaves no temporary file; one after it raises ``DirectorySyncError``."""
+    target = Path(os.path.realpath(path))
+    directory = target.parent
+    for _ in range(_TEMP_ATTEMPTS):
+        tmp = directory / _temp_name(target.name)
+        try:
+            # O_EXCL | O_NOFOLLOW: never write through anything found there.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(errno.EEXIST, "no unused temporary file name", str(directory))
     try:
-        for chunk in [data] if isinstance(data, bytes) else data:
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except OSError:
-        os.unlink(tmp)
+        try:
+            for chunk in [data] if isinstance(data, bytes) else data:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
         raise
-    dfd = os.open(directory, os.O_RDONLY)
     try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        raise DirectorySyncError(e.errno, f"cannot sync its directory: {e.strerror}") from e
+
+
+class _Writer:
+    """The store's own daemon thread, running one write at a time; results
+    come back on the reactor's thread. A daemon, so that a write hung in
+    the kernel does not keep the process from exiting."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._jobs: queue.SimpleQueue | None = None
+
+    def run(self, write: Callable[..., None], *args: Any) -> Deferred:
+        d: Deferred = Deferred()
+        if self._jobs is None:
+            self._jobs = queue.SimpleQueue()
+            threading.Thread(target=self._work, args=(self._jobs,), name="foxnode-store-writer",
+                             daemon=True).start()
+        self._jobs.put((write, args, d))
+        return d
+
+    def stop(self) -> None:
+        """End the thread once its jobs are done; a later ``run`` starts another."""
+        if self._jobs is not None:
+            self._jobs.put(None)
+            self._jobs = None
+
+    def _work(self, jobs: queue.SimpleQueue) -> None:
+        while (job := jobs.get()) is not None:
+            write, args, d = job
+            try:
+                write(*args)
+            except BaseException:
+                self._reactor.callFromThread(d.errback, Failure())
+            else:
+                self._reactor.callFromThread(d.callback, None)
 
 
 @attrs.define(eq=False)
@@ -209,8 +288,12 @@ class PeerStore:
         max_peers: int = DEFAULT_MAX_PEERS,
         flush_delay: float = 2.0,
         on_write: Callable[[float], None] | None = None,
+        write: Callable[[Path, list[bytes]], None] | None = None,
     ) -> None:
         self._reactor = reactor
+        #: what puts the file on disk (tests hand in one that hangs or fails)
+        self._write = write if write is not None else write_atomically
+        self._writer = _Writer(reactor)
         self.path = Path(path)
         self.max_peers = max_peers
         self.flush_delay = flush_delay
@@ -236,9 +319,17 @@ class PeerStore:
         self.generation = 0
         self._writing = False
         self._waiters: list[Deferred] = []
+        #: the waiters of the write in flight, and how many changes it carries
+        self._in_flight: list[Deferred] = []
+        self._in_flight_changes = 0
+        #: changes (bookkeeping, learned addresses) not yet in a write
+        self._changes = 0
         self._lazy_call: Any = None
         self._dirty = False
         self._closed = False
+        #: close() gave up waiting for the disk: nothing more is acknowledged
+        self._abandoned = False
+        self._close_timer: Any = None
         self.writes = 0
 
     @classmethod
@@ -322,7 +413,9 @@ class PeerStore:
         """A register's write is over: on failure roll its new addresses
         back, on success check they are all still there."""
         self._unwritten.difference_update(fresh)
-        if isinstance(result, Failure):
+        if isinstance(result, Failure) and not result.check(StoreDurabilityError):
+            # (After a failed directory sync the file holds them: kept, so
+            # that memory stays what the file holds.)
             result = self._roll_back(result, fresh, source)
         # Evictable from now on (they were kept out of the eviction order
         # while their write was in flight).
@@ -444,6 +537,7 @@ class PeerStore:
 
     def mark_dirty(self) -> None:
         self._dirty = True
+        self._changes += 1
         if self._closed:
             return  # close() wrote what there was; the node is going away
         if self._lazy_call is None or not self._lazy_call.active():
@@ -456,6 +550,8 @@ class PeerStore:
 
     def commit(self) -> Deferred:
         """Deferred that fires once every change made so far is on disk."""
+        if self._abandoned:
+            return fail(StoreWriteError("the node is shutting down"))
         d: Deferred = Deferred()
         self._waiters.append(d)
         self._dirty = True
@@ -480,24 +576,34 @@ class PeerStore:
 
     def _start_write(self) -> None:
         self._writing = True
-        waiters, self._waiters = self._waiters, []
+        self._in_flight, self._waiters = self._waiters, []
+        self._in_flight_changes, self._changes = self._changes, 0
         self._dirty = False
         data = self._chunks()
         started = time.monotonic()
-        d = deferToThreadPool(
-            self._reactor, self._reactor.getThreadPool(), write_atomically, self.path, data
-        )
-        d.addBoth(self._written, waiters, started)
+        self._writer.run(self._write, self.path, data).addBoth(self._written, started)
 
-    def _written(self, result: Any, waiters: list[Deferred], started: float) -> None:
+    def _written(self, result: Any, started: float) -> None:
+        if self._abandoned:
+            return  # close() gave up on it and answered its waiters
         self._writing = False
+        waiters, self._in_flight = self._in_flight, []
         if isinstance(result, Failure):
             error = result.value
+            # Written again with the next write (a failed directory sync
+            # too: that write syncs the directory again).
             self._dirty = True
+            self._changes += self._in_flight_changes
             log.error("cannot write peers file {path}: {error}", path=str(self.path), error=error)
+            if isinstance(error, DirectorySyncError):
+                refusal: StoreWriteError = StoreDurabilityError(
+                    f"peers file written but not confirmed durable: {_describe(error)}")
+            else:
+                refusal = StoreWriteError(f"cannot write peers file: {_describe(error)}")
             for w in waiters:
-                w.errback(StoreWriteError(f"cannot write peers file: {_describe(error)}"))
+                w.errback(refusal)
         else:
+            self._in_flight_changes = 0
             self.writes += 1
             if self._on_write is not None:
                 self._on_write(time.monotonic() - started)
@@ -506,8 +612,11 @@ class PeerStore:
         if self._waiters:
             self._start_write()
 
-    def close(self) -> Deferred:
-        """Flush pending changes; for service shutdown."""
+    def close(self, timeout: float | None = CLOSE_TIMEOUT) -> Deferred:
+        """Flush pending changes, for service shutdown; fires once they are
+        on disk, or after ``timeout`` seconds of a write that does not end
+        (a hung disk): then one line says what was not written, and no
+        register still waiting is acknowledged."""
         self._closed = True
         if self._lazy_call is not None and self._lazy_call.active():
             self._lazy_call.cancel()
@@ -515,11 +624,34 @@ class PeerStore:
         if self._eviction_log_call is not None and self._eviction_log_call.active():
             self._eviction_log_call.cancel()
             self._say_evicted_since()
-        if self._dirty or self._writing or self._waiters:
-            d = self.commit()
-            d.addErrback(lambda f: None)
-            return d
-        return _succeed()
+        if not (self._dirty or self._writing or self._waiters) or self._abandoned:
+            self._writer.stop()
+            return _succeed()
+        d = self.commit()
+        if timeout is not None and not d.called:
+            self._close_timer = self._reactor.callLater(timeout, self._give_up, timeout)
+        d.addErrback(lambda f: None)
+        d.addBoth(self._closed_down)
+        return d
+
+    def _closed_down(self, _: Any) -> None:
+        if self._close_timer is not None and self._close_timer.active():
+            self._close_timer.cancel()
+        self._close_timer = None
+        self._writer.stop()
+
+    def _give_up(self, timeout: float) -> None:
+        self._close_timer = None
+        self._abandoned = True
+        log.error("peer store: shutting down without the last write to {path}, which did not end "
+                  "within {timeout:g} s: not written: {addresses} registered addresses "
+                  "(not acknowledged) and {changes} other changes",
+                  path=str(self.path), timeout=timeout, addresses=len(self._unwritten),
+                  changes=self._in_flight_changes + self._changes)
+        waiters = self._in_flight + self._waiters
+        self._in_flight, self._waiters = [], []
+        for w in waiters:
+            w.errback(StoreWriteError("the node shut down before the peers file was written"))
 
 
 def _describe(error: BaseException) -> str:

@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.python import usage
 from zope.interface import implementer
 
-from foxnode import address, identity, logs
+from foxnode import address, identity, locks, logs
 from foxnode.client import TrustError, load_trust_root
 from foxnode.gossip import Gossip, GossipConfig
 from foxnode.metrics import NodeMetrics
@@ -242,11 +242,14 @@ class _ReportingEndpoint:
 class NodeService(service.MultiService):
     """The running node: its listening port and its long-lived parts."""
 
-    def __init__(self, reactor: Any, node: Node, endpoint: Any, site: Any) -> None:
+    def __init__(self, reactor: Any, node: Node, endpoint: Any, site: Any,
+                 file_locks: list[locks.FileLock] | None = None) -> None:
         super().__init__()
         self.reactor = reactor
         self.node = node
         self.site = site
+        #: held until the node has stopped (locks.py)
+        self.file_locks = file_locks or []
         self.port: Any = None
         self._listening: list[Deferred] = []
         endpoint = _ReportingEndpoint(endpoint, self._bound)
@@ -275,13 +278,19 @@ class NodeService(service.MultiService):
         return d
 
     def startService(self) -> None:
+        for lock in self.file_locks:
+            lock.note_pid()  # twistd may have forked into the background since
         super().startService()
         self.node.start()
 
     def stopService(self) -> Deferred:
         stopped = super().stopService()
         d = DeferredList([stopped, self.node.stop()], consumeErrors=True)
-        return d.addCallback(lambda _: None)
+        return d.addCallback(self._release)
+
+    def _release(self, _: Any) -> None:
+        for lock in self.file_locks:
+            lock.release()
 
 
 def makeService(config: Options, reactor: Any = None) -> NodeService:
@@ -291,19 +300,27 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
         reactor = default_reactor
     logs.set_debug(bool(config["debug"]))
     metrics = NodeMetrics()
+    # Locked before anything is read, so a second node on either file
+    # neither shares the key nor overwrites the store.
+    try:
+        file_locks = locks.lock_node_files(config["data-dir"], config["peers-file"])
+    except locks.LockError as e:
+        raise SystemExit(f"foxnode: cannot start: {e}") from None
     # The store first: a node refused for its peers file leaves nothing behind.
     try:
         store = PeerStore.open(reactor, config["peers-file"], max_peers=config["max-peers"],
                                on_write=metrics.store_writes.observe)
-    except StoreError as e:
-        raise SystemExit(f"foxnode: cannot start: {e}") from None
-    try:
         node_identity = identity.load_or_create(config["data-dir"])
-    except identity.IdentityError as e:
+    except (StoreError, identity.IdentityError) as e:
+        for lock in file_locks:
+            lock.release()
         raise SystemExit(f"foxnode: cannot start: {e}") from None
     node_config = config.node_config()
     if node_config.bootstrap:
-        store.add(node_config.bootstrap, BOOTSTRAP)
+        # Dialed whatever the disk does: the operator named them, so a
+        # failed write keeps them (said in the log) instead of rolling back.
+        store.add(node_config.bootstrap, BOOTSTRAP, durable=False)
+        store.commit().addErrback(lambda _: None)  # a failure is logged by the store
     node = Node(reactor, node_config, node_identity, store, metrics)
     PeerManager(node, config.peer_config())
     Gossip(node, config.gossip_config())
@@ -321,4 +338,4 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
              "Autobahn native acceleration {nvx}",
              node_id=node.node_id, path=os.path.abspath(config["peers-file"]),
              n=len(store), dir=os.path.abspath(config["data-dir"]), nvx="on" if USES_NVX else "off")
-    return NodeService(reactor, node, endpoint, site)
+    return NodeService(reactor, node, endpoint, site, file_locks)

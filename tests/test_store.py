@@ -8,12 +8,17 @@ Every address used here is on 127.0.0.0/8 or ``localhost``.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
+import os
 import random
 import re
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,17 +29,33 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 
-from foxnode import client
+import foxnode.store
+from foxnode import client, identity, tap
 from foxnode.store import (
     BOOTSTRAP,
+    CLOSE_TIMEOUT,
+    EXCHANGE,
     REGISTER,
     PeerRecord,
     PeerStore,
     StoreWriteError,
     load,
 )
-from foxnode.testing import LOOPBACK, free_port, running_node, spawn_node
+from foxnode.testing import (
+    LOOPBACK,
+    NodeProcess,
+    free_port,
+    node_options,
+    running_node,
+    sleep,
+    spawn_node,
+    start_node,
+    twistd_command,
+    wait_for,
+    wait_until_serving,
+)
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 TIMEOUT = 10.0
@@ -484,6 +505,7 @@ async def node_with_unwritable_store(reactor, node_dir):
     peers_dir = node_dir / "store"
     async with running_node(reactor, node_dir, "--peers-file", str(peers_dir / "peers.json")) as node:
         # The store's directory turns out to be a regular file.
+        shutil.rmtree(peers_dir)
         peers_dir.write_bytes(b"not a directory\n")
         yield node
 
@@ -524,3 +546,297 @@ def test_a_peers_file_without_last_dialed_still_loads(tmp_path):
     assert record.verified and not record.dialed and record.last_dialed is None
     record.last_dialed = 3.0
     assert record.to_json()["last_dialed"] == 3.0
+
+
+# -- a hung disk: shutdown ends within a stated time, says what was not written --------
+
+@contextlib.contextmanager
+def hung_writes(monkeypatch):
+    """Every store write hangs until the test ends (a hung disk)."""
+    release = threading.Event()
+    started = threading.Event()
+
+    def hang(path, data):
+        started.set()
+        release.wait(60)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(foxnode.store, "write_atomically", hang)
+    try:
+        yield started
+    finally:
+        release.set()  # never leave a thread behind that a reactor would join
+
+
+@contextlib.contextmanager
+def log_lines():
+    lines: list[str] = []
+
+    def observe(event: dict) -> None:
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield lines
+    finally:
+        globalLogPublisher.removeObserver(observe)
+
+
+def _not_written(lines: list[str]) -> list[str]:
+    return [line for line in lines if "not written" in line]
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_gives_up_on_a_hung_write_and_says_what_was_not_written(reactor, tmp_path, monkeypatch):
+    with hung_writes(monkeypatch) as started, log_lines() as lines:
+        store = PeerStore(reactor, tmp_path / "peers.json")
+        waiting = store.add([addr(70, 0, 1), addr(70, 0, 2)], REGISTER)
+        outcome: list = []
+        waiting.durable.addBoth(outcome.append)
+        await wait_for(reactor, started.is_set, what="the write to start")
+        store.add([addr(70, 0, 3)], EXCHANGE, durable=False)
+        store.update(addr(70, 0, 1), last_seen=1.0)
+        began = time.monotonic()
+        # A bound of 0.5 s instead of CLOSE_TIMEOUT, to keep the test short.
+        await store.close(timeout=0.5).addTimeout(10, reactor)
+        assert time.monotonic() - began < 10
+        said = _not_written(lines)
+        assert len(said) == 1, lines
+        assert "2 registered addresses" in said[0] and "2 other changes" in said[0], said
+        assert str(tmp_path / "peers.json") in said[0]
+        # The registers waiting on it are not acknowledged.
+        assert len(outcome) == 1 and isinstance(outcome[0], Failure), outcome
+        assert outcome[0].check(StoreWriteError), outcome
+    # The hung write ends (here, failing) after the store gave up: nothing
+    # more is said or answered.
+    await deferToThread(time.sleep, 0.2)
+    assert len(outcome) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_node_stop_ends_within_the_bound_while_a_register_waits_on_a_hung_disk(reactor, node_dir,
+                                                                                     monkeypatch):
+    with hung_writes(monkeypatch) as started, log_lines() as lines:
+        node = await start_node(reactor, node_dir)
+        proto = await client.connect(reactor, node.url)
+        replies: list = []
+        proto.request("register", {"addr": addr(71, 0, 1)}, timeout=60).addBoth(replies.append)
+        await wait_for(reactor, started.is_set, what="the write to start")
+        stopped: list = []
+        node.service.stopService().addBoth(stopped.append)
+        # 3 s for the connections to close, CLOSE_TIMEOUT for the disk, and slack
+        await wait_for(reactor, lambda: stopped, timeout=CLOSE_TIMEOUT + 15, what="the node to stop")
+        await wait_for(reactor, lambda: replies, what="the register to end")
+        said = _not_written(lines)
+        assert len(said) == 1 and "1 registered addresses" in said[0], lines
+    # Never acknowledged: the connection closed without a 202.
+    assert not (hasattr(replies[0], "status") and replies[0].status == 202), replies
+
+
+def _make_key(directory: Path) -> None:
+    # Made before the node starts: the node under test hangs in every fsync.
+
+    identity.load_or_create(directory)
+
+
+HANGING_FSYNC_TWISTD = (
+    "import os, time; os.fsync = lambda fd: time.sleep(10**6); "
+    "from twisted.scripts.twistd import run; import sys; sys.argv[0] = 'twistd'; run()"
+)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_ends_a_twistd_node_whose_disk_hangs(reactor, node_dir):
+    _make_key(node_dir)
+    port = free_port()
+    log_path = node_dir / "twistd.log"
+    # twistd's own command line, run by a Python whose fsync never returns
+    command = [sys.executable, "-c", HANGING_FSYNC_TWISTD, *twistd_command(node_dir, port)[1:]]
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=node_dir)
+    node = NodeProcess(process, port, node_dir, log_path)
+    try:
+        await deferToThread(wait_until_serving, node)
+        proto = await client.connect(reactor, node.url)
+        replies: list = []
+        proto.request("register", {"addr": addr(72, 0, 1)}, timeout=60).addBoth(replies.append)
+        await sleep(reactor, 1.0)
+        assert not replies, f"a register answered while its write hangs: {replies}"
+        process.send_signal(signal.SIGTERM)
+        code = await deferToThread(process.wait, CLOSE_TIMEOUT + 25)
+        assert code in (0, -signal.SIGTERM), node.log()
+        await proto.when_closed()
+    finally:
+        await deferToThread(_kill_and_reap, process)
+    said = _not_written(node.log().splitlines())
+    assert len(said) == 1, node.log()
+    assert "1 registered addresses" in said[0], said
+    assert not (replies and hasattr(replies[0], "status") and replies[0].status == 202), replies
+
+
+
+# -- the store file: temporary files, symlinks, failed writes -------------------------------
+
+def _temporaries(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if ".tmp" in p.name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_symlink_planted_at_the_temporary_name_is_not_written_through(reactor, tmp_path, monkeypatch):
+    path = tmp_path / "peers.json"
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not the node's\n")
+    # The name the node used to write to (predictable from its pid), and
+    # for the property, a name the node is made to pick first.
+    (tmp_path / f".peers.json.tmp-{os.getpid()}").symlink_to(victim)
+    planted = tmp_path / ".peers.json.tmp-planted"
+    planted.symlink_to(victim)
+    names = iter([planted.name])
+    pick = foxnode.store._temp_name
+    monkeypatch.setattr(foxnode.store, "_temp_name", lambda name: next(names, None) or pick(name))
+    async with open_store(reactor, path) as store:
+        await store.add([addr(80, 0, 1)], REGISTER).durable
+        await store.add([addr(80, 0, 2)], REGISTER).durable
+    assert victim.read_bytes() == b"not the node's\n"
+    assert not path.is_symlink()
+    assert [r.addr for r in load(path)] == [addr(80, 0, 1), addr(80, 0, 2)]
+    assert _temporaries(tmp_path) == sorted([planted.name, f".peers.json.tmp-{os.getpid()}"])
+
+
+def test_temporary_names_are_not_predictable():
+    names = {foxnode.store._temp_name("peers.json") for _ in range(100)}
+    assert len(names) == 100
+    assert not any(str(os.getpid()) == n.rsplit("-", 1)[-1] for n in names)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peers_file_that_is_a_symlink_stays_one_and_its_target_is_written(reactor, tmp_path):
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    target = real / "the-peers.json"
+    target.write_bytes(_valid_file(target, addr(81, 0, 1)))
+    link_dir = tmp_path / "node"
+    link_dir.mkdir()
+    link = link_dir / "peers.json"
+    link.symlink_to(target)
+    async with open_store(reactor, link) as store:
+        assert store.addresses() == [addr(81, 0, 1)]
+        await store.add([addr(81, 0, 2)], REGISTER).durable
+        assert link.is_symlink() and link.resolve() == target
+        assert [r.addr for r in load(target)] == [addr(81, 0, 1), addr(81, 0, 2)]
+    # A relative link, and one whose target does not exist yet.
+    fresh = link_dir / "fresh.json"
+    fresh.symlink_to(Path("..") / "elsewhere" / "fresh-target.json")
+    async with open_store(reactor, fresh) as store:
+        await store.add([addr(81, 0, 3)], REGISTER).durable
+    assert fresh.is_symlink()
+    assert [r.addr for r in load(real / "fresh-target.json")] == [addr(81, 0, 3)]
+    assert _temporaries(real) == [] and _temporaries(link_dir) == []
+
+
+def _failing(call: str, monkeypatch) -> None:
+    """Make the store's ``os.<call>`` fail as a full disk would, for the
+    file (not the directory) only."""
+    real = getattr(os, call)
+
+    def fail(fd, *args):
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(28, "No space left on device")
+        return real(fd, *args)
+
+    monkeypatch.setattr(os, call, fail)
+
+
+@pytest.mark.parametrize("call", ["write", "fsync"])
+@pytest_twisted.ensureDeferred
+async def test_a_failed_write_leaves_no_temporary_file(reactor, tmp_path, monkeypatch, call):
+    path = tmp_path / "peers.json"
+    async with open_store(reactor, path) as store:
+        await store.add([addr(82, 0, 1)], REGISTER).durable
+        before = path.read_bytes()
+        with monkeypatch.context() as m:
+            _failing(call, m)
+            with pytest.raises(StoreWriteError, match="space"):
+                await store.add([addr(82, 0, 2)], REGISTER).durable
+        assert _temporaries(tmp_path) == []
+        assert path.read_bytes() == before
+        assert store.addresses() == [addr(82, 0, 1)]
+
+
+def _failing_directory_sync(monkeypatch) -> None:
+
+    real = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(5, "Input/output error")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_directory_sync_keeps_memory_what_the_file_holds(reactor, tmp_path, monkeypatch):
+    path = tmp_path / "peers.json"
+    async with open_store(reactor, path) as store:
+        await store.add([addr(83, 0, 1)], REGISTER).durable
+        with monkeypatch.context() as m:
+            _failing_directory_sync(m)
+            with pytest.raises(StoreWriteError, match="not confirmed"):
+                await store.add([addr(83, 0, 2)], REGISTER).durable
+            assert store.addresses() == [r.addr for r in load(path)] == [addr(83, 0, 1), addr(83, 0, 2)]
+            # Bookkeeping changes meanwhile, written with the same failure.
+            store.update(addr(83, 0, 1), last_seen=5.0)
+            with pytest.raises(StoreWriteError):
+                await store.commit()
+            assert store.addresses() == [r.addr for r in load(path)]
+        # The disk recovers: the same register is acknowledged, synced now.
+        writes = store.writes
+        await store.add([addr(83, 0, 2)], REGISTER).durable
+        assert store.writes == writes + 1
+        assert store.addresses() == [r.addr for r in load(path)]
+    assert _temporaries(tmp_path) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_register_after_a_failed_directory_sync_answers_503_and_lists_what_the_file_holds(
+        reactor, node_dir, monkeypatch):
+    async with running_node(reactor, node_dir) as node:
+        with monkeypatch.context() as m:
+            _failing_directory_sync(m)
+            reply = await client.call(reactor, node.url, "register", {"addr": addr(84, 0, 1)})
+            assert reply.status == 503, reply
+            assert "not confirm" in reply.error and "nothing was registered" not in reply.error, reply
+            assert str(node_dir) not in reply.error, "the reply names the node's files"
+            peers = await client.call(reactor, node.url, "peers")
+            on_disk = [r.addr for r in load(node_dir / "peers.json")]
+            assert peers.response["peers"] == on_disk == [addr(84, 0, 1)]
+        reply = await client.call(reactor, node.url, "register", {"addr": addr(84, 0, 1)})
+        assert reply.status == 202, reply
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unwritable_store_still_dials_the_bootstrap_peer(reactor, tmp_path, monkeypatch):
+    async with running_node(reactor, tmp_path / "b") as b:
+        with log_lines() as lines:
+            def unwritable(path, data):
+                raise OSError(30, "Read-only file system")
+
+            monkeypatch.setattr(foxnode.store, "write_atomically", unwritable)
+            (tmp_path / "a").mkdir()
+            service = tap.makeService(node_options(tmp_path / "a", "--peer", b.url), reactor)
+            # The write of the bootstrap address fails before the node
+            # starts dialing.
+            await wait_for(reactor, lambda: any("cannot write peers file" in line for line in lines),
+                           what="the write to fail")
+            gc.collect()  # a failed Deferred nobody handled says so when collected
+            service.startService()
+            try:
+                await service.when_listening()
+                assert b.url in service.node.store
+                await wait_for(reactor, lambda: b.node.node_id in service.node.peers.peers, timeout=20,
+                               what="the node to connect to its bootstrap peer")
+            finally:
+                await service.stopService()
+            gc.collect()
+    assert not [line for line in lines if "Unhandled error" in line], lines
