@@ -71,6 +71,7 @@ DEFAULTS = {
     "max-ttl": 3600,
     "send-queue": 1 << 20,
     "cafile": None,
+    "trusted": [],
 }
 
 
