@@ -16,13 +16,13 @@ import signal
 import sys
 from typing import Any, Callable, Iterator
 
+from OpenSSL import SSL, crypto
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.python import logfile, usage
-from OpenSSL import SSL, crypto
 from zope.interface import implementer
 
 from foxnode import address, identity, logs
