@@ -179,10 +179,6 @@ class Options(usage.Options):
             raise usage.UsageError(f"--data-dir {self['data-dir']}: not a directory")
         if os.path.isdir(self["peers-file"]):
             raise usage.UsageError(f"--peers-file {self['peers-file']}: is a directory; give a file in it")
-        folder = os.path.dirname(os.path.abspath(self["peers-file"]))
-        # The data directory is made at the first start; any other must be there.
-        if not os.path.isdir(folder) and folder != os.path.abspath(self["data-dir"]):
-            raise usage.UsageError(f"--peers-file {self['peers-file']}: no directory {folder}")
         if self["advertise"] is not None:
             try:
                 address.parse(self["advertise"])
