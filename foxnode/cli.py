@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import errno
 import fcntl
+import math
 import os
 import re
 import signal
@@ -92,6 +93,8 @@ def json_value(text: str) -> Any:
 def request_id(text: str) -> str | int | float:
     """``--id 7`` sends the number 7, ``--id abc`` the string "abc" and
     ``--id '"7"'`` the string "7"."""
+    if not text.isprintable():
+        raise argparse.ArgumentTypeError(f"{text!r}: an id of printable characters, please")
     try:
         value = orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -629,17 +632,63 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
+#: No wait of the command needs more than a day; more is a typo (or "inf").
+DAY = 86_400.0
+
+
+def _seconds(low: float) -> Callable[[str], float]:
+    """A timeout: a finite number of seconds from ``low`` to a day."""
+    def parse(text: str) -> float:
         try:
-            value = kind(text)
+            value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        if not (math.isfinite(value) and low <= value <= DAY):
+            raise argparse.ArgumentTypeError(f"{text!r}: give seconds from {low:g} to {DAY:g}")
         return value
 
     return parse
+
+
+def _count(high: int, low: int = 1) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a whole number from {low} to {high}")
+        return value
+
+    return parse
+
+
+def text(what: str, longest: int = 256) -> Callable[[str], str]:
+    """A name that goes on the wire (an op, a topic, a network): JSON cannot
+    carry the lone surrogates that undecodable bytes on the command line
+    become, and control characters would garble the node's log."""
+    def parse(value: str) -> str:
+        if not value:
+            raise argparse.ArgumentTypeError(f"give a {what}")
+        if not value.isprintable():
+            raise argparse.ArgumentTypeError(f"{value!r}: a {what} of printable characters, please")
+        if len(value) > longest:
+            raise argparse.ArgumentTypeError(f"a {what} of at most {longest} characters, please")
+        return value
+
+    return parse
+
+
+def ca_path(value: str) -> str:
+    if not value or not os.path.exists(value):
+        raise argparse.ArgumentTypeError(f"{value!r}: no such file or directory")
+    return value
+
+
+def directory(value: str) -> str:
+    if not value:
+        raise argparse.ArgumentTypeError("give a directory")
+    return value
 
 
 def _port(text: str) -> int:
@@ -671,7 +720,7 @@ def parser() -> argparse.ArgumentParser:
     )
     call.add_argument("url", type=node_url, metavar="URL",
                       help="the node's WebSocket address, e.g. ws://127.0.0.1:9000/ws (no path: /ws)")
-    call.add_argument("op", metavar="OP", help="the operation, e.g. peers, time, info, register")
+    call.add_argument("op", type=text("op", 64), metavar="OP", help="the operation, e.g. peers, time, info, register")
     call.add_argument("args", nargs="?", type=json_value, default=None, metavar="ARGS-JSON",
                       help="the request's args as JSON, e.g. '{\"addr\": \"ws://127.0.0.1:9001/ws\"}'")
     call.add_argument("--id", type=request_id, default=None,
@@ -686,17 +735,17 @@ def parser() -> argparse.ArgumentParser:
         epilog="example: foxnode watch ws://127.0.0.1:9000/ws news blocks | jq .payload",
     )
     watch.add_argument("url", type=node_url, metavar="URL", help="the node's WebSocket address")
-    watch.add_argument("topics", nargs="+", metavar="TOPIC", help="a topic to receive")
+    watch.add_argument("topics", nargs="+", type=text("topic"), metavar="TOPIC", help="a topic to receive")
 
     for p in (call, watch):
-        p.add_argument("--timeout", type=_positive(float), default=10.0, metavar="SECONDS",
+        p.add_argument("--timeout", type=_seconds(0.1), default=10.0, metavar="SECONDS",
                        help="give up connecting (and, for call, waiting for the reply) after this long "
                             "(default: %(default)s)")
-        p.add_argument("--max-message-size", type=_positive(int), default=client.CLIENT_MAX_MESSAGE,
+        p.add_argument("--max-message-size", type=_count(1 << 30, low=1024), default=client.CLIENT_MAX_MESSAGE,
                        metavar="BYTES",
                        help="largest message to read from the node, and to send (default: %(default)s; "
                             "a node sends at most its own --max-message-size, 1 MiB by default)")
-        p.add_argument("--cafile", metavar="PEM",
+        p.add_argument("--cafile", type=ca_path, metavar="PEM",
                        help="for wss://: trust the CA certificate(s) in this PEM file (or directory) "
                             "instead of the system's, e.g. for a node with a self-signed certificate")
 
@@ -708,20 +757,20 @@ def parser() -> argparse.ArgumentParser:
                     "node's addresses, and keeps running until Ctrl-C or SIGTERM, which stop the nodes. "
                     "DIR is kept: running again reuses it, so the nodes keep their ids and peers.",
     )
-    devnet.add_argument("--nodes", "-n", type=_positive(int), default=3, metavar="N",
+    devnet.add_argument("--nodes", "-n", type=_count(100), default=3, metavar="N",
                         help="how many nodes (default: %(default)s)")
     devnet.add_argument("--base-port", type=_port, default=9000, metavar="P",
                         help="node i listens on P+i (default: %(default)s)")
-    devnet.add_argument("--dir", default="devnet", metavar="DIR",
+    devnet.add_argument("--dir", type=directory, default="devnet", metavar="DIR",
                         help="where the nodes keep their data (default: ./%(default)s)")
-    devnet.add_argument("--network", default="foxchain", metavar="NAME",
+    devnet.add_argument("--network", type=text("network name", 64), default="foxchain", metavar="NAME",
                         help="the network name every node is given (default: %(default)s)")
-    devnet.add_argument("--start-timeout", type=_positive(float), default=30.0, metavar="SECONDS",
+    devnet.add_argument("--start-timeout", type=_seconds(1), default=30.0, metavar="SECONDS",
                         help="how long nodes may take to come up (default: %(default)s)")
-    devnet.add_argument("--connect-timeout", type=_positive(float), default=30.0, metavar="SECONDS",
+    devnet.add_argument("--connect-timeout", type=_seconds(1), default=30.0, metavar="SECONDS",
                         help="how long to wait for every node to have a live peer connection before "
                              "saying which have none (default: %(default)s)")
-    devnet.add_argument("--stop-timeout", type=_positive(float), default=10.0, metavar="SECONDS",
+    devnet.add_argument("--stop-timeout", type=_seconds(1), default=10.0, metavar="SECONDS",
                         help="how long a node may take to stop before it is killed (default: %(default)s)")
     devnet.add_argument("--debug", action="store_true", help="run the nodes with --debug logging")
     return top

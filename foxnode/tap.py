@@ -6,15 +6,23 @@ and declarative: identity, peer store, node, web site, listening endpoint.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import gc
 import ipaddress
+import math
 import os
-from typing import Any
+import signal
+import sys
+from typing import Any, Callable, Iterator
 
+from OpenSSL import SSL, crypto
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.python import usage
+from twisted.python import logfile, usage
 from zope.interface import implementer
 
 from foxnode import address, identity, locks, logs
@@ -30,32 +38,53 @@ from foxnode.web import Origin, WebConfig, host_key, make_site
 log = logs.logger(__name__)
 
 
-def _positive_int(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise ValueError("must be at least 1")
-    return n
+#: No timeout or interval of a node needs more than a day; more is a typo
+#: (or "inf") that leaves the node waiting for ever.
+DAY = 86_400
+#: Counts of things held in memory (connections, addresses): more than this
+#: is a typo, and would let one client use up the machine.
+MANY = 1_000_000
 
 
-def _nonnegative_int(value: str) -> int:
-    n = int(value)
-    if n < 0:
-        raise ValueError("must not be negative")
-    return n
+def _figure(x: float) -> str:
+    return str(int(x)) if x == int(x) else f"{x:g}"
 
 
-def _positive_float(value: str) -> float:
-    x = float(value)
-    if not x > 0:
-        raise ValueError("must be greater than 0")
-    return x
+class Bounded:
+    """The parser of one numeric option: a finite number of ``kind`` from
+    ``low`` to ``high``. Outside that range the node would be useless (a
+    bucket that never holds one token, a timeout that never fires), so it
+    refuses to start, naming the option."""
+
+    def __init__(self, option: str, kind: type, low: float, high: float) -> None:
+        self.option, self.kind, self.low, self.high = option, kind, low, high
+        # Shown in --help after the option's own text.
+        self.coerceDoc = f"From {_figure(low)} to {_figure(high)}."
+
+    def __call__(self, text: str) -> int | float:
+        whole = self.kind is int
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise usage.UsageError(
+                f"--{self.option} {text!r}: not a{' whole' if whole else ''} number") from None
+        if not (math.isfinite(value) and self.low <= value <= self.high):
+            raise usage.UsageError(f"--{self.option} {text}: give a{' whole' if whole else ''} number "
+                                   f"from {_figure(self.low)} to {_figure(self.high)}")
+        return value
 
 
-def _burst(value: str) -> float:
-    x = float(value)
-    if not 1 <= x < float("inf"):
-        raise ValueError("must be at least 1 (one message)")
-    return x
+def _number(option: str, default: float, doc: str, kind: type, low: float, high: float,
+            short: str | None = None) -> list:
+    return [option, short, default, doc, Bounded(option, kind, low, high)]
+
+
+def _text(option: str, value: str) -> None:
+    """Names go into logs, ``hello`` and replies: refuse what cannot travel
+    as JSON (undecodable bytes from the command line come as lone
+    surrogates) or would garble a log line."""
+    if not value.isprintable():
+        raise usage.UsageError(f"--{option} {value!r}: has control characters or undecodable bytes")
 
 
 class Options(usage.Options):
@@ -65,7 +94,7 @@ class Options(usage.Options):
         "page (/), the WebSocket endpoint (/ws), /healthz and /metrics."
     )
     optParameters = [
-        ["port", "p", 9000, "TCP port to listen on, all interfaces.", int],
+        _number("port", 9000, "TCP port to listen on, all interfaces.", int, 0, 65535, short="p"),
         ["listen", None, None,
          "A Twisted server endpoint string instead of --port "
          "(tcp:9000:interface=127.0.0.1, ssl:9443:privateKey=key.pem, systemd:domain=INET:index=0)."],
@@ -73,44 +102,46 @@ class Options(usage.Options):
         ["data-dir", None, ".", "Where the node keeps its key (and other state)."],
         ["advertise", None, None, "The ws:// or wss:// address other nodes should dial to reach this node."],
         ["network", None, "foxchain", "Nodes only peer within one network."],
-        ["max-register-addrs", None, 100, "Most addresses one register request may carry.", _positive_int],
-        ["max-message-size", None, 1 << 20, "Largest WebSocket message accepted, in bytes.", _positive_int],
-        ["max-depth", None, 64, "Deepest JSON nesting a request may have.", _positive_int],
-        ["rate", None, 50.0, "Requests per second one connection may send (token bucket).", _positive_float],
-        ["burst", None, 100.0, "Requests one connection may send at once above --rate.", _positive_float],
-        ["peer-rate", None, 1000.0,
-         "Requests and events per second one peer (a connection that said hello) may send.",
-         _positive_float],
-        ["peer-burst", None, 5000.0, "Requests and events one peer may send at once above --peer-rate.",
-         _burst],
-        ["max-in-flight", None, 64,
-         "Requests of one connection awaiting their replies before the node stops reading it.",
-         _positive_int],
-        ["max-connections", None, 1000, "Most WebSocket connections in all.", _positive_int],
-        ["max-per-ip", None, 32, "Most WebSocket connections from one IP address.", _positive_int],
-        ["ping-interval", None, 30, "Seconds (whole) between WebSocket pings to each connection.", _positive_int],
-        ["ping-timeout", None, 15, "Seconds (whole) to wait for a pong before closing a connection.", _positive_int],
-        ["handshake-timeout", None, 10.0,
-         "Seconds an HTTP request (however slowly it trickles in), a WebSocket opening handshake, "
-         "a dial or a peer's hello may take.", _positive_float],
-        ["max-http", None, 128, "Most HTTP connections (not yet upgraded to WebSocket) in all.",
-         _positive_int],
-        ["max-http-per-ip", None, 16,
-         "Most HTTP connections (not yet upgraded to WebSocket) from one IP address "
-         "(IPv6: one /64); --trusted clients are held to --max-http only.", _positive_int],
-        ["max-peers", None, 10_000, "Most addresses the peer store holds.", _positive_int],
-        ["max-outbound", None, 8, "Most outbound peer connections.", _nonnegative_int],
-        ["max-inbound", None, 24, "Most inbound peer connections.", _nonnegative_int],
-        ["max-dialing", None, 4, "Most dials in flight at once.", _positive_int],
-        ["dial-rate", None, 4.0, "Most dials started per second.", _positive_float],
-        ["exchange-interval", None, 30.0, "Seconds between peer exchanges with each peer.", _positive_float],
-        ["max-backoff", None, 60.0, "Longest delay, in seconds, between dials of a failing address.",
-         _positive_float],
-        ["max-payload", None, 64 * 1024, "Largest gossip message payload, in bytes.", _positive_int],
-        ["max-ttl", None, 3600, "Longest time-to-live of a gossip message, in seconds.", _positive_int],
-        ["send-queue", None, 1 << 20,
-         "Bytes a connection may hold back for a slow reader before pushes are dropped "
-         "(subscribers, peers) or the connection closes (unread replies).", _positive_int],
+        _number("max-register-addrs", 100, "Most addresses one register request may carry.", int, 1, 10_000),
+        _number("max-message-size", 1 << 20, "Largest WebSocket message accepted, in bytes.", int, 1024, 1 << 26),
+        _number("max-depth", 64, "Deepest JSON nesting a request may have.", int, 8, 1000),
+        _number("rate", 50.0, "Requests per second one connection may send (token bucket).", float, 0.01, 1e9),
+        _number("burst", 100.0, "Requests one connection may send at once above --rate.", float, 1, 1e9),
+        _number("peer-rate", 1000.0,
+                "Requests and events per second one peer (a connection that said hello) may send.",
+                float, 0.01, 1e9),
+        _number("peer-burst", 5000.0, "Requests and events one peer may send at once above --peer-rate.",
+                float, 1, 1e9),
+        _number("max-in-flight", 64,
+                "Requests of one connection awaiting their replies before the node stops reading it.",
+                int, 1, 100_000),
+        _number("max-connections", 1000, "Most WebSocket connections in all.", int, 1, MANY),
+        _number("max-per-ip", 32, "Most WebSocket connections from one IP address.", int, 1, MANY),
+        _number("ping-interval", 30, "Seconds (whole) between WebSocket pings to each connection.", int, 1, DAY),
+        _number("ping-timeout", 15, "Seconds (whole) to wait for a pong before closing a connection.", int, 1, DAY),
+        # Autobahn's timers fire on whole seconds, rounded down: less than one
+        # second would close upgrades before they could finish.
+        _number("handshake-timeout", 10.0,
+                "Seconds an HTTP request (however slowly it trickles in), a WebSocket opening handshake, "
+                "a dial or a peer's hello may take.", float, 1, DAY),
+        _number("max-http", 128, "Most HTTP connections (not yet upgraded to WebSocket) in all.",
+                int, 1, MANY),
+        _number("max-http-per-ip", 16,
+                "Most HTTP connections (not yet upgraded to WebSocket) from one IP address "
+                "(IPv6: one /64); --trusted clients are held to --max-http only.", int, 1, MANY),
+        _number("max-peers", 10_000, "Most addresses the peer store holds.", int, 1, MANY),
+        _number("max-outbound", 8, "Most outbound peer connections.", int, 0, 10_000),
+        _number("max-inbound", 24, "Most inbound peer connections.", int, 0, 10_000),
+        _number("max-dialing", 4, "Most dials in flight at once.", int, 1, 1000),
+        _number("dial-rate", 4.0, "Most dials started per second.", float, 0.01, 1000),
+        _number("exchange-interval", 30.0, "Seconds between peer exchanges with each peer.", float, 0.1, DAY),
+        _number("max-backoff", 60.0, "Longest delay, in seconds, between dials of a failing address.",
+                float, 1, DAY),
+        _number("max-payload", 64 * 1024, "Largest gossip message payload, in bytes.", int, 1, 1 << 26),
+        _number("max-ttl", 3600, "Longest time-to-live of a gossip message, in seconds.", int, 1, DAY),
+        _number("send-queue", 1 << 20,
+                "Bytes a connection may hold back for a slow reader before pushes are dropped "
+                "(subscribers, peers) or the connection closes (unread replies).", int, 1024, 1 << 30),
         ["cafile", None, None, "CA certificates (a PEM file or a directory of them) to verify wss:// peers with (default: system trust)."],
     ]
     optFlags = [
@@ -154,12 +185,30 @@ class Options(usage.Options):
         except address.InvalidAddress as e:
             raise usage.UsageError(f"--peer {url}: {e}") from None
 
+    def parseOptions(self, options: Any = None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise
+            # Under twistd, which would print all of --help above the
+            # error: one line is what a terminal or a journal needs.
+            raise SystemExit(f"twistd foxnode: {e} (twistd foxnode --help lists the options)") from None
+
     def postOptions(self) -> None:
         if self["listen"] is None:
-            if not 0 <= self["port"] <= 65535:
-                raise usage.UsageError(f"--port {self['port']}: out of range 0..65535")
             # serverFromString wants "tcp:9000", not a bare port number.
             self["listen"] = f"tcp:{self['port']}"
+        elif not self["listen"]:
+            raise usage.UsageError("--listen: give an endpoint, e.g. tcp:9000:interface=127.0.0.1")
+        _text("listen", self["listen"])
+        for option in ("peers-file", "data-dir"):
+            if not self[option]:
+                raise usage.UsageError(f"--{option}: give a path")
+        if os.path.exists(self["data-dir"]) and not os.path.isdir(self["data-dir"]):
+            raise usage.UsageError(f"--data-dir {self['data-dir']}: not a directory")
+        if os.path.isdir(self["peers-file"]):
+            raise usage.UsageError(f"--peers-file {self['peers-file']}: is a directory; give a file in it")
         if self["advertise"] is not None:
             try:
                 address.parse(self["advertise"])
@@ -174,6 +223,7 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--cafile {e}") from None
         if not self["network"] or len(self["network"]) > 64:
             raise usage.UsageError("--network: give a name of 1 to 64 characters")
+        _text("network", self["network"])
 
     def peer_config(self) -> PeerConfig:
         return PeerConfig(
@@ -239,15 +289,88 @@ class _ReportingEndpoint:
         return self._endpoint.listen(factory).addCallback(self._on_listening)
 
 
+class CannotStart(Exception):
+    """The node cannot listen; the message is the whole story, in one line
+    (already logged: twistd's top level should add no traceback to it)."""
+
+
+def _quiet_about_cannot_start(previous: Callable) -> Callable:
+    def hook(kind: type, value: BaseException, tb: Any) -> None:
+        if not issubclass(kind, CannotStart):
+            previous(kind, value, tb)
+
+    return hook
+
+
+def why_not_listening(error: BaseException, listen: str) -> str:
+    """One line for an error from listening on ``listen``."""
+    if isinstance(error, CannotListenError):
+        cause = error.socketError
+        where = f"{error.interface}:{error.port}" if error.interface else f"port {error.port}"
+        number = getattr(cause, "errno", None)
+        if number == errno.EADDRINUSE:
+            return f"{where} is in use (--listen {listen})"
+        if number == errno.EACCES:
+            return f"no permission to listen on {where} (--listen {listen})"
+        if number == errno.EADDRNOTAVAIL:
+            return f"{error.interface} is not an address of this machine (--listen {listen})"
+        text = getattr(cause, "strerror", None) or str(cause)
+        return f"cannot listen on {where}: {text} (--listen {listen})"
+    if isinstance(error, CannotStart):
+        return str(error)
+    return f"--listen {listen}: {str(error).rstrip('.') or type(error).__name__}"
+
+
+class HangUp:
+    """What SIGHUP does to a node run by twistd: as twistd's SIGUSR1 does
+    for its log file, but reopening rather than rotating the file, for
+    logrotate and the like, which move it away first. On standard output
+    there is nothing to reopen; the node goes on either way."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self._previous: Any = None
+
+    def install(self) -> None:
+        self._previous = signal.signal(signal.SIGHUP, self._received)
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+
+    def _received(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reopen)
+
+    def reopen(self) -> None:
+        # twistd keeps its LogFile to itself (only its SIGUSR1 handler knows
+        # it): the log files open in this process are twistd's.
+        files = [o for o in gc.get_objects() if isinstance(o, logfile.BaseLogFile)]
+        for f in files:
+            try:
+                f.reopen()
+            except OSError as e:
+                log.error("SIGHUP: cannot reopen the log file {path}: {why}; still writing to the old one",
+                          path=f.path, why=e.strerror)
+            else:
+                log.info("SIGHUP: reopened the log file {path}", path=f.path)
+        if not files:
+            log.info("SIGHUP: no log file to reopen; the node goes on")
+
+
 class NodeService(service.MultiService):
     """The running node: its listening port and its long-lived parts."""
 
-    def __init__(self, reactor: Any, node: Node, endpoint: Any, site: Any,
+    #: set by makeService under twistd
+    hangup: HangUp | None = None
+
+    def __init__(self, reactor: Any, node: Node, endpoint: Any, site: Any, listen: str = "",
                  file_locks: list[locks.FileLock] | None = None) -> None:
         super().__init__()
         self.reactor = reactor
         self.node = node
         self.site = site
+        self.listen = listen
         #: held until the node has stopped (locks.py)
         self.file_locks = file_locks or []
         self.port: Any = None
@@ -261,6 +384,10 @@ class NodeService(service.MultiService):
         listener.setServiceParent(self)
 
     def _bound(self, port: Any) -> Any:
+        if getattr(port.getHost(), "port", None) is None:
+            port.stopListening()
+            raise CannotStart(f"--listen {self.listen}: the node needs a TCP port "
+                              "(tcp:, ssl: or systemd:domain=INET)")
         self.port = port
         self.node.listen_port = port.getHost().port
         log.info("foxnode {node_id} listening on port {port}, network {network!r}",
@@ -277,13 +404,34 @@ class NodeService(service.MultiService):
         self._listening.append(d)
         return d
 
+    def privilegedStartService(self) -> None:
+        with self._listening_or_saying_why():
+            super().privilegedStartService()
+
     def startService(self) -> None:
         for lock in self.file_locks:
             lock.note_pid()  # twistd may have forked into the background since
-        super().startService()
+        with self._listening_or_saying_why():
+            super().startService()
         self.node.start()
+        if self.hangup is not None:
+            self.hangup.install()
+
+    @contextlib.contextmanager
+    def _listening_or_saying_why(self) -> Iterator[None]:
+        try:
+            yield
+        except Exception as e:
+            line = f"foxnode: cannot start: {why_not_listening(e, self.listen)}"
+            log.critical("{line}", line=line)
+            # twistd removes its pid file and tells a daemon's parent, then
+            # lets the error end the process: without a traceback.
+            sys.excepthook = _quiet_about_cannot_start(sys.excepthook)
+            raise CannotStart(line) from None
 
     def stopService(self) -> Deferred:
+        if self.hangup is not None:
+            self.hangup.uninstall()
         stopped = super().stopService()
         d = DeferredList([stopped, self.node.stop()], consumeErrors=True)
         return d.addCallback(self._release)
@@ -299,6 +447,8 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
 
         reactor = default_reactor
     logs.set_debug(bool(config["debug"]))
+    # A bad endpoint (syntax, TLS files) is refused before anything is locked or read.
+    endpoint = _server_endpoint(reactor, config["listen"])
     metrics = NodeMetrics()
     # Locked before anything is read, so a second node on either file
     # neither shares the key nor overwrites the store.
@@ -331,11 +481,29 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
         open_timeout=node_config.handshake_timeout, max_connections=config["max-connections"],
         max_in_flight=node_config.max_in_flight)
     site = make_site(node, ws_factory, config.web_config())
-    endpoint = serverFromString(reactor, config["listen"])
     from autobahn.websocket import USES_NVX
 
     log.info("foxnode {node_id}: peers file {path} ({n} known), data dir {dir}, "
              "Autobahn native acceleration {nvx}",
              node_id=node.node_id, path=os.path.abspath(config["peers-file"]),
              n=len(store), dir=os.path.abspath(config["data-dir"]), nvx="on" if USES_NVX else "off")
-    return NodeService(reactor, node, endpoint, site, file_locks)
+    service = NodeService(reactor, node, endpoint, site, listen=config["listen"], file_locks=file_locks)
+    if config.parent is not None:
+        # Run by twistd, which leaves SIGHUP at its default: the end of the
+        # process, without its shutdown.
+        service.hangup = HangUp(reactor)
+    return service
+
+
+def _server_endpoint(reactor: Any, description: str) -> Any:
+    try:
+        return serverFromString(reactor, description)
+    except OSError as e:  # a TLS key or certificate file
+        why = f"{e.filename}: {e.strerror}" if e.filename else str(e)
+    except (SSL.Error, crypto.Error) as e:
+        why = f"cannot load the TLS key or certificate: {e}"
+    except IndexError:
+        why = "systemd passed no such socket (start it through its .socket unit)"
+    except Exception as e:  # ValueError, TypeError, KeyError: the endpoint syntax
+        why = str(e) or type(e).__name__
+    raise SystemExit(f"foxnode: cannot start: --listen {description}: {why}")
