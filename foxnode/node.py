@@ -113,6 +113,8 @@ class Node:
         self.gossip: Any = None
         self._peers_cache: tuple[int, bytes, list[str] | None] = (-1, b"", None)
         self._zone, self._zone_until = "", 0.0
+        #: ops only the node's operator (``conn.trusted``) may use
+        self._operator_ops: set[str] = set()
         self._ops: dict[str, Op] = {
             "register": self.op_register,
             "peers": self.op_peers,
@@ -132,8 +134,14 @@ class Node:
     def node_id(self) -> str:
         return self.identity.node_id
 
-    def add_op(self, name: str, op: Op) -> None:
+    def add_op(self, name: str, op: Op, operator: bool = False) -> None:
+        """Serve ``name`` with ``op``; an ``operator`` op only to trusted
+        clients (PROTOCOL.md "Who may do what")."""
         self._ops[name] = op
+        if operator:
+            self._operator_ops.add(name)
+        else:
+            self._operator_ops.discard(name)
 
     def start(self) -> None:
         """Begin the node's own activity (dialing peers), once listening."""
@@ -223,6 +231,9 @@ class Node:
         if op is None:
             self.metrics.count_request("other", 404)
             return codec.not_found_op(request.op)
+        if request.op in self._operator_ops and not conn.trusted:
+            self.metrics.count_request(request.op, 403)
+            return codec.forbidden(f'Operation "{request.op}" is only for trusted clients.')
         result = op(conn, request.args)
         if isinstance(result, codec.Reply):
             self.metrics.count_request(request.op, result.status)

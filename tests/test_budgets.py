@@ -212,3 +212,37 @@ async def test_replies_waiting_for_a_hung_disk_stop_the_reading(reactor, node_di
         if raw is not None:
             raw.close()
         await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_operator_ops_are_for_trusted_clients_only(reactor, node_dir, tmp_path):
+    """An op added as an operator op answers the operator and 403s anyone
+    else, also a peer that said hello or a binary frame."""
+    calls: list[Any] = []
+
+    def secret(conn: Any, args: Any) -> codec.Reply:
+        calls.append(args)
+        return codec.ok({"secret": True})
+
+    outsider_node = await start_node(reactor, node_dir, *OUTSIDER)
+    operator_node = await start_node(reactor, tmp_path / "operator")
+    try:
+        for running in (outsider_node, operator_node):
+            running.node.add_op("secret", secret, operator=True)
+        conn = await client.connect(reactor, outsider_node.url)
+        reply = await conn.request("secret", {})
+        assert (reply.status, reply.error) == (403, 'Operation "secret" is only for trusted clients.')
+        conn.sendMessage(b'{"op": "secret", "id": "b"}', isBinary=True)
+        peer = await connect_as_peer(reactor, outsider_node.url)
+        reply_as_peer = await peer.request("secret", {})
+        assert reply_as_peer.status == 403
+        assert calls == []
+        # The operator (loopback, trusted by default) is served.
+        trusted = await client.connect(reactor, operator_node.url)
+        reply = await trusted.request("secret", {"x": 1})
+        assert reply.status == 200 and calls == [{"x": 1}]
+        for c in (conn, peer, trusted):
+            c.close()
+    finally:
+        await outsider_node.stop()
+        await operator_node.stop()
