@@ -393,10 +393,48 @@ def _plain_response(status: int, phrase: str, reason: str) -> bytes:
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
 
 
+#: Bytes of a request body the node reads at most: it serves GETs, and
+#: nothing it serves reads a body; without a bound, twisted.web spools any
+#: body (chunked, or announced as large) to a temporary file on disk.
+MAX_REQUEST_BODY = 64 * 1024
+
+
 class NodeRequest(Request):
-    """A request whose Host must name the node before anything is served."""
+    """A request whose Host must name the node before anything is served,
+    and whose body is bounded (``MAX_REQUEST_BODY``)."""
+
+    _body_bytes = 0
+    _body_refused = False
+
+    def gotLength(self, length: int | None) -> None:
+        # Always in memory: a chunked body (None) would go to a file.
+        super().gotLength(0 if length is None else min(length, MAX_REQUEST_BODY))
+        if length is not None and length > MAX_REQUEST_BODY:
+            self._refuse_body(f"announced {length} bytes")
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._body_refused:
+            return
+        self._body_bytes += len(data)
+        if self._body_bytes > MAX_REQUEST_BODY:
+            self._refuse_body(f"sent over {MAX_REQUEST_BODY} bytes")
+            return
+        super().handleContentChunk(data)
+
+    def _refuse_body(self, why: str) -> None:
+        self._body_refused = True
+        transport = self.channel.transport
+        self.channel.site.quiet.info("body", "refused HTTP request body from {peer}: {why}",
+                                     peer=getattr(self.getClientAddress(), "host", "?"), why=why)
+        body = orjson.dumps({"status": 413, "error": f"Request body too large: at most "
+                                                     f"{MAX_REQUEST_BODY} bytes.", "response": None})
+        transport.write(b"HTTP/1.1 413 Content Too Large\r\nContent-Type: application/json\r\n"
+                        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        transport.loseConnection()
 
     def process(self) -> None:
+        if self._body_refused:
+            return  # answered and closed when the body grew too large
         site = self.channel.site
         refusal, self.authority = site.policy.host_refusal(self)
         if refusal is None:

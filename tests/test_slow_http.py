@@ -104,6 +104,55 @@ async def test_a_body_trickling_in_is_closed_at_the_deadline(reactor, node_dir):
     assert kept is not None and kept < 1.5 + 3, kept
 
 
+def send_body(port: int, head: bytes, body_chunks: list[bytes]) -> tuple[bytes, int]:
+    """Send a request and as much of its body as the node takes; what the
+    node answered, and how many body bytes went out before it closed."""
+    sock = socket.create_connection((LOOPBACK, port), timeout=10)
+    sent = 0
+    try:
+        sock.sendall(head)
+        for chunk in body_chunks:
+            try:
+                sock.sendall(chunk)
+            except OSError:
+                break
+            sent += len(chunk)
+        answer = b""
+        sock.settimeout(10)
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+        except OSError:
+            pass
+        return answer, sent
+    finally:
+        sock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_request_bodies_are_bounded_in_any_framing(reactor, node_dir):
+    # twisted.web would spool either body to a temporary file on disk.
+    async with running_node(reactor, node_dir) as node:
+        announced = (b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
+                     % (1 << 30))
+        answer, sent = await deferToThread(send_body, node.port, announced, [b"x" * 65536] * 64)
+        assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+        assert b"Request body too large" in answer
+        chunked = b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        chunk = b"%x\r\n%s\r\n" % (65536, b"y" * 65536)
+        answer, sent = await deferToThread(send_body, node.port, chunked, [chunk] * 64)
+        assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+        # A small body is read as usual and the request served.
+        small = (b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n"
+                 b"Connection: close\r\n\r\n0123456789")
+        answer, _ = await deferToThread(send_body, node.port, small, [])
+        assert answer.startswith(b"HTTP/1.1 "), answer[:200]
+        assert not answer.startswith(b"HTTP/1.1 413"), answer[:200]
+
+
 def keep_alive(port: int, pauses: list[float], dribble_last: bool) -> list[Any]:
     """Requests on one connection, each sent whole after a pause; then,
     if ``dribble_last``, one more trickling in. What became of each."""
