@@ -47,7 +47,8 @@ on CPython 3.11, 64-bit; defaults in brackets):
   ``cache_capacity`` [10,000] entries of about 750 bytes, plus 8 bytes per
   announcer, and announcers are live peers only (at most
   ``--max-inbound`` + ``--max-outbound``): some 10 MB when full.
-- ``lazy``: node ids of live peers only, shared with their connections.
+- ``links``: one small ``Link`` per live peer connection (at most
+  ``--max-inbound`` + ``--max-outbound``), dropped when the peer goes down.
 - ``subscribers``: per connection at most ``max_topics_per_connection``
   [64] topics of at most ``max_topic_length`` [128] characters, under
   1 KiB each: at most 64 KiB per connection, released when it closes.
@@ -63,44 +64,20 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import time
 from collections import OrderedDict
 from typing import Any, NamedTuple
 
 import attrs
 import orjson
-from twisted.internet.task import LoopingCall
 
 from foxnode import codec, identity, logs
+from foxnode.config import GossipConfig
 from foxnode.limits import TokenBucket
 
 log = logs.logger(__name__)
 
 ENVELOPE_VERSION = 1
 CLOSE_ABUSE = 4011
-
-
-@attrs.frozen
-class GossipConfig:
-    default_ttl: int = 60
-    max_ttl: int = 3600
-    #: largest encoded payload of one message, in bytes
-    max_payload: int = 64 * 1024
-    #: how far in the future an envelope's creation time may be (clock skew)
-    max_skew: float = 30.0
-    max_topic_length: int = 128
-    max_topics_per_connection: int = 64
-    #: ids remembered at most (each until its envelope expires)
-    seen_capacity: int = 200_000
-    #: envelopes kept to answer grafts: how many, how many bytes, how long
-    cache_capacity: int = 10_000
-    cache_bytes: int = 32 * 1024 * 1024
-    cache_seconds: float = 120.0
-    #: how long to wait for an announced envelope before asking for it
-    graft_timeout: float = 0.4
-    #: bad envelopes a peer may send (a burst, then per second) before it is dropped
-    abuse_burst: float = 20.0
-    abuse_rate: float = 0.5
 
 
 #: What one cache entry costs beside the bytes of its frame (its key, the
@@ -213,12 +190,27 @@ class Envelope:
         return cls(**fields)
 
 
-class Gossip:
-    """Publish/subscribe for one node; hooks itself onto the node."""
+@attrs.define(eq=False)
+class Link:
+    """Plumtree's view of one live peer connection. Kept per connection,
+    not per node id: a connection that replaces another to the same node
+    starts eager, whatever the old one had become."""
 
-    def __init__(self, node: Any, config: GossipConfig | None = None) -> None:
-        self.node = node
-        self.reactor = node.reactor
+    conn: Any
+    #: only ids are announced over it (``ihave``), not whole envelopes
+    lazy: bool = False
+
+
+class Gossip:
+    """Publish/subscribe for one node. It serves ``ops`` and ``events``
+    (service.py puts them in the node's tables) and hears of peer links
+    coming and going from the peer manager (``peer_up``/``peer_down``)."""
+
+    def __init__(self, reactor: Any, signer: identity.Identity, metrics: Any,
+                 config: GossipConfig | None = None) -> None:
+        self.reactor = reactor
+        self.signer = signer
+        self.metrics = metrics
         self.config = config or GossipConfig()
         #: message id -> when it may be forgotten
         self.seen: OrderedDict[str, float] = OrderedDict()
@@ -228,27 +220,19 @@ class Gossip:
         self._cache_bytes = 0
         #: topic -> connections subscribed to it
         self.subscribers: dict[str, set] = {}
-        #: node ids of peers whose link is lazy (ids only); all others are eager
-        self.lazy: set[str] = set()
-        #: announced ids we wait for: id -> (timer, announcers still to ask)
-        self.missing: dict[str, tuple[Any, list[str]]] = {}
-        self._sweeper = LoopingCall(self.sweep)
-        self._sweeper.clock = self.reactor
-        node.gossip = self
-        node.add_op("publish", self.op_publish)
-        node.add_op("subscribe", self.op_subscribe)
-        node.add_op("unsubscribe", self.op_unsubscribe)
-        for name, handler in (("gossip", self.on_gossip), ("ihave", self.on_ihave),
-                              ("graft", self.on_graft), ("prune", self.on_prune),
-                              ("rejected", self.on_rejected)):
-            node.event_handlers[name] = handler
-        node.lost_hooks.append(self.connection_lost)
-        node.start_hooks.append(lambda: self._sweeper.start(5.0, now=False))
-        node.stop_hooks.append(self.stop)
+        #: live peer connections (from the peer manager's events), in the
+        #: order they came up
+        self.links: dict[Any, Link] = {}
+        #: announced ids we wait for: id -> (timer, announcing links still to ask)
+        self.missing: dict[str, tuple[Any, list[Link]]] = {}
+        #: what this part serves, for the node's tables
+        self.ops = {"publish": self.op_publish, "subscribe": self.op_subscribe,
+                    "unsubscribe": self.op_unsubscribe}
+        self.events = {"gossip": self.on_gossip, "ihave": self.on_ihave, "graft": self.on_graft,
+                       "prune": self.on_prune, "rejected": self.on_rejected}
 
     def stop(self) -> None:
-        if self._sweeper.running:
-            self._sweeper.stop()
+        """Cancel the graft timers (the node is stopping)."""
         for timer, _ in self.missing.values():
             if timer.active():
                 timer.cancel()
@@ -272,7 +256,7 @@ class Gossip:
             size = len(orjson.dumps(args["payload"]))
             if size > self.config.max_payload:
                 return codec.bad_args("publish", f'"payload" is {size} bytes, over the limit of {self.config.max_payload}')
-            envelope = Envelope.create(self.node.identity, topic, args["payload"], ttl, time.time())
+            envelope = Envelope.create(self.signer, topic, args["payload"], ttl, self.reactor.seconds())
         except (orjson.JSONEncodeError, UnicodeError) as e:
             # Only reachable in-process: what arrives over the wire was JSON.
             return codec.bad_args("publish", f'"payload" is not representable as JSON ({e})')
@@ -324,19 +308,20 @@ class Gossip:
             if not subs:
                 del self.subscribers[topic]
 
-    def connection_lost(self, conn: Any, code: int | None, reason: str | None) -> None:
+    def connection_closed(self, conn: Any) -> None:
+        """Any connection closed: its subscriptions go."""
         for topic in conn.fox_state.get("topics", ()):
             self._unsubscribe(conn, topic)
-        if conn.node_id is not None and conn.node_id not in self._peer_conns():
-            self.lazy.discard(conn.node_id)
+
+    # -- peer links (PeerListener) ---------------------------------------------------
+
+    def peer_up(self, conn: Any) -> None:
+        self.links[conn] = Link(conn)
+
+    def peer_down(self, conn: Any) -> None:
+        self.links.pop(conn, None)
 
     # -- spreading ---------------------------------------------------------------
-
-    def _peer_conns(self) -> dict[str, Any]:
-        return self.node.peers.peers if self.node.peers is not None else {}
-
-    def _is_peer(self, conn: Any) -> bool:
-        return conn.node_id is not None and self._peer_conns().get(conn.node_id) is conn
 
     def accept(self, envelope: Envelope, sender: Any) -> None:
         """A new, valid envelope: remember, deliver, pass on."""
@@ -353,12 +338,11 @@ class Gossip:
         self._trim()
         self.deliver(envelope, payload)
         announce = codec.encode_event("ihave", ids=[envelope.id])
-        sender_id = sender.node_id if sender is not None else None
-        metrics = self.node.metrics
-        for peer_id, conn in self._peer_conns().items():
-            if peer_id == sender_id or peer_id == envelope.origin:
+        metrics = self.metrics
+        for conn, link in self.links.items():
+            if conn is sender or conn.node_id == envelope.origin:
                 continue
-            if peer_id in self.lazy:
+            if link.lazy:
                 conn.send_frame(announce, droppable=True)
             elif conn.send_frame(frame, droppable=True):
                 metrics.gossip_sent.inc()
@@ -374,7 +358,7 @@ class Gossip:
         frame = codec.encode_event("message", id=envelope.id, topic=envelope.topic,
                        payload=envelope.payload if payload is None else payload,
                        origin=envelope.origin, created=envelope.created)
-        metrics = self.node.metrics
+        metrics = self.metrics
         for conn in list(subscribers):
             if conn.send_frame(frame, droppable=True):
                 metrics.gossip_delivered.inc()
@@ -382,29 +366,30 @@ class Gossip:
                 metrics.send_dropped.labels("subscriber").inc()
 
     def on_gossip(self, conn: Any, event: codec.Event) -> None:
-        if not self._is_peer(conn):
+        link = self.links.get(conn)
+        if link is None:
             return
         raw = event.body.get("envelope")
         message_id = raw.get("id") if isinstance(raw, dict) else None
         if isinstance(message_id, str) and message_id in self.seen:
             # A copy over an eager link: one tree edge too many, make it lazy.
-            self.node.metrics.gossip_received.labels("duplicate").inc()
-            if conn.node_id not in self.lazy:
-                self.lazy.add(conn.node_id)
+            self.metrics.gossip_received.labels("duplicate").inc()
+            if not link.lazy:
+                link.lazy = True
                 conn.send_frame(codec.encode_event("prune"), droppable=True)
             return
         try:
-            envelope = Envelope.from_json(raw, self.config, time.time())
+            envelope = Envelope.from_json(raw, self.config, self.reactor.seconds())
         except Rejected as e:
             self._reject(conn, message_id, str(e))
             return
-        self.node.metrics.gossip_received.labels("accepted").inc()
+        self.metrics.gossip_received.labels("accepted").inc()
         # Whoever brought us something new is on the tree.
-        self.lazy.discard(conn.node_id)
+        link.lazy = False
         self.accept(envelope, sender=conn)
 
     def _reject(self, conn: Any, message_id: Any, reason: str) -> None:
-        self.node.metrics.gossip_received.labels(_reason_label(reason)).inc()
+        self.metrics.gossip_received.labels(_reason_label(reason)).inc()
         log.info("dropped envelope {id} from {peer}: {reason}", id=str(message_id)[:16],
                  peer=conn.node_id[:12], reason=reason)
         conn.send_frame(codec.encode_event("rejected", id=message_id if isinstance(message_id, str) else None,
@@ -418,7 +403,8 @@ class Gossip:
             conn.close(CLOSE_ABUSE, "too many bad envelopes")
 
     def on_ihave(self, conn: Any, event: codec.Event) -> None:
-        if not self._is_peer(conn):
+        link = self.links.get(conn)
+        if link is None:
             return
         ids = event.body.get("ids")
         if not isinstance(ids, list):
@@ -428,23 +414,22 @@ class Gossip:
                 continue
             waiting = self.missing.get(message_id)
             if waiting is not None:
-                self._add_announcer(waiting[1], conn.node_id)
+                self._add_announcer(waiting[1], link)
                 continue
             if len(self.missing) >= self.config.cache_capacity:
                 continue
             timer = self.reactor.callLater(self.config.graft_timeout, self._graft, message_id)
-            self.missing[message_id] = (timer, [conn.node_id])
+            self.missing[message_id] = (timer, [link])
 
-    def _add_announcer(self, announcers: list[str], peer_id: str) -> None:
-        if peer_id in announcers:
+    def _add_announcer(self, announcers: list[Link], link: Link) -> None:
+        if link in announcers:
             return
-        peers = self._peer_conns()
-        if len(announcers) >= len(peers):
-            # Peers that left stay listed until a graft passes them over;
-            # dropped here, the list stays within the live peers however
-            # fast peers come and go.
-            announcers[:] = [p for p in announcers if p in peers]
-        announcers.append(peer_id)
+        if len(announcers) >= len(self.links):
+            # Links that went down stay listed until a graft passes them
+            # over; dropped here, the list stays within the live links
+            # however fast peers come and go.
+            announcers[:] = [a for a in announcers if self.links.get(a.conn) is a]
+        announcers.append(link)
 
     def _graft(self, message_id: str) -> None:
         waiting = self.missing.get(message_id)
@@ -452,37 +437,37 @@ class Gossip:
             self.missing.pop(message_id, None)
             return
         _, announcers = waiting
-        peers = self._peer_conns()
         while announcers:
-            peer_id = announcers.pop(0)
-            conn = peers.get(peer_id)
-            if conn is None:
-                continue
-            self.lazy.discard(peer_id)
-            conn.send_frame(codec.encode_event("graft", ids=[message_id]))
+            link = announcers.pop(0)
+            if self.links.get(link.conn) is not link:
+                continue  # that link is down
+            link.lazy = False
+            link.conn.send_frame(codec.encode_event("graft", ids=[message_id]))
             timer = self.reactor.callLater(self.config.graft_timeout * 2, self._graft, message_id)
             self.missing[message_id] = (timer, announcers)
             return
         self.missing.pop(message_id, None)
 
     def on_graft(self, conn: Any, event: codec.Event) -> None:
-        if not self._is_peer(conn):
+        link = self.links.get(conn)
+        if link is None:
             return
-        self.lazy.discard(conn.node_id)
+        link.lazy = False
         ids = event.body.get("ids")
         if not isinstance(ids, list):
             return
         for message_id in ids[:1000]:
             cached = self.cache.get(message_id) if isinstance(message_id, str) else None
             if cached is not None and conn.send_frame(cached.frame, droppable=True):
-                self.node.metrics.gossip_sent.inc()
+                self.metrics.gossip_sent.inc()
 
     def on_prune(self, conn: Any, event: codec.Event) -> None:
-        if self._is_peer(conn):
-            self.lazy.add(conn.node_id)
+        link = self.links.get(conn)
+        if link is not None:
+            link.lazy = True
 
     def on_rejected(self, conn: Any, event: codec.Event) -> None:
-        if self._is_peer(conn):
+        if conn in self.links:
             log.warn("peer {peer} rejected our envelope {id}: {reason}", peer=conn.node_id[:12],
                      id=str(event.body.get("id"))[:16], reason=str(event.body.get("reason"))[:200])
 
@@ -499,7 +484,7 @@ class Gossip:
 
     def sweep(self) -> None:
         """Forget expired ids and old cached envelopes."""
-        now = time.time()
+        now = self.reactor.seconds()
         for message_id in [m for m, until in self.seen.items() if until < now]:
             del self.seen[message_id]
         horizon = now - self.config.cache_seconds

@@ -3,8 +3,11 @@
 A ``Node`` is the handler behind every WebSocket connection (see
 protocol.py). Ops are plain methods taking the connection and the request's
 ``args`` and returning a ``codec.Reply`` or a Deferred of one, so they are
-tested by calling them. The peer manager (peers.py) and gossip (gossip.py)
-hang off the node and receive the connections' events.
+tested by calling them. The node serves its own (the lab's) ops; the other
+parts' ops and pushed events are put in its tables, and its references to
+the peer manager and gossip set, by service.py's ``build``, which is the
+one place the parts are connected. The node tells them, in a fixed order,
+of every connection that closes.
 """
 
 from __future__ import annotations
@@ -14,27 +17,28 @@ import ipaddress
 import json
 import time
 from collections import Counter
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-import attrs
 import orjson
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.python.failure import Failure
 
 from foxnode import PROTOCOL_VERSION, __version__, address, codec, logs
+from foxnode.config import NodeConfig
 from foxnode.identity import Identity
 from foxnode.metrics import NodeMetrics
 from foxnode.limits import TokenBucket
 from foxnode.protocol import CLOSE_RATE_LIMIT, CLOSE_SHUTDOWN
-from foxnode.store import CLOSE_TIMEOUT, REGISTER, PeerStore, StoreDurabilityError, StoreWriteError
+from foxnode.store import REGISTER, PeerStore, StoreDurabilityError, StoreWriteError
+
+if TYPE_CHECKING:
+    from foxnode.gossip import Gossip
+    from foxnode.peers import PeerManager
 
 log = logs.logger(__name__)
 
 #: Bytes of a reply besides its response: the head, and an id.
 REPLY_MARGIN = 1024
-
-
-DEFAULT_TRUSTED = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
 def is_trusted_host(host: str, trusted: tuple) -> bool:
@@ -50,46 +54,10 @@ def is_trusted_host(host: str, trusted: tuple) -> bool:
     return any(ip.version == net.version and ip in net for net in trusted)
 
 
-@attrs.frozen
-class NodeConfig:
-    """What a node is told at start; validated once, by tap.py."""
-
-    network: str = "foxchain"
-    #: the URL other nodes should dial; None: announce the port only
-    advertise: str | None = None
-    bootstrap: tuple[str, ...] = ()
-    #: addresses one ``register`` request may carry
-    max_register_addrs: int = 100
-    max_message_size: int = 1 << 20
-    send_queue: int = 1 << 20
-    #: requests per second per connection, and the burst allowed above it
-    rate: float = 50.0
-    burst: float = 100.0
-    #: the budget of one peer (a connection that said hello): its requests
-    #: and pushed events per second, and the burst above it
-    peer_rate: float = 1000.0
-    peer_burst: float = 5000.0
-    #: requests of one connection waiting for their replies before the node
-    #: stops reading it
-    max_in_flight: int = 64
-    #: WebSocket connections from one remote IP address
-    max_per_ip: int = 32
-    max_depth: int = 64
-    #: seconds between WebSocket pings, and to wait for the pong: how a
-    #: dead or half-open connection is found
-    ping_interval: float = 30.0
-    ping_timeout: float = 15.0
-    #: seconds a WebSocket opening handshake, or a peer's hello, may take
-    handshake_timeout: float = 10.0
-    #: this node serves TLS (wss://)
-    secure: bool = False
-    #: networks whose clients are the node's operator (PROTOCOL.md "Who may
-    #: do what"): not rate-limited or capped per IP, and alone allowed the
-    #: operator ops
-    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = DEFAULT_TRUSTED
-
-
+#: An op: (connection, the request's args) -> a Reply, or a Deferred of one.
 Op = Callable[[Any, Any], Any]
+#: A handler of a pushed event: (connection, the event).
+EventHandler = Callable[[Any, codec.Event], None]
 
 
 class Node:
@@ -108,62 +76,52 @@ class Node:
         #: WebSocket connections (open or opening) per remote IP address
         self._per_ip: Counter[str] = Counter()
         self.stopping = False
-        #: the peer manager (peers.py) and gossip (gossip.py) once installed
-        self.peers: Any = None
-        self.gossip: Any = None
+        #: the peer manager and gossip, set by service.build
+        self.peers: PeerManager | None = None
+        self.gossip: Gossip | None = None
         self._peers_cache: tuple[int, bytes, list[str] | None] = (-1, b"", None)
         self._zone, self._zone_until = "", 0.0
+        #: the ops table: every op served, by name (tests walk it)
+        self._ops: dict[str, Op] = {}
         #: ops only the node's operator (``conn.trusted``) may use
         self._operator_ops: set[str] = set()
-        self._ops: dict[str, Op] = {
-            "register": self.op_register,
-            "peers": self.op_peers,
-            "time": self.op_time,
-            "info": self.op_info,
-        }
-        #: callbacks run with the list of newly stored addresses (the dialer)
-        self.on_new_addresses: list[Callable[[list[str]], None]] = []
-        #: what the peer manager and gossip hook in: handlers of pushed
-        #: events by name, and calls on connection loss, start and stop
-        self.event_handlers: dict[str, Callable[[Any, codec.Event], None]] = {}
-        self.lost_hooks: list[Callable[[Any, int | None, str | None], None]] = []
-        self.start_hooks: list[Callable[[], None]] = []
-        self.stop_hooks: list[Callable[[], None]] = []
+        self.serve({"register": self.op_register, "peers": self.op_peers,
+                    "time": self.op_time, "info": self.op_info})
+        #: handlers of the events peers push, by event name
+        self._events: dict[str, EventHandler] = {}
 
     @property
     def node_id(self) -> str:
         return self.identity.node_id
 
-    def add_op(self, name: str, op: Op, operator: bool = False) -> None:
-        """Serve ``name`` with ``op``; an ``operator`` op only to trusted
-        clients (PROTOCOL.md "Who may do what")."""
-        self._ops[name] = op
-        if operator:
-            self._operator_ops.add(name)
-        else:
-            self._operator_ops.discard(name)
+    def serve(self, ops: Mapping[str, Op], operator: bool = False) -> None:
+        """Serve each op of ``ops`` by its name; ``operator`` ops only to
+        trusted clients (PROTOCOL.md "Who may do what")."""
+        for name, op in ops.items():
+            self._ops[name] = op
+            if operator:
+                self._operator_ops.add(name)
+            else:
+                self._operator_ops.discard(name)
 
-    def start(self) -> None:
-        """Begin the node's own activity (dialing peers), once listening."""
-        for hook in self.start_hooks:
-            hook()
+    def hear(self, events: Mapping[str, EventHandler]) -> None:
+        """Hand each event peers push, by its name, to its handler."""
+        self._events.update(events)
 
-    def stop(self) -> Deferred:
-        """Stop activity, close every connection and flush the peer store;
-        fires when the store is on disk, or ``CLOSE_TIMEOUT`` seconds after
-        the connections closed if the disk does not answer (store.py)."""
+    def op_names(self) -> list[str]:
+        return list(self._ops)
+
+    def close_connections(self, wait: float = 3.0) -> Deferred:
+        """Refuse new connections and close every one; fires once they
+        closed, or after ``wait`` seconds: a peer that never answers does
+        not hold the shutdown."""
         self.stopping = True
-        for hook in self.stop_hooks:
-            hook()
         conns = list(self.connections)
         for conn in conns:
             conn.close(CLOSE_SHUTDOWN, "node shutting down")
-        # The closes update the store (last seen, why): flush after them,
-        # but do not let a peer that never answers hold the shutdown.
         closed = DeferredList([c.when_closed() for c in conns], consumeErrors=True)
-        closed.addTimeout(3, self.reactor)
-        closed.addBoth(lambda _: self.store.close(timeout=CLOSE_TIMEOUT))
-        return closed
+        closed.addTimeout(wait, self.reactor)
+        return closed.addErrback(lambda _: None)
 
     # -- ConnectionHandler -------------------------------------------------------
 
@@ -246,7 +204,7 @@ class Node:
         return reply
 
     def handle_event(self, conn: Any, event: codec.Event) -> None:
-        handler = self.event_handlers.get(event.name)
+        handler = self._events.get(event.name)
         if handler is None:
             log.debug("{conn}: ignored event {name!r}", conn=conn.describe(), name=event.name)
             return
@@ -264,8 +222,12 @@ class Node:
             if conn.direction == "in" and conn.node_id is None:
                 log.info("client from {host} disconnected ({code}{reason})", host=conn.remote_host,
                          code=code, reason=f": {reason}" if reason else "")
-        for hook in self.lost_hooks:
-            hook(conn, code, reason)
+        # The peer manager first: it tells its listeners (gossip) the peer
+        # is down before gossip forgets the connection's subscriptions.
+        if self.peers is not None:
+            self.peers.connection_lost(conn, code, reason)
+        if self.gossip is not None:
+            self.gossip.connection_closed(conn)
 
     # -- the lab's ops ---------------------------------------------------------------
 
@@ -291,9 +253,8 @@ class Node:
         result = self.store.add(valid, REGISTER)
         rejected.extend(result.rejected)
         response = {"accepted": result.accepted, "rejected": rejected}
-        if result.accepted:
-            for notify in self.on_new_addresses:
-                notify(result.accepted)
+        if result.accepted and self.peers is not None:
+            self.peers.addresses_added(result.accepted)
 
         def settled(outcome: Any) -> Any:
             if not isinstance(outcome, Failure):
@@ -347,10 +308,10 @@ class Node:
         return codec.ok(response)
 
     def op_time(self, conn: Any, args: Any) -> codec.Reply:
-        now = time.time()
+        now = self.reactor.seconds()
         if now >= self._zone_until:
             # The zone's name changes at most at a second's turn (DST).
-            self._zone, self._zone_until = time.strftime("%Z"), int(now) + 1
+            self._zone, self._zone_until = time.strftime("%Z", time.localtime(now)), int(now) + 1
         return codec.ok({"time": now, "time_zone": self._zone})
 
     def op_info(self, conn: Any, args: Any) -> codec.Reply:

@@ -364,7 +364,7 @@ class PeerStore:
 
         ``durable=False`` (addresses learned from peers) only marks the file
         dirty: such additions are written with the next lazy flush."""
-        now = time.time() if now is None else now
+        now = self._reactor.seconds() if now is None else now
         accepted: list[str] = []
         rejected: list[dict[str, str]] = []
         fresh = []

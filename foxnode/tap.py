@@ -1,39 +1,32 @@
 """``twistd foxnode``: the command-line options and the service they build.
 
-``Options`` validates everything once, at the edge; ``makeService`` is short
-and declarative: identity, peer store, node, web site, listening endpoint.
+``Options`` validates everything once, at the edge, and turns it into the
+parts' configs (config.py, where every default is written); ``makeService``
+reads as options, then configs, then the files, then build (service.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import gc
 import ipaddress
 import math
 import os
 import signal
-import sys
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from OpenSSL import SSL, crypto
-from twisted.application import service
-from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.python import logfile, usage
-from zope.interface import implementer
 
 from foxnode import address, identity, locks, logs
 from foxnode.client import TrustError, load_trust_root
-from foxnode.gossip import Gossip, GossipConfig
+from foxnode.config import (DEFAULT_TRUSTED, GossipConfig, NodeConfig, PeerConfig, StoreConfig,
+                            WebConfig, default)
 from foxnode.metrics import NodeMetrics
-from foxnode.node import DEFAULT_TRUSTED, Node, NodeConfig
-from foxnode.peers import PeerConfig, PeerManager
-from foxnode.protocol import FoxServerFactory
+from foxnode.service import (  # noqa: F401  (CannotStart and why_not_listening were tap's)
+    CannotStart, Configs, NodeService, build, why_not_listening)
 from foxnode.store import BOOTSTRAP, PeerStore, StoreError
-from foxnode.web import Origin, WebConfig, host_key, make_site
+from foxnode.web import Origin, host_key
 
 log = logs.logger(__name__)
 
@@ -101,45 +94,45 @@ class Options(usage.Options):
         ["peers-file", None, "peers.json", "The JSON peer store."],
         ["data-dir", None, ".", "Where the node keeps its key (and other state)."],
         ["advertise", None, None, "The ws:// or wss:// address other nodes should dial to reach this node."],
-        ["network", None, "foxchain", "Nodes only peer within one network."],
-        _number("max-register-addrs", 100, "Most addresses one register request may carry.", int, 1, 10_000),
-        _number("max-message-size", 1 << 20, "Largest WebSocket message accepted, in bytes.", int, 1024, 1 << 26),
-        _number("max-depth", 64, "Deepest JSON nesting a request may have.", int, 8, 1000),
-        _number("rate", 50.0, "Requests per second one connection may send (token bucket).", float, 0.01, 1e9),
-        _number("burst", 100.0, "Requests one connection may send at once above --rate.", float, 1, 1e9),
-        _number("peer-rate", 1000.0,
+        ["network", None, default(NodeConfig, "network"), "Nodes only peer within one network."],
+        _number("max-register-addrs", default(NodeConfig, "max_register_addrs"), "Most addresses one register request may carry.", int, 1, 10_000),
+        _number("max-message-size", default(NodeConfig, "max_message_size"), "Largest WebSocket message accepted, in bytes.", int, 1024, 1 << 26),
+        _number("max-depth", default(NodeConfig, "max_depth"), "Deepest JSON nesting a request may have.", int, 8, 1000),
+        _number("rate", default(NodeConfig, "rate"), "Requests per second one connection may send (token bucket).", float, 0.01, 1e9),
+        _number("burst", default(NodeConfig, "burst"), "Requests one connection may send at once above --rate.", float, 1, 1e9),
+        _number("peer-rate", default(NodeConfig, "peer_rate"),
                 "Requests and events per second one peer (a connection that said hello) may send.",
                 float, 0.01, 1e9),
-        _number("peer-burst", 5000.0, "Requests and events one peer may send at once above --peer-rate.",
+        _number("peer-burst", default(NodeConfig, "peer_burst"), "Requests and events one peer may send at once above --peer-rate.",
                 float, 1, 1e9),
-        _number("max-in-flight", 64,
+        _number("max-in-flight", default(NodeConfig, "max_in_flight"),
                 "Requests of one connection awaiting their replies before the node stops reading it.",
                 int, 1, 100_000),
-        _number("max-connections", 1000, "Most WebSocket connections in all.", int, 1, MANY),
-        _number("max-per-ip", 32, "Most WebSocket connections from one IP address.", int, 1, MANY),
-        _number("ping-interval", 30, "Seconds (whole) between WebSocket pings to each connection.", int, 1, DAY),
-        _number("ping-timeout", 15, "Seconds (whole) to wait for a pong before closing a connection.", int, 1, DAY),
+        _number("max-connections", default(NodeConfig, "max_connections"), "Most WebSocket connections in all.", int, 1, MANY),
+        _number("max-per-ip", default(NodeConfig, "max_per_ip"), "Most WebSocket connections from one IP address.", int, 1, MANY),
+        _number("ping-interval", default(NodeConfig, "ping_interval"), "Seconds (whole) between WebSocket pings to each connection.", int, 1, DAY),
+        _number("ping-timeout", default(NodeConfig, "ping_timeout"), "Seconds (whole) to wait for a pong before closing a connection.", int, 1, DAY),
         # Autobahn's timers fire on whole seconds, rounded down: less than one
         # second would close upgrades before they could finish.
-        _number("handshake-timeout", 10.0,
+        _number("handshake-timeout", default(NodeConfig, "handshake_timeout"),
                 "Seconds an HTTP request (however slowly it trickles in), a WebSocket opening handshake, "
                 "a dial or a peer's hello may take.", float, 1, DAY),
-        _number("max-http", 128, "Most HTTP connections (not yet upgraded to WebSocket) in all.",
+        _number("max-http", default(WebConfig, "max_http"), "Most HTTP connections (not yet upgraded to WebSocket) in all.",
                 int, 1, MANY),
-        _number("max-http-per-ip", 16,
+        _number("max-http-per-ip", default(WebConfig, "max_http_per_ip"),
                 "Most HTTP connections (not yet upgraded to WebSocket) from one IP address "
                 "(IPv6: one /64); --trusted clients are held to --max-http only.", int, 1, MANY),
-        _number("max-peers", 10_000, "Most addresses the peer store holds.", int, 1, MANY),
-        _number("max-outbound", 8, "Most outbound peer connections.", int, 0, 10_000),
-        _number("max-inbound", 24, "Most inbound peer connections.", int, 0, 10_000),
-        _number("max-dialing", 4, "Most dials in flight at once.", int, 1, 1000),
-        _number("dial-rate", 4.0, "Most dials started per second.", float, 0.01, 1000),
-        _number("exchange-interval", 30.0, "Seconds between peer exchanges with each peer.", float, 0.1, DAY),
-        _number("max-backoff", 60.0, "Longest delay, in seconds, between dials of a failing address.",
+        _number("max-peers", default(StoreConfig, "max_peers"), "Most addresses the peer store holds.", int, 1, MANY),
+        _number("max-outbound", default(PeerConfig, "max_outbound"), "Most outbound peer connections.", int, 0, 10_000),
+        _number("max-inbound", default(PeerConfig, "max_inbound"), "Most inbound peer connections.", int, 0, 10_000),
+        _number("max-dialing", default(PeerConfig, "max_dialing"), "Most dials in flight at once.", int, 1, 1000),
+        _number("dial-rate", default(PeerConfig, "dial_rate"), "Most dials started per second.", float, 0.01, 1000),
+        _number("exchange-interval", default(PeerConfig, "exchange_interval"), "Seconds between peer exchanges with each peer.", float, 0.1, DAY),
+        _number("max-backoff", default(PeerConfig, "backoff_max"), "Longest delay, in seconds, between dials of a failing address.",
                 float, 1, DAY),
-        _number("max-payload", 64 * 1024, "Largest gossip message payload, in bytes.", int, 1, 1 << 26),
-        _number("max-ttl", 3600, "Longest time-to-live of a gossip message, in seconds.", int, 1, DAY),
-        _number("send-queue", 1 << 20,
+        _number("max-payload", default(GossipConfig, "max_payload"), "Largest gossip message payload, in bytes.", int, 1, 1 << 26),
+        _number("max-ttl", default(GossipConfig, "max_ttl"), "Longest time-to-live of a gossip message, in seconds.", int, 1, DAY),
+        _number("send-queue", default(NodeConfig, "send_queue"),
                 "Bytes a connection may hold back for a slow reader before pushes are dropped "
                 "(subscribers, peers) or the connection closes (unread replies).", int, 1024, 1 << 30),
         ["cafile", None, None, "CA certificates (a PEM file or a directory of them) to verify wss:// peers with (default: system trust)."],
@@ -225,6 +218,10 @@ class Options(usage.Options):
             raise usage.UsageError("--network: give a name of 1 to 64 characters")
         _text("network", self["network"])
 
+    def configs(self) -> Configs:
+        return Configs(node=self.node_config(), peers=self.peer_config(),
+                       gossip=self.gossip_config(), web=self.web_config())
+
     def peer_config(self) -> PeerConfig:
         return PeerConfig(
             max_outbound=self["max-outbound"],
@@ -265,6 +262,7 @@ class Options(usage.Options):
             peer_rate=self["peer-rate"],
             peer_burst=self["peer-burst"],
             max_in_flight=self["max-in-flight"],
+            max_connections=self["max-connections"],
             max_per_ip=self["max-per-ip"],
             max_depth=self["max-depth"],
             ping_interval=self["ping-interval"],
@@ -274,51 +272,6 @@ class Options(usage.Options):
             secure=self["listen"].startswith(("ssl:", "tls:")),
             trusted=tuple(self["trusted"]) or DEFAULT_TRUSTED,
         )
-
-
-@implementer(IStreamServerEndpoint)
-class _ReportingEndpoint:
-    """Wraps the configured endpoint to learn the port it really bound
-    (``tcp:0`` in tests, or whatever systemd handed over)."""
-
-    def __init__(self, endpoint: Any, on_listening: Any) -> None:
-        self._endpoint = endpoint
-        self._on_listening = on_listening
-
-    def listen(self, factory: Any) -> Deferred:
-        return self._endpoint.listen(factory).addCallback(self._on_listening)
-
-
-class CannotStart(Exception):
-    """The node cannot listen; the message is the whole story, in one line
-    (already logged: twistd's top level should add no traceback to it)."""
-
-
-def _quiet_about_cannot_start(previous: Callable) -> Callable:
-    def hook(kind: type, value: BaseException, tb: Any) -> None:
-        if not issubclass(kind, CannotStart):
-            previous(kind, value, tb)
-
-    return hook
-
-
-def why_not_listening(error: BaseException, listen: str) -> str:
-    """One line for an error from listening on ``listen``."""
-    if isinstance(error, CannotListenError):
-        cause = error.socketError
-        where = f"{error.interface}:{error.port}" if error.interface else f"port {error.port}"
-        number = getattr(cause, "errno", None)
-        if number == errno.EADDRINUSE:
-            return f"{where} is in use (--listen {listen})"
-        if number == errno.EACCES:
-            return f"no permission to listen on {where} (--listen {listen})"
-        if number == errno.EADDRNOTAVAIL:
-            return f"{error.interface} is not an address of this machine (--listen {listen})"
-        text = getattr(cause, "strerror", None) or str(cause)
-        return f"cannot listen on {where}: {text} (--listen {listen})"
-    if isinstance(error, CannotStart):
-        return str(error)
-    return f"--listen {listen}: {str(error).rstrip('.') or type(error).__name__}"
 
 
 class HangUp:
@@ -358,98 +311,43 @@ class HangUp:
             log.info("SIGHUP: no log file to reopen; the node goes on")
 
 
-class NodeService(service.MultiService):
-    """The running node: its listening port and its long-lived parts."""
-
-    #: set by makeService under twistd
-    hangup: HangUp | None = None
-
-    def __init__(self, reactor: Any, node: Node, endpoint: Any, site: Any, listen: str = "",
-                 file_locks: list[locks.FileLock] | None = None) -> None:
-        super().__init__()
-        self.reactor = reactor
-        self.node = node
-        self.site = site
-        self.listen = listen
-        #: held until the node has stopped (locks.py)
-        self.file_locks = file_locks or []
-        self.port: Any = None
-        self._listening: list[Deferred] = []
-        endpoint = _ReportingEndpoint(endpoint, self._bound)
-        from twisted.application.internet import StreamServerEndpointService
-
-        listener = StreamServerEndpointService(endpoint, site)
-        # Fail twistd's start when the port cannot be bound, rather than log and idle.
-        listener._raiseSynchronously = True
-        listener.setServiceParent(self)
-
-    def _bound(self, port: Any) -> Any:
-        if getattr(port.getHost(), "port", None) is None:
-            port.stopListening()
-            raise CannotStart(f"--listen {self.listen}: the node needs a TCP port "
-                              "(tcp:, ssl: or systemd:domain=INET)")
-        self.port = port
-        self.node.listen_port = port.getHost().port
-        log.info("foxnode {node_id} listening on port {port}, network {network!r}",
-                 node_id=self.node.node_id, port=self.node.listen_port, network=self.node.config.network)
-        waiters, self._listening = self._listening, []
-        for d in waiters:
-            d.callback(port)
-        return port
-
-    def when_listening(self) -> Deferred:
-        if self.port is not None:
-            return succeed(self.port)
-        d: Deferred = Deferred()
-        self._listening.append(d)
-        return d
-
-    def privilegedStartService(self) -> None:
-        with self._listening_or_saying_why():
-            super().privilegedStartService()
-
-    def startService(self) -> None:
-        for lock in self.file_locks:
-            lock.note_pid()  # twistd may have forked into the background since
-        with self._listening_or_saying_why():
-            super().startService()
-        self.node.start()
-        if self.hangup is not None:
-            self.hangup.install()
-
-    @contextlib.contextmanager
-    def _listening_or_saying_why(self) -> Iterator[None]:
-        try:
-            yield
-        except Exception as e:
-            line = f"foxnode: cannot start: {why_not_listening(e, self.listen)}"
-            log.critical("{line}", line=line)
-            # twistd removes its pid file and tells a daemon's parent, then
-            # lets the error end the process: without a traceback.
-            sys.excepthook = _quiet_about_cannot_start(sys.excepthook)
-            raise CannotStart(line) from None
-
-    def stopService(self) -> Deferred:
-        if self.hangup is not None:
-            self.hangup.uninstall()
-        stopped = super().stopService()
-        d = DeferredList([stopped, self.node.stop()], consumeErrors=True)
-        return d.addCallback(self._release)
-
-    def _release(self, _: Any) -> None:
-        for lock in self.file_locks:
-            lock.release()
-
-
 def makeService(config: Options, reactor: Any = None) -> NodeService:
+    """Options, then configs, then the files, then build; the service listens
+    when twistd starts it."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
     logs.set_debug(bool(config["debug"]))
+    configs = config.configs()
     # A bad endpoint (syntax, TLS files) is refused before anything is locked or read.
     endpoint = _server_endpoint(reactor, config["listen"])
     metrics = NodeMetrics()
+    file_locks, store, node_identity = _open_files(reactor, config, metrics)
+    if configs.node.bootstrap:
+        # Dialed whatever the disk does: the operator named them, so a
+        # failed write keeps them (said in the log) instead of rolling back.
+        store.add(configs.node.bootstrap, BOOTSTRAP, durable=False)
+        store.commit().addErrback(lambda _: None)  # a failure is logged by the store
+    node_service = build(reactor, configs, store, node_identity, endpoint, listen=config["listen"],
+                         file_locks=file_locks, metrics=metrics)
+    from autobahn.websocket import USES_NVX
+
+    log.info("foxnode {node_id}: peers file {path} ({n} known), data dir {dir}, "
+             "Autobahn native acceleration {nvx}",
+             node_id=node_identity.node_id, path=os.path.abspath(config["peers-file"]),
+             n=len(store), dir=os.path.abspath(config["data-dir"]), nvx="on" if USES_NVX else "off")
+    if config.parent is not None:
+        # Run by twistd, which leaves SIGHUP at its default: the end of the
+        # process, without its shutdown.
+        node_service.hangup = HangUp(reactor)
+    return node_service
+
+
+def _open_files(reactor: Any, config: Options,
+                metrics: NodeMetrics) -> tuple[list[locks.FileLock], PeerStore, identity.Identity]:
+    """Lock the node's files, then read the peer store and the key; any
+    fault ends the start in one line, with nothing left locked."""
     # Locked before anything is read, so a second node on either file
     # neither shares the key nor overwrites the store.
     try:
@@ -465,34 +363,7 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
         for lock in file_locks:
             lock.release()
         raise SystemExit(f"foxnode: cannot start: {e}") from None
-    node_config = config.node_config()
-    if node_config.bootstrap:
-        # Dialed whatever the disk does: the operator named them, so a
-        # failed write keeps them (said in the log) instead of rolling back.
-        store.add(node_config.bootstrap, BOOTSTRAP, durable=False)
-        store.commit().addErrback(lambda _: None)  # a failure is logged by the store
-    node = Node(reactor, node_config, node_identity, store, metrics)
-    PeerManager(node, config.peer_config())
-    Gossip(node, config.gossip_config())
-    ws_factory = FoxServerFactory(
-        node, reactor, max_message_size=node_config.max_message_size,
-        send_queue=node_config.send_queue, max_depth=node_config.max_depth,
-        ping_interval=node_config.ping_interval, ping_timeout=node_config.ping_timeout,
-        open_timeout=node_config.handshake_timeout, max_connections=config["max-connections"],
-        max_in_flight=node_config.max_in_flight)
-    site = make_site(node, ws_factory, config.web_config())
-    from autobahn.websocket import USES_NVX
-
-    log.info("foxnode {node_id}: peers file {path} ({n} known), data dir {dir}, "
-             "Autobahn native acceleration {nvx}",
-             node_id=node.node_id, path=os.path.abspath(config["peers-file"]),
-             n=len(store), dir=os.path.abspath(config["data-dir"]), nvx="on" if USES_NVX else "off")
-    service = NodeService(reactor, node, endpoint, site, listen=config["listen"], file_locks=file_locks)
-    if config.parent is not None:
-        # Run by twistd, which leaves SIGHUP at its default: the end of the
-        # process, without its shutdown.
-        service.hangup = HangUp(reactor)
-    return service
+    return file_locks, store, node_identity
 
 
 def _server_endpoint(reactor: Any, description: str) -> Any:

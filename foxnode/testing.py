@@ -219,32 +219,25 @@ def connect_as_peer(reactor: Any, url: str, ident: Any = None, network: str = "f
     (a fresh one by default); fires with the open client protocol, whose
     ``node_id`` is the node's and whose ``fox_state["hello"]`` is the
     node's hello reply. For tests that play a (possibly misbehaving) peer."""
-    from foxnode import PROTOCOL_VERSION, client, identity
-    from foxnode.peers import DIALER, LISTENER, hello_proof
+    from foxnode import client, handshake, identity
 
     ident = ident or identity.Identity.generate()
     conn = yield client.connect(reactor, url, on_event=on_event)
     nonce = nonce or os.urandom(16).hex()
     listener_nonce, listener_id = conn.server_nonce or "", conn.server_node_id or ""
-    args = {
-        "node_id": ident.node_id, "network": network, "version": PROTOCOL_VERSION,
-        "nonce": nonce,
-        "signature": ident.sign(hello_proof(DIALER, network, listener_nonce, nonce, ident.node_id,
-                                            listener_id)),
-    }
-    if port is not None:
-        args["port"] = port
-    if advertise is not None:
-        args["advertise"] = advertise
+    # The node's own handshake functions: what it sends and checks, exactly.
+    args = handshake.dialer_hello(ident, network, listener_nonce, listener_id, nonce,
+                                  advertise=advertise, port=port)
     reply = yield conn.request("hello", args)
     if reply.status != 200:
         conn.close()
         raise RuntimeError(f"hello refused: {reply.status} {reply.error} {reply.response}")
-    proof = hello_proof(LISTENER, network, listener_nonce, nonce, ident.node_id, listener_id)
-    if (reply.response.get("node_id") != listener_id
-            or not identity.verify(listener_id, reply.response.get("signature"), proof)):
+    try:
+        handshake.check_listener_hello(reply.response, network, ident.node_id, listener_nonce,
+                                       listener_id, nonce)
+    except handshake.HandshakeRefused as e:
         conn.close()
-        raise RuntimeError(f"the node's hello reply does not prove its id: {reply.response}")
+        raise RuntimeError(f"the node's hello reply does not prove its id ({e}): {reply.response}")
     conn.node_id = reply.response["node_id"]
     conn.fox_state["identity"] = ident
     conn.fox_state["hello"] = reply.response
@@ -313,3 +306,212 @@ def make_test_ca(directory: Path, hosts: Iterable[str] = ("localhost", LOOPBACK)
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     result.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return result
+
+
+# -- socket-free doubles ---------------------------------------------------------------
+#
+# For node logic whose subject is time and order, not the wire: nodes on a
+# ``MemoryNetwork`` share one ``MemoryReactorClock``; their dials go over
+# in-memory transports (twisted.test.iosim) to the node listening at that
+# port, or fail as refused; time passes only when the test says
+# (``network.advance``). Autobahn's own timers (opening and closing
+# handshake, pings) run on the global reactor (txaio's), in real time, as
+# they would with sockets.
+
+
+class FakeConnection:
+    """A connection as the node's parts see one (the attributes ops and
+    handlers touch); records what it was asked to send and close."""
+
+    local_host = LOOPBACK
+    remote_port = 40000
+    peer_addr: str | None = None
+    trusted = False
+
+    def __init__(self, direction: str = "in", node_id: str | None = None,
+                 remote_host: str = LOOPBACK) -> None:
+        self.direction = direction
+        self.node_id = node_id
+        self.remote_host = remote_host
+        self.fox_state: dict = {}
+        self.fox_open = True
+        self.handshake_nonce = os.urandom(16).hex()
+        self.closed: list[tuple[int, str | None]] = []
+        self.sent: list[bytes] = []
+
+    def describe(self) -> str:
+        return f"fake@{self.remote_host} ({self.direction})"
+
+    def close(self, code: int = 1000, reason: str | None = None) -> None:
+        self.closed.append((code, reason))
+        self.fox_open = False
+
+    def can_send(self) -> bool:
+        return self.fox_open
+
+    def send_frame(self, frame: bytes, droppable: bool = False) -> bool:
+        assert isinstance(frame, bytes)
+        self.sent.append(frame)
+        return True
+
+    def events(self) -> list[Any]:
+        """What was sent, decoded."""
+        from foxnode import codec
+
+        return [codec.decode(f) for f in self.sent]
+
+
+class InlineWriter:
+    """The peer store's writer, run in the calling thread at once: with a
+    memory reactor there is no thread to come back from."""
+
+    def run(self, write: Callable[..., None], *args: Any) -> Deferred:
+        from twisted.internet.defer import fail, succeed
+
+        try:
+            write(*args)
+        except BaseException:
+            return fail()
+        return succeed(None)
+
+    def stop(self) -> None:
+        pass
+
+
+@attrs.define(eq=False)
+class _MemoryPort:
+    network: "MemoryNetwork"
+    port: int
+    factory: Any
+
+    def getHost(self) -> Any:
+        from twisted.internet.address import IPv4Address
+
+        return IPv4Address("TCP", LOOPBACK, self.port)
+
+    def stopListening(self) -> Deferred:
+        from twisted.internet.defer import succeed
+
+        self.network.listening.pop(self.port, None)
+        return succeed(None)
+
+
+@attrs.define(eq=False)
+class MemoryServerEndpoint:
+    """A server endpoint on a ``MemoryNetwork`` (``listen`` as Twisted's do)."""
+
+    network: "MemoryNetwork"
+    port: int
+
+    def listen(self, factory: Any) -> Deferred:
+        from twisted.internet.defer import succeed
+
+        factory.doStart()
+        self.network.listening[self.port] = factory
+        return succeed(_MemoryPort(self.network, self.port, factory))
+
+
+class MemoryNetwork:
+    """Nodes on one memory reactor with a clock, and the wires between them."""
+
+    def __init__(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        self.reactor = MemoryReactorClock()
+        #: port -> the factory listening there
+        self.listening: dict[int, Any] = {}
+        self._pumps: list[Any] = []
+        self._handled = 0
+        self._next_port = 20000
+        self._client_port = 40000
+
+    def port(self) -> int:
+        self._next_port += 1
+        return self._next_port
+
+    def url(self, port: int) -> str:
+        return f"ws://{LOOPBACK}:{port}/ws"
+
+    def pump(self) -> None:
+        """Connect the dials made since, then move bytes until nothing moves."""
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.error import ConnectionRefusedError
+        from twisted.python.failure import Failure
+        from twisted.test import iosim
+
+        moved = True
+        while moved:
+            moved = False
+            while self._handled < len(self.reactor.tcpClients):
+                host, port, factory, _timeout, _bind = self.reactor.tcpClients[self._handled]
+                connector = self.reactor.connectors[self._handled]
+                self._handled += 1
+                moved = True
+                server_factory = self.listening.get(port)
+                if server_factory is None:
+                    factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError(host, port)))
+                    continue
+                self._client_port += 1
+                client_addr = IPv4Address("TCP", LOOPBACK, self._client_port)
+                server_addr = IPv4Address("TCP", host, port)
+                server = server_factory.buildProtocol(client_addr)
+                client = factory.buildProtocol(server_addr)
+                server_io = iosim.FakeTransport(server, isServer=True, hostAddress=server_addr,
+                                                peerAddress=client_addr)
+                client_io = iosim.FakeTransport(client, isServer=False, hostAddress=client_addr,
+                                                peerAddress=server_addr)
+                self._pumps.append(iosim.connect(server, server_io, client, client_io, greet=False))
+            for pump in list(self._pumps):
+                if pump.pump():
+                    moved = True
+                if pump.clientIO.disconnected and pump.serverIO.disconnected:
+                    self._pumps.remove(pump)
+
+    def advance(self, seconds: float, step: float = 0.05) -> None:
+        """Let ``seconds`` pass on the clock, pumping between steps."""
+        self.pump()
+        steps = max(1, round(seconds / step))
+        for _ in range(steps):
+            self.reactor.advance(seconds / steps)
+            self.pump()
+
+
+def memory_node(network: MemoryNetwork, directory: Path, configs: Any = None,
+                ident: Any = None, port: int | None = None) -> Any:
+    """A node built by ``service.build`` on ``network``, started and
+    listening at ``port`` (a fresh one by default); its peer store is a
+    real file in ``directory``, written inline."""
+    from foxnode import identity, service
+    from foxnode.store import PeerStore
+
+    directory.mkdir(parents=True, exist_ok=True)
+    store = PeerStore.open(network.reactor, directory / "peers.json")
+    store._writer = InlineWriter()
+    port = port or network.port()
+    node_service = service.build(network.reactor, configs or service.Configs(), store,
+                                 ident or identity.Identity.generate(),
+                                 MemoryServerEndpoint(network, port))
+    node_service.startService()
+    network.pump()
+    return node_service
+
+
+def connected_pair(server_handler: Any, client_handler: Any, reactor: Any,
+                   url: str = f"ws://{LOOPBACK}:9/ws") -> tuple[Any, Any, Any]:
+    """A server and a client protocol of foxnode's (``FoxServerProtocol``,
+    ``FoxClientProtocol``) joined by an in-memory wire, the opening
+    handshake done; returns them and the ``IOPump`` that moves their bytes
+    (``pump.flush()``)."""
+    from twisted.internet.address import IPv4Address
+    from twisted.test import iosim
+
+    from foxnode.protocol import FoxClientFactory, FoxServerFactory
+
+    server_addr = IPv4Address("TCP", LOOPBACK, 9)
+    client_addr = IPv4Address("TCP", LOOPBACK, 40000)
+    server = FoxServerFactory(server_handler, reactor).buildProtocol(client_addr)
+    client = FoxClientFactory(url, client_handler, reactor).buildProtocol(server_addr)
+    pump = iosim.connect(server, iosim.FakeTransport(server, True, server_addr, client_addr),
+                         client, iosim.FakeTransport(client, False, client_addr, server_addr))
+    pump.flush()
+    return server, client, pump

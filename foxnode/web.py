@@ -37,6 +37,7 @@ from twisted.web.server import Request, Site
 from twisted.web.static import File
 
 from foxnode import address, logs
+from foxnode.config import WebConfig
 from foxnode.node import Node, is_trusted_host
 from foxnode.protocol import FoxServerFactory
 
@@ -112,25 +113,6 @@ class Origin:
         scheme = m[1].lower()
         host, port = authority
         return cls(scheme, host, DEFAULT_PORTS.get(scheme) if port is None else port)
-
-
-@attrs.frozen
-class WebConfig:
-    """What the HTTP port is told at start; validated once, by tap.py."""
-
-    #: origins besides the node's own whose pages may open ``/ws``
-    allowed_origins: tuple[Origin, ...] = ()
-    #: ``--allowed-origin '*'``: any page may
-    any_origin: bool = False
-    #: host names besides the node's addresses and ``localhost``
-    allowed_hosts: tuple[HostKey, ...] = ()
-    #: HTTP connections (not yet upgraded to WebSocket) in all, and from
-    #: one client address (an IPv6 client: its /64); the node's operator
-    #: (``--trusted``) is held to the total only
-    max_http: int = 128
-    max_http_per_ip: int = 16
-    #: seconds each HTTP request has to arrive whole, however it trickles
-    request_timeout: float = 10.0
 
 
 class _QuietLog:

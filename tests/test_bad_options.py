@@ -203,7 +203,7 @@ def test_a_port_in_use_fails_a_daemon_in_one_line(tmp_path):
     assert "Traceback" not in log
     faults = [line for line in log.splitlines() if not _ORDINARY.match(line)]
     assert len(faults) == 1, log
-    assert faults[0].endswith(f" [foxnode.tap#critical] foxnode: cannot start: {LOOPBACK}:{port} is in use "
+    assert faults[0].endswith(f" [foxnode.service#critical] foxnode: cannot start: {LOOPBACK}:{port} is in use "
                               f"(--listen tcp:{port}:interface={LOOPBACK})"), log
 
 

@@ -228,7 +228,7 @@ async def test_operator_ops_are_for_trusted_clients_only(reactor, node_dir, tmp_
     operator_node = await start_node(reactor, tmp_path / "operator")
     try:
         for running in (outsider_node, operator_node):
-            running.node.add_op("secret", secret, operator=True)
+            running.node.serve({"secret": secret}, operator=True)
         conn = await client.connect(reactor, outsider_node.url)
         reply = await conn.request("secret", {})
         assert (reply.status, reply.error) == (403, 'Operation "secret" is only for trusted clients.')

@@ -40,7 +40,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 
 from foxnode import address, codec, tap
-from foxnode.testing import node_options
+from foxnode.testing import FakeConnection, node_options
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=False,
                 suppress_health_check=list(HealthCheck))
@@ -369,42 +369,7 @@ def test_an_address_dialled_as_loopback_is_known_as_loopback(host):
 
 # -- (c) every op with arbitrary args ------------------------------------------------------
 
-class FakeConn:
-    """What an op may touch of a connection; records what it was asked to do."""
 
-    local_host = "127.0.0.1"
-    remote_port = 40000
-    peer_addr = None
-
-    def __init__(self, direction: str = "in", node_id: str | None = None,
-                 remote_host: str = "127.0.0.1") -> None:
-        self.direction = direction
-        self.node_id = node_id
-        self.remote_host = remote_host
-        self.fox_state: dict = {}
-        self.fox_open = True
-        self.handshake_nonce = os.urandom(16).hex()
-        self.closed: list = []
-        self.sent: list = []
-
-    def describe(self) -> str:
-        return f"fuzz@{self.remote_host} ({self.direction})"
-
-    def close(self, code: int = 1000, reason: str | None = None) -> None:
-        self.closed.append((code, reason))
-        self.fox_open = False
-
-    def send_frame(self, frame: bytes, droppable: bool = False) -> bool:
-        assert isinstance(frame, bytes)
-        self.sent.append(frame)
-        return True
-
-    def can_send(self) -> bool:
-        return self.fox_open
-
-    def request(self, op, args=None, timeout=None) -> Deferred:
-        d: Deferred = Deferred()
-        return d
 
 
 TRACEBACK_SIGNS = ("Traceback", "Error(", 'File "', "Exception")
@@ -430,7 +395,7 @@ def check_store(node, before: set[str] = frozenset()) -> None:
 
 
 async def one_request(node, op, args, direction, peer_id, wire):
-    conn = FakeConn(direction, peer_id)
+    conn = FakeConnection(direction, peer_id)
     before = set(node.store.addresses())
     node.connection_opened(conn)
     try:
@@ -505,7 +470,8 @@ async def test_every_op_with_wire_args(reactor, fuzz_node):
             ("register", {"addr": [f"ws://127.3.1.{i}:9/ws" for i in range(1, 41)]}),
         ])
     finally:
-        await fuzz_node.stop()
+        await fuzz_node.close_connections()
+        await fuzz_node.store.close()
     check_store(fuzz_node)
 
 
@@ -519,5 +485,6 @@ async def test_every_op_with_any_python_args(reactor, fuzz_node):
             ("publish", {"topic": "\ud800", "payload": 1}),
         ])
     finally:
-        await fuzz_node.stop()
+        await fuzz_node.close_connections()
+        await fuzz_node.store.close()
     check_store(fuzz_node)

@@ -253,10 +253,10 @@ async def test_announcers_of_an_awaited_id_are_live_peers_only(reactor, tmp_path
             peer = await connect_as_peer(reactor, node.url)
             peer.send_frame(codec.encode_event("ihave", ids=[message_id]))
             await wait_for(reactor, lambda: peer.fox_state["identity"].node_id
-                           in gossip.missing.get(message_id, (None, []))[1],
+                           in [a.conn.node_id for a in gossip.missing.get(message_id, (None, []))[1]],
                            what="the node to note the announcer")
             announcers = gossip.missing[message_id][1]
-            assert set(announcers) <= set(peers), (
+            assert {a.conn for a in announcers} <= set(peers.values()), (
                 f"{len(announcers)} announcers listed, {len(peers)} of them connected")
             peer.close()
             await wait_for(reactor, lambda: not peers, what="the peer to leave")

@@ -10,7 +10,11 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from foxnode import client, identity
 from foxnode import PROTOCOL_VERSION
 from foxnode.peers import BAD_PROOF, CLOSE_CODES, DIALER, DUPLICATE, WRONG_NETWORK, hello_proof
-from foxnode.testing import start_node, wait_for
+import pytest
+
+from foxnode.dialing import State, Seen, choose
+from foxnode.peers import DialRefused
+from foxnode.testing import FakeConnection, start_node, wait_for
 
 FAST = ("--exchange-interval", "0.5")
 
@@ -94,7 +98,7 @@ async def test_simultaneous_dial_keeps_exactly_one_connection(reactor, tmp_path)
         await wait_for(reactor, lambda: len(a.node.live_peers()) == 1 and len(b.node.live_peers()) == 1,
                        what="one connection each")
         # Let any loser finish closing; still exactly one, the same one.
-        await wait_for(reactor, lambda: not a.node.peers.dialing and not b.node.peers.dialing, what="dials over")
+        await wait_for(reactor, lambda: not a.node.peers.dials_in_flight() and not b.node.peers.dials_in_flight(), what="dials over")
         await wait_for(reactor, lambda: links_agree([a, b]), what="both ends to agree on the link")
         assert len(a.node.live_peers()) == 1 and len(b.node.live_peers()) == 1
         assert_one_connection_per_pair([a, b])
@@ -117,7 +121,16 @@ async def test_node_never_dials_itself_again(reactor, tmp_path):
         # The lab's view is unchanged: the address stays listed.
         reply = await client.call(reactor, a.url, "peers")
         assert own in reply.response["peers"]
-        assert own not in [r.addr for r in a.node.peers.candidates(reactor.seconds() + 3600)]
+        peers = a.node.peers
+        assert peers.book.state(own) is State.SELF
+        # Whatever time passes, the scheduler never picks it again.
+        reactor_later = reactor.seconds() + 3600
+        peers.book.retry_due(reactor_later)
+        seen = [Seen(r.addr, r.node_id, True, r.failures) for r in a.node.store.records()]
+        assert own not in [s.addr for s in choose(peers.book, seen, set(), 10)]
+        # Nor can anyone make it dial it outright.
+        with pytest.raises(DialRefused):
+            await peers.dial(own)
     finally:
         await a.stop()
 
@@ -179,7 +192,8 @@ async def test_peer_that_never_completes_the_handshake_times_out(reactor, tmp_pa
         assert record.last_error and record.node_id is None
         assert a.node.live_peers() == []
         # It is retried later, not hammered.
-        assert a.node.peers._next_attempt[silent_url] > reactor.seconds()
+        dial = a.node.peers.book.get(silent_url)
+        assert dial.state is State.BACKOFF and dial.retry_at > reactor.seconds()
     finally:
         await a.stop()
         await port.stopListening()
@@ -206,53 +220,6 @@ async def test_second_connection_to_a_connected_node_is_refused(reactor, tmp_pat
         await stop_all([a, b])
 
 
-class _Stub:
-    """A connection as the peer manager sees it, from a remote that is not
-    on loopback (a name only: nothing here is resolved or dialed)."""
-
-    def __init__(self, remote_host, node_id="ab" * 32):
-        self.remote_host = remote_host
-        self.node_id = node_id
-        self.fox_state = {}
-
-
-@pytest_twisted.ensureDeferred
-async def test_failing_addresses_back_off_and_are_forgotten(reactor, tmp_path):
-    from twisted.python.failure import Failure
-
-    a = await start_node(reactor, tmp_path / "a")
-    try:
-        peers = a.node.peers
-        peers.stop()  # this test plays the dialer's outcomes itself
-        dead = "ws://127.3.0.1:9/ws"
-        a.node.store.add([dead], "register")
-        delays = []
-        for _ in range(9):
-            before = reactor.seconds()
-            peers._record_failure(Failure(ConnectionRefusedError("refused")), dead)
-            delays.append(peers._next_attempt[dead] - before)
-        record = a.node.store.get(dead)
-        assert record.failures == 9 and "refused" in record.last_error
-        # Growing, jittered, capped.
-        assert delays[0] < 3 and delays[3] > delays[1] > delays[0]
-        assert max(delays) <= peers.config.backoff_max + peers.config.backoff_initial
-        assert delays[-1] >= peers.config.backoff_max
-        # Not dialed while backing off ...
-        assert dead not in [r.addr for r in peers.candidates(reactor.seconds())]
-        # ... and forgotten once it has failed for longer than forget_after.
-        record.added -= peers.config.forget_after + 1
-        peers._next_attempt.pop(dead)
-        assert dead not in [r.addr for r in peers.candidates(reactor.seconds())]
-        assert dead not in a.node.store
-        # Bootstrap addresses are never forgotten.
-        boot = "ws://127.3.0.2:9/ws"
-        a.node.store.add([boot], "bootstrap")
-        a.node.store.update(boot, failures=50, added=0.0)
-        assert boot in [r.addr for r in peers.candidates(reactor.seconds())]
-    finally:
-        await a.stop()
-
-
 @pytest_twisted.ensureDeferred
 async def test_loopback_addresses_are_not_handed_to_remote_peers(reactor, tmp_path):
     a = await start_node(reactor, tmp_path / "a")
@@ -262,11 +229,11 @@ async def test_loopback_addresses_are_not_handed_to_remote_peers(reactor, tmp_pa
         for addr in store.addresses():
             store.update(addr, last_handshake=1.0, last_dialed=1.0, node_id="cd" * 32)
         peers = a.node.peers
-        assert sorted(peers.sample_for(_Stub("127.0.0.1"))) == sorted(store.addresses())
-        assert peers.sample_for(_Stub("peer-elsewhere")) == []
+        assert sorted(peers.sample_for(FakeConnection(node_id="ab" * 32, remote_host="127.0.0.1"))) == sorted(store.addresses())
+        assert peers.sample_for(FakeConnection(node_id="ab" * 32, remote_host="peer-elsewhere")) == []
         # Nor are loopback addresses taken from a remote peer's exchange.
-        assert not peers._shareable_from(_Stub("peer-elsewhere"), "ws://127.0.0.9:9000/ws")
-        assert peers._shareable_from(_Stub("127.0.0.1"), "ws://127.0.0.9:9000/ws")
+        assert not peers._shareable_from(FakeConnection(node_id="ab" * 32, remote_host="peer-elsewhere"), "ws://127.0.0.9:9000/ws")
+        assert peers._shareable_from(FakeConnection(node_id="ab" * 32, remote_host="127.0.0.1"), "ws://127.0.0.9:9000/ws")
     finally:
         await a.stop()
 

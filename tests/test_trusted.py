@@ -6,7 +6,8 @@ import pytest
 from twisted.python import usage
 
 from foxnode import tap
-from foxnode.node import DEFAULT_TRUSTED, is_trusted_host
+from foxnode.config import DEFAULT_TRUSTED
+from foxnode.node import is_trusted_host
 
 
 @pytest.mark.parametrize("host, expected", [

@@ -87,10 +87,10 @@ async def test_a_reply_that_cannot_be_encoded_is_an_error_not_a_wedge(reactor, n
 
     node = running.node
     # In-process ops can build what no wire request can: the writer must hold.
-    node.add_op("surrogate", lambda conn, args: codec.ok({"x": "\ud800"}))
-    node.add_op("bigint", lambda conn, args: codec.ok(2 ** 70))
-    node.add_op("object", lambda conn, args: codec.Reply(400, "odd", object()))
-    node.add_op("later", deferred_op)
+    node.serve({"surrogate": lambda conn, args: codec.ok({"x": "\ud800"})})
+    node.serve({"bigint": lambda conn, args: codec.ok(2 ** 70)})
+    node.serve({"object": lambda conn, args: codec.Reply(400, "odd", object())})
+    node.serve({"later": deferred_op})
     try:
         conn = await client.connect(reactor, running.url)
         replies = [conn.request(op) for op in ("surrogate", "bigint", "object", "later", "time")]
@@ -252,8 +252,8 @@ async def test_no_frame_over_the_limit_leaves_the_node(reactor, node_dir):
     running = await start_node(reactor, node_dir, "--max-message-size", str(limit))
     node = running.node
     later: list[Deferred] = []
-    node.add_op("big", lambda conn, args: codec.ok("x" * limit))
-    node.add_op("big-later", lambda conn, args: later.append(Deferred()) or later[-1])
+    node.serve({"big": lambda conn, args: codec.ok("x" * limit)})
+    node.serve({"big-later": lambda conn, args: later.append(Deferred()) or later[-1]})
     try:
         await _fill(running, _full_store_addresses(3000))
         sub_events: list = []

@@ -1,0 +1,162 @@
+"""What a node is told at start: one frozen ``attrs`` class per part, and
+every default written here once.
+
+``tap.Options`` takes its defaults from these classes (``default()``), the
+parts take their config from them, and nothing else repeats a figure. The
+values are validated once, at the edge (tap.py); the parts trust them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+if TYPE_CHECKING:
+    from foxnode.web import HostKey, Origin
+
+#: Networks whose clients are the node's operator unless ``--trusted`` says otherwise.
+DEFAULT_TRUSTED = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+#: Seconds an HTTP request, a WebSocket opening handshake, a dial or a
+#: peer's hello may take (one option, ``--handshake-timeout``, sets all).
+HANDSHAKE_TIMEOUT = 10.0
+#: Largest WebSocket message a node accepts, and one WebSocket connection's
+#: bytes held back for a slow reader.
+MAX_MESSAGE_SIZE = 1 << 20
+SEND_QUEUE = 1 << 20
+#: Requests of one connection waiting for their replies before the node
+#: stops reading it (a register waiting for the disk, and all behind it).
+MAX_IN_FLIGHT = 64
+#: Deepest JSON nesting a message may have.
+MAX_DEPTH = 64
+#: Addresses the peer store holds at most.
+MAX_PEERS = 10_000
+
+
+@attrs.frozen
+class NodeConfig:
+    """The node and its connections."""
+
+    network: str = "foxchain"
+    #: the URL other nodes should dial; None: announce the port only
+    advertise: str | None = None
+    bootstrap: tuple[str, ...] = ()
+    #: addresses one ``register`` request may carry
+    max_register_addrs: int = 100
+    max_message_size: int = MAX_MESSAGE_SIZE
+    send_queue: int = SEND_QUEUE
+    #: requests per second per connection, and the burst allowed above it
+    rate: float = 50.0
+    burst: float = 100.0
+    #: the budget of one peer (a connection that said hello): its requests
+    #: and pushed events per second, and the burst above it
+    peer_rate: float = 1000.0
+    peer_burst: float = 5000.0
+    max_in_flight: int = MAX_IN_FLIGHT
+    #: WebSocket connections in all, and from one remote IP address
+    max_connections: int = 1000
+    max_per_ip: int = 32
+    max_depth: int = MAX_DEPTH
+    #: seconds between WebSocket pings, and to wait for the pong: how a
+    #: dead or half-open connection is found
+    ping_interval: int = 30
+    ping_timeout: int = 15
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    #: this node serves TLS (wss://)
+    secure: bool = False
+    #: networks whose clients are the node's operator (PROTOCOL.md "Who may
+    #: do what"): not rate-limited or capped per IP, and alone allowed the
+    #: operator ops
+    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = DEFAULT_TRUSTED
+
+
+@attrs.frozen
+class StoreConfig:
+    """The peer store."""
+
+    max_peers: int = MAX_PEERS
+    #: seconds bookkeeping changes (handshakes, failures) wait before they
+    #: are written with whatever else changed meanwhile
+    flush_delay: float = 2.0
+
+
+@attrs.frozen
+class PeerConfig:
+    """Dialing, the handshake and peer exchange."""
+
+    max_outbound: int = 8
+    max_inbound: int = 24
+    #: dials in flight at once, and dials started per second
+    max_dialing: int = 4
+    dial_rate: float = 4.0
+    dial_timeout: float = HANDSHAKE_TIMEOUT
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    #: an address failing this long without a good handshake is forgotten
+    #: (verified ones get ``forget_verified_after``); bootstrap ones never
+    forget_after: float = 3600.0
+    forget_verified_after: float = 24 * 3600.0
+    exchange_interval: float = 30.0
+    #: addresses one exchange reply carries / one exchange may add
+    exchange_sample: int = 32
+    #: most addresses learned by exchange the store may hold
+    exchange_cap: int = 2000
+    #: seconds between the dial scheduler's rounds (it also runs at once
+    #: when something changes: a new address, a dial ending)
+    tick: float = 1.0
+    #: seconds between sweeps that forget addresses failing too long
+    sweep_interval: float = 10.0
+    trust_roots: str | None = None
+
+
+@attrs.frozen
+class GossipConfig:
+    """Publish/subscribe and Plumtree spreading (gossip.py has the bounds in bytes)."""
+
+    default_ttl: int = 60
+    max_ttl: int = 3600
+    #: largest encoded payload of one message, in bytes
+    max_payload: int = 64 * 1024
+    #: how far in the future an envelope's creation time may be (clock skew)
+    max_skew: float = 30.0
+    max_topic_length: int = 128
+    max_topics_per_connection: int = 64
+    #: ids remembered at most (each until its envelope expires)
+    seen_capacity: int = 200_000
+    #: envelopes kept to answer grafts: how many, how many bytes, how long
+    cache_capacity: int = 10_000
+    cache_bytes: int = 32 * 1024 * 1024
+    cache_seconds: float = 120.0
+    #: seconds between sweeps of expired ids and old cached envelopes
+    sweep_interval: float = 5.0
+    #: how long to wait for an announced envelope before asking for it
+    graft_timeout: float = 0.4
+    #: bad envelopes a peer may send (a burst, then per second) before it is dropped
+    abuse_burst: float = 20.0
+    abuse_rate: float = 0.5
+
+
+@attrs.frozen
+class WebConfig:
+    """The HTTP side of the port: the page, /healthz, /metrics, the upgrade to /ws."""
+
+    #: origins besides the node's own whose pages may open ``/ws``
+    allowed_origins: tuple[Origin, ...] = ()
+    #: ``--allowed-origin '*'``: any page may
+    any_origin: bool = False
+    #: host names besides the node's addresses and ``localhost``
+    allowed_hosts: tuple[HostKey, ...] = ()
+    #: HTTP connections (not yet upgraded to WebSocket) in all, and from
+    #: one client address (an IPv6 client: its /64); the node's operator
+    #: (``--trusted``) is held to the total only
+    max_http: int = 128
+    max_http_per_ip: int = 16
+    #: seconds each HTTP request has to arrive whole, however it trickles
+    request_timeout: float = HANDSHAKE_TIMEOUT
+
+
+def default(config: type, name: str) -> Any:
+    """The default of field ``name`` of the config class ``config``: where
+    a command-line option takes its default from."""
+    return attrs.fields_dict(config)[name].default

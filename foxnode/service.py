@@ -1,0 +1,255 @@
+"""The running node: the one place its parts are built and connected, and
+the service tree that starts and stops them.
+
+``build`` makes the node, the peer manager, gossip and the web site from
+their configs, the opened peer store and the identity, and connects them
+explicitly: the node's ops and events tables, the peer manager's listeners
+(peer up/down), the node's typed references. Nothing wires itself.
+
+``NodeService`` is a ``MultiService``; its children are everything the
+node does over time, each started and stopped by twistd's service tree:
+
+- the listening port (``StreamServerEndpointService``), first, so that the
+  node knows its port before it dials anyone;
+- ``PeerService``: the dial rounds (``--`` every ``tick``), the peer
+  exchanges (every ``--exchange-interval``) and the sweep that forgets
+  failing addresses, each a ``TimerService``;
+- ``GossipService``: the sweep of expired ids and cached envelopes;
+- ``StoreService``: the peer store's lazy flush.
+
+Stopping: the children stop (no new connections, dials cancelled), then
+every connection closes (their closes update the store), then the store is
+flushed and closed, then the file locks are released.
+
+The clock: every part reads time only through the reactor handed to
+``build`` (``reactor.seconds()``), so tests hand in a ``Clock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import sys
+from typing import Any, Callable, Iterator
+
+import attrs
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IStreamServerEndpoint
+from zope.interface import implementer
+
+from foxnode import locks, logs
+from foxnode.config import GossipConfig, NodeConfig, PeerConfig, WebConfig
+from foxnode.gossip import Gossip
+from foxnode.identity import Identity
+from foxnode.metrics import NodeMetrics
+from foxnode.node import Node
+from foxnode.peers import PeerManager
+from foxnode.protocol import FoxServerFactory
+from foxnode.store import CLOSE_TIMEOUT, PeerStore
+from foxnode.web import make_site
+
+log = logs.logger(__name__)
+
+
+@attrs.frozen
+class Configs:
+    """Everything a node is told, part by part (tap.py makes it from the options)."""
+
+    node: NodeConfig = NodeConfig()
+    peers: PeerConfig = PeerConfig()
+    gossip: GossipConfig = GossipConfig()
+    web: WebConfig = WebConfig()
+
+
+def _timer(step: float, call: Callable[[], Any], clock: Any, parent: service.MultiService) -> None:
+    timer = TimerService(step, call)
+    timer.clock = clock
+    timer.setServiceParent(parent)
+
+
+class PeerService(service.MultiService):
+    """The peer manager's activity over time."""
+
+    def __init__(self, peers: PeerManager, clock: Any) -> None:
+        super().__init__()
+        self.peers = peers
+        c = peers.config
+        _timer(c.tick, peers.dial_round, clock, self)
+        _timer(c.exchange_interval, peers.exchange_round, clock, self)
+        _timer(c.sweep_interval, peers.sweep, clock, self)
+
+    def startService(self) -> None:
+        self.peers.start()
+        super().startService()
+
+    def stopService(self) -> Deferred:
+        self.peers.stop()
+        return super().stopService()
+
+
+class GossipService(service.MultiService):
+    """Gossip's sweeps; at stop, its graft timers are cancelled."""
+
+    def __init__(self, gossip: Gossip, clock: Any) -> None:
+        super().__init__()
+        self.gossip = gossip
+        _timer(gossip.config.sweep_interval, gossip.sweep, clock, self)
+
+    def stopService(self) -> Deferred:
+        self.gossip.stop()
+        return super().stopService()
+
+
+def build(reactor: Any, configs: Configs, store: PeerStore, identity: Identity,
+          endpoint: Any, listen: str = "", file_locks: list[locks.FileLock] | None = None,
+          metrics: NodeMetrics | None = None) -> "NodeService":
+    """The node and its parts, connected, as a service ready to start."""
+    node = Node(reactor, configs.node, identity, store, metrics)
+    gossip = Gossip(reactor, identity, node.metrics, configs.gossip)
+    peers = PeerManager(node, configs.peers, listeners=[gossip])
+    node.peers, node.gossip = peers, gossip
+    node.serve(peers.ops)
+    node.serve(gossip.ops)
+    node.hear(gossip.events)
+    c = configs.node
+    ws_factory = FoxServerFactory(
+        node, reactor, max_message_size=c.max_message_size, send_queue=c.send_queue,
+        max_depth=c.max_depth, ping_interval=c.ping_interval, ping_timeout=c.ping_timeout,
+        open_timeout=c.handshake_timeout, max_connections=c.max_connections,
+        max_in_flight=c.max_in_flight)
+    site = make_site(node, ws_factory, configs.web)
+    node_service = NodeService(reactor, node, endpoint, site, listen=listen, file_locks=file_locks)
+    PeerService(peers, reactor).setServiceParent(node_service)
+    GossipService(gossip, reactor).setServiceParent(node_service)
+    return node_service
+
+
+@implementer(IStreamServerEndpoint)
+class _ReportingEndpoint:
+    """Wraps the configured endpoint to learn the port it really bound
+    (``tcp:0`` in tests, or whatever systemd handed over)."""
+
+    def __init__(self, endpoint: Any, on_listening: Any) -> None:
+        self._endpoint = endpoint
+        self._on_listening = on_listening
+
+    def listen(self, factory: Any) -> Deferred:
+        return self._endpoint.listen(factory).addCallback(self._on_listening)
+
+
+class CannotStart(Exception):
+    """The node cannot listen; the message is the whole story, in one line
+    (already logged: twistd's top level should add no traceback to it)."""
+
+
+def _quiet_about_cannot_start(previous: Callable) -> Callable:
+    def hook(kind: type, value: BaseException, tb: Any) -> None:
+        if not issubclass(kind, CannotStart):
+            previous(kind, value, tb)
+
+    return hook
+
+
+def why_not_listening(error: BaseException, listen: str) -> str:
+    """One line for an error from listening on ``listen``."""
+    if isinstance(error, CannotListenError):
+        cause = error.socketError
+        where = f"{error.interface}:{error.port}" if error.interface else f"port {error.port}"
+        number = getattr(cause, "errno", None)
+        if number == errno.EADDRINUSE:
+            return f"{where} is in use (--listen {listen})"
+        if number == errno.EACCES:
+            return f"no permission to listen on {where} (--listen {listen})"
+        if number == errno.EADDRNOTAVAIL:
+            return f"{error.interface} is not an address of this machine (--listen {listen})"
+        text = getattr(cause, "strerror", None) or str(cause)
+        return f"cannot listen on {where}: {text} (--listen {listen})"
+    if isinstance(error, CannotStart):
+        return str(error)
+    return f"--listen {listen}: {str(error).rstrip('.') or type(error).__name__}"
+
+
+class NodeService(service.MultiService):
+    """The running node: its listening port and its long-lived parts."""
+
+    #: what SIGHUP does, set by tap.makeService under twistd
+    hangup: Any = None
+
+    def __init__(self, reactor: Any, node: Node, endpoint: Any, site: Any, listen: str = "",
+                 file_locks: list[locks.FileLock] | None = None) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.node = node
+        self.site = site
+        self.listen = listen
+        #: held until the node has stopped (locks.py)
+        self.file_locks = file_locks or []
+        self.port: Any = None
+        self._listening: list[Deferred] = []
+        endpoint = _ReportingEndpoint(endpoint, self._bound)
+        listener = StreamServerEndpointService(endpoint, site)
+        # Fail twistd's start when the port cannot be bound, rather than log and idle.
+        listener._raiseSynchronously = True
+        listener.setServiceParent(self)
+
+    def _bound(self, port: Any) -> Any:
+        if getattr(port.getHost(), "port", None) is None:
+            port.stopListening()
+            raise CannotStart(f"--listen {self.listen}: the node needs a TCP port "
+                              "(tcp:, ssl: or systemd:domain=INET)")
+        self.port = port
+        self.node.listen_port = port.getHost().port
+        log.info("foxnode {node_id} listening on port {port}, network {network!r}",
+                 node_id=self.node.node_id, port=self.node.listen_port, network=self.node.config.network)
+        waiters, self._listening = self._listening, []
+        for d in waiters:
+            d.callback(port)
+        return port
+
+    def when_listening(self) -> Deferred:
+        if self.port is not None:
+            return succeed(self.port)
+        d: Deferred = Deferred()
+        self._listening.append(d)
+        return d
+
+    def privilegedStartService(self) -> None:
+        with self._listening_or_saying_why():
+            super().privilegedStartService()
+
+    def startService(self) -> None:
+        for lock in self.file_locks:
+            lock.note_pid()  # twistd may have forked into the background since
+        with self._listening_or_saying_why():
+            super().startService()
+        if self.hangup is not None:
+            self.hangup.install()
+
+    @contextlib.contextmanager
+    def _listening_or_saying_why(self) -> Iterator[None]:
+        try:
+            yield
+        except Exception as e:
+            line = f"foxnode: cannot start: {why_not_listening(e, self.listen)}"
+            log.critical("{line}", line=line)
+            # twistd removes its pid file and tells a daemon's parent, then
+            # lets the error end the process: without a traceback.
+            sys.excepthook = _quiet_about_cannot_start(sys.excepthook)
+            raise CannotStart(line) from None
+
+    def stopService(self) -> Deferred:
+        if self.hangup is not None:
+            self.hangup.uninstall()
+        # Children first (the port, dialing, sweeps), then the connections,
+        # whose closes update the store; then the store's last write.
+        stopped = super().stopService()
+        d = DeferredList([stopped, self.node.close_connections()], consumeErrors=True)
+        d.addBoth(lambda _: self.node.store.close(timeout=CLOSE_TIMEOUT))
+        return d.addBoth(self._release)
+
+    def _release(self, _: Any) -> None:
+        for lock in self.file_locks:
+            lock.release()

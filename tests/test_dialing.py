@@ -1,0 +1,245 @@
+"""The dial lifecycle (dialing.py) and the peer manager driving it, with no
+sockets: the table on its own, then whole nodes on a MemoryNetwork whose
+clock moves only when the test says."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+import pytest_twisted
+from hypothesis import given, settings, strategies as st
+
+from foxnode import codec, identity
+from foxnode.config import PeerConfig
+from foxnode.dialing import (FAILING_AFTER, IN_FLIGHT, TRANSITIONS, DialBook, Event, Seen, State,
+                             choose, expired)
+from foxnode.gossip import Gossip
+from foxnode.metrics import NodeMetrics
+from foxnode.service import Configs
+from foxnode.testing import FakeConnection, MemoryNetwork, memory_node
+
+S, E = State, Event
+
+
+# -- the table -----------------------------------------------------------------------------
+
+def book_in(state: State, addr: str = "a") -> DialBook:
+    """A book with ``addr`` in ``state``, reached through the table itself."""
+    book = DialBook()
+    path = {
+        S.IDLE: [], S.DIALING: [E.DIAL], S.HANDSHAKING: [E.DIAL, E.OPENED],
+        S.CONNECTED: [E.DIAL, E.OPENED, E.HANDSHAKEN], S.BACKOFF: [E.DIAL, E.FAILED],
+        S.SELF: [E.DIAL, E.OPENED, E.IS_SELF], S.FORGOTTEN: [E.DIAL, E.FAILED, E.FORGET],
+    }[state]
+    for event in path:
+        assert book.on(addr, event, 0.0, retry_at=100.0)
+    assert book.state(addr) is (S.IDLE if state is S.FORGOTTEN else state)
+    return book
+
+
+@pytest.mark.parametrize("state", list(State))
+@pytest.mark.parametrize("event", list(Event))
+def test_every_pair_goes_where_the_table_says_or_nowhere(state, event):
+    if state is S.FORGOTTEN:
+        return  # a forgotten address has no record: it is idle again if seen anew
+    book = book_in(state)
+    went = book.on("a", event, 5.0, retry_at=7.0)
+    expected = TRANSITIONS.get((state, event))
+    assert went == (expected is not None)
+    after = book.state("a")
+    if expected is None:
+        assert after is state
+    else:
+        # A forgotten or idle address leaves the book: it reads as idle.
+        assert after is (S.IDLE if expected is S.FORGOTTEN else expected)
+        if expected is S.BACKOFF:
+            assert book.get("a").retry_at == 7.0
+
+
+def test_the_only_ways_into_connected_are_a_handshake_or_the_node_dialing_us():
+    into = {event for (state, event), to in TRANSITIONS.items() if to is S.CONNECTED}
+    assert into == {E.HANDSHAKEN, E.INBOUND}
+    # and nothing leaves self: the node never dials itself again
+    assert not [e for (s, e) in TRANSITIONS if s is S.SELF]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.sampled_from(list(Event)),
+                          st.floats(0, 50)), max_size=60))
+def test_any_sequence_of_events_keeps_the_book_consistent(steps):
+    book = DialBook()
+    now = 0.0
+    for addr, event, delay in steps:
+        now += 1.0
+        before = book.state(addr)
+        book.on(addr, event, now, retry_at=now + delay)
+        after = book.state(addr)
+        assert after is TRANSITIONS.get((before, event), before) or (
+            after is S.IDLE and TRANSITIONS.get((before, event)) is S.FORGOTTEN)
+        book.retry_due(now)
+        # The book holds no idle (or forgotten) records: it stays within
+        # the addresses that are doing something.
+        assert all(d.state not in (S.IDLE, S.FORGOTTEN) for d in book)
+        assert all(d.retry_at > now for d in book if d.state is S.BACKOFF)
+        assert all(d.attempt is None and d.conn is None for d in book if d.state not in IN_FLIGHT)
+
+
+def test_choose_picks_only_idle_addresses_of_unconnected_nodes_best_first():
+    book = DialBook()
+    for addr, events in {"dialing": [E.DIAL], "backoff": [E.DIAL, E.FAILED],
+                         "self": [E.DIAL, E.OPENED, E.IS_SELF]}.items():
+        for e in events:
+            book.on(addr, e, 0.0, retry_at=10.0)
+    seen = [Seen("dialing", None, True, 0), Seen("backoff", None, True, 0), Seen("self", None, True, 0),
+            Seen("connected-node", "n1", True, 0), Seen("bad", None, False, 5),
+            Seen("good", None, True, 0), Seen("unproven", None, False, 0)]
+    picked = [s.addr for s in choose(book, seen, connected_ids={"n1"}, limit=10)]
+    assert picked == ["good", "unproven", "bad"]
+    assert [s.addr for s in choose(book, seen, {"n1"}, limit=1)] == ["good"]
+    assert choose(book, seen, {"n1"}, limit=0) == []
+    # Once its backoff is over, an address is a candidate again.
+    book.retry_due(10.0)
+    assert "backoff" in [s.addr for s in choose(book, seen, {"n1"}, limit=10)]
+
+
+def test_expired_forgets_only_failing_non_bootstrap_addresses_after_their_time():
+    hour, day = 3600.0, 86400.0
+    assert not expired(0, False, False, 0.0, 10 * day, hour, day)  # never failed
+    assert not expired(9, True, False, 0.0, 10 * day, hour, day)  # bootstrap
+    assert not expired(9, False, False, 0.0, hour - 1, hour, day)
+    assert expired(9, False, False, 0.0, hour + 1, hour, day)
+    assert not expired(9, False, True, 0.0, hour + 1, hour, day)  # verified: a day
+    assert expired(9, False, True, 0.0, day + 1, hour, day)
+
+
+def test_the_page_calls_an_address_failing_after_three_failures_in_backoff():
+    book = book_in(S.BACKOFF)
+    assert book.label("a", FAILING_AFTER - 1) == "backoff"
+    assert book.label("a", FAILING_AFTER) == "failing"
+    assert book_in(S.CONNECTED).label("a", 9) == "connected"
+
+
+# -- the peer manager on a memory network ---------------------------------------------------
+
+def configs(**peers) -> Configs:
+    return Configs(peers=PeerConfig(**peers))
+
+
+def test_a_failing_address_backs_off_growing_capped_and_is_forgotten(tmp_path):
+    net = MemoryNetwork()
+    node = memory_node(net, tmp_path / "a", configs(backoff_max=8.0, forget_after=120.0))
+    try:
+        peers, store = node.node.peers, node.node.store
+        dead = net.url(net.port())  # nothing listens there
+        store.add([dead], "register")
+        attempts = []
+
+        def dials() -> int:
+            return sum(1 for c in net.reactor.tcpClients if c[1] == int(dead.split(":")[2].split("/")[0]))
+
+        seen = 0
+        for _ in range(800):
+            net.advance(0.25)
+            if dials() > seen:
+                seen = dials()
+                attempts.append(net.reactor.seconds())
+            if store.get(dead) is None:
+                break
+        gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+        # Growing, then capped at backoff_max (plus at most one jitter and a step).
+        assert gaps[0] < 3 and gaps[3] > gaps[1] > gaps[0], gaps
+        assert max(gaps) <= 8.0 + 1.0 + 0.5, gaps
+        # Forgotten once it failed for longer than forget_after, by the sweep.
+        assert store.get(dead) is None and peers.book.state(dead) is S.IDLE
+        assert 120 <= net.reactor.seconds() <= 120 + PeerConfig().sweep_interval + 1
+        assert len(peers.book) == 0
+    finally:
+        node.stopService()
+
+
+def test_a_bootstrap_address_is_never_forgotten_and_keeps_being_retried(tmp_path):
+    net = MemoryNetwork()
+    node = memory_node(net, tmp_path / "a", configs(backoff_max=4.0, forget_after=10.0))
+    try:
+        boot = net.url(net.port())
+        node.node.store.add([boot], "bootstrap")
+        net.advance(60)
+        record = node.node.store.get(boot)
+        assert record is not None and record.failures > 5
+        before = len(net.reactor.tcpClients)
+        net.advance(10)
+        assert len(net.reactor.tcpClients) > before
+    finally:
+        node.stopService()
+
+
+def test_two_nodes_connect_then_back_off_and_reconnect_when_one_returns(tmp_path):
+    net = MemoryNetwork()
+    a = memory_node(net, tmp_path / "a")
+    b_id = identity.Identity.generate()
+    b = memory_node(net, tmp_path / "b", ident=b_id)
+    b_port = b.node.listen_port
+    url = net.url(b_port)
+    try:
+        a.node.store.add([url], "register")
+        a.node.peers.tick_soon()
+        net.advance(0.5)
+        assert a.node.peers.book.state(url) is S.CONNECTED
+        assert [p["node_id"] for p in a.node.live_peers()] == [b_id.node_id]
+        b.stopService()
+        net.advance(0.1)
+        assert a.node.peers.book.state(url) in (S.BACKOFF, S.DIALING, S.HANDSHAKING)
+        assert a.node.live_peers() == []
+        # b comes back on the same port with the same key: a finds it again.
+        net.advance(5)
+        b = memory_node(net, tmp_path / "b2", ident=b_id, port=b_port)
+        net.advance(10)
+        assert a.node.peers.book.state(url) is S.CONNECTED
+        assert [p["node_id"] for p in a.node.live_peers()] == [b_id.node_id]
+    finally:
+        a.stopService()
+        b.stopService()
+
+
+def test_the_node_dialing_itself_ends_in_self_and_never_again(tmp_path):
+    net = MemoryNetwork()
+    a = memory_node(net, tmp_path / "a")
+    own = net.url(a.node.listen_port).replace("127.0.0.1", "localhost")
+    try:
+        # localhost is dialed by name: the memory network routes by port.
+        a.node.store.add([own], "register")
+        a.node.peers.tick_soon()
+        net.advance(1)
+        assert a.node.peers.book.state(own) is S.SELF and a.node.store.get(own).is_self
+        before = len(net.reactor.tcpClients)
+        net.advance(120)
+        assert len(net.reactor.tcpClients) == before
+    finally:
+        a.stopService()
+
+
+# -- Plumtree per connection ------------------------------------------------------------------
+
+def test_a_replacing_connection_starts_eager_whatever_the_old_one_was():
+    from twisted.internet.task import Clock
+
+    gossip = Gossip(Clock(), identity.Identity.generate(), NodeMetrics())
+    peer = identity.Identity.generate().node_id
+    old = FakeConnection("in", peer)
+    gossip.peer_up(old)
+    gossip.on_prune(old, codec.Event("prune", {}))
+    assert gossip.links[old].lazy
+    # The pair's duplicate rule replaces it with a connection the other way.
+    new = FakeConnection("out", peer)
+    gossip.peer_up(new)
+    gossip.peer_down(old)
+    assert not gossip.links[new].lazy and old not in gossip.links
+    # A message published now goes whole over the new link.
+    gossip.accept(attrs_envelope(gossip), sender=None)
+    assert [e.name for e in new.events()] == ["gossip"]
+
+
+def attrs_envelope(gossip: Gossip):
+    from foxnode.gossip import Envelope
+
+    return Envelope.create(gossip.signer, "t", {"n": 1}, 60, gossip.reactor.seconds())

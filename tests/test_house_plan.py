@@ -1,0 +1,107 @@
+"""The house plan holds: the parts do not wire themselves, node logic reads
+no clock of its own, and every default is written once."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+from twisted.internet.task import Clock
+
+import foxnode
+from foxnode import config, identity, service, tap
+from foxnode.gossip import Gossip
+from foxnode.metrics import NodeMetrics
+from foxnode.node import Node
+from foxnode.peers import PeerManager
+from foxnode.store import PeerStore
+
+PACKAGE = Path(foxnode.__file__).parent
+#: The modules of node logic: they take the time from the reactor handed in.
+LOGIC = ["node", "peers", "dialing", "handshake", "gossip", "store", "web", "limits", "service",
+         "codec", "identity", "address", "metrics"]
+WALL_CLOCK = {("time", "time"), ("time", "time_ns"), ("datetime", "now"), ("datetime", "utcnow"),
+              ("date", "today"), ("time", "localtime"), ("time", "gmtime")}
+
+
+def calls_in(module: str) -> list[tuple[str, str, int]]:
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            owner = node.func.value
+            name = owner.id if isinstance(owner, ast.Name) else getattr(owner, "attr", "")
+            out.append((name, node.func.attr, node.lineno))
+    return out
+
+
+@pytest.mark.parametrize("module", LOGIC)
+def test_node_logic_never_reads_the_wall_clock(module):
+    found = []
+    for owner, attr, line in calls_in(module):
+        if (owner, attr) not in WALL_CLOCK:
+            continue
+        if (owner, attr) == ("time", "localtime") and module == "node":
+            continue  # formats the reactor's time as a zone name (op_time); reads no clock
+        found.append(f"{module}.py:{line}: {owner}.{attr}()")
+    assert not found, found
+
+
+def test_the_parts_do_not_wire_themselves(tmp_path):
+    clock = Clock()
+    store = PeerStore(clock, tmp_path / "peers.json")
+    node = Node(clock, config.NodeConfig(), identity.Identity.generate(), store)
+    ops, events = sorted(node.op_names()), dict(node._events)
+    peers = PeerManager(node)
+    gossip = Gossip(clock, node.identity, NodeMetrics())
+    # Made, but not connected: only service.build connects them.
+    assert sorted(node.op_names()) == ops == ["info", "peers", "register", "time"]
+    assert node._events == events == {}
+    assert node.peers is None and node.gossip is None and peers.listeners == []
+    # build does, explicitly.
+    built = service.build(clock, service.Configs(), store, node.identity, endpoint=None)
+    assert built.node.peers.listeners == [built.node.gossip]
+    assert {"hello", "exchange", "publish", "subscribe", "unsubscribe"} <= set(built.node.op_names())
+    assert set(built.node._events) == set(gossip.events)
+
+
+def test_the_service_tree_holds_every_timer(tmp_path):
+    from twisted.application.internet import TimerService
+
+    clock = Clock()
+    store = PeerStore(clock, tmp_path / "peers.json")
+    built = service.build(clock, service.Configs(), store, identity.Identity.generate(), endpoint=None)
+
+    def walk(svc):
+        yield svc
+        for child in getattr(svc, "services", []):
+            yield from walk(child)
+
+    timers = {t.call[0].__name__ for t in walk(built) if isinstance(t, TimerService)}
+    assert {"dial_round", "exchange_round", "sweep"} <= timers
+    assert all(t.clock is clock for t in walk(built) if isinstance(t, TimerService))
+
+
+def test_every_option_default_is_the_configs_own():
+    options = tap.Options()
+    options.parseOptions([])
+    made = options.configs()
+    assert made.node == config.NodeConfig()
+    assert made.peers == config.PeerConfig()
+    assert made.gossip == config.GossipConfig()
+    assert made.web == config.WebConfig()
+    assert options["max-peers"] == config.StoreConfig().max_peers
+
+
+def test_no_config_class_is_defined_outside_config_py():
+    import foxnode.gossip
+    import foxnode.node
+    import foxnode.peers
+    import foxnode.web
+
+    for module in (foxnode.node, foxnode.peers, foxnode.gossip, foxnode.web):
+        for name, value in vars(module).items():
+            if name.endswith("Config") and inspect.isclass(value):
+                assert value.__module__ == "foxnode.config", f"{module.__name__}.{name}"
