@@ -3,6 +3,8 @@ used for requests per connection, dials, and misbehaving peers."""
 
 from __future__ import annotations
 
+import ipaddress
+
 from typing import Callable
 
 
@@ -46,3 +48,20 @@ class TokenBucket:
         """Seconds until ``cost`` tokens will be there."""
         missing = cost - self._tokens
         return 0.0 if missing <= 0 else missing / self.rate
+
+
+def client_key(host: str) -> str:
+    """Whom a per-address cap counts: an IPv4 address (an IPv4-mapped IPv6
+    address counts as its IPv4 address), or an IPv6 client's /64 (one host
+    usually holds a whole /64). The HTTP gate and the WebSocket admission
+    count by the same key, so neither can be walked around with the other's."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    mapped = getattr(ip, "ipv4_mapped", None)
+    if mapped is not None:
+        return str(mapped)
+    if ip.version == 6:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)

@@ -27,7 +27,7 @@ from foxnode import PROTOCOL_VERSION, __version__, address, codec, logs
 from foxnode.config import NodeConfig
 from foxnode.identity import Identity
 from foxnode.metrics import NodeMetrics
-from foxnode.limits import TokenBucket
+from foxnode.limits import TokenBucket, client_key
 from foxnode.protocol import CLOSE_RATE_LIMIT, CLOSE_SHUTDOWN
 from foxnode.store import REGISTER, PeerStore, StoreDurabilityError, StoreWriteError
 
@@ -151,11 +151,12 @@ class Node:
         if self.stopping:
             return "node shutting down"
         host = conn.remote_host
-        if self._per_ip[host] >= self.config.max_per_ip and not self.is_trusted(conn):
-            return f"too many connections from {host}"
+        key = client_key(host)
+        if self._per_ip[key] >= self.config.max_per_ip and not self.is_trusted(conn):
+            return f"too many connections from {host}" + (f" ({key})" if key != host else "")
         # Counted from the upgrade on, so a burst of handshakes counts too.
-        self._per_ip[host] += 1
-        conn.fox_state["counted_ip"] = host
+        self._per_ip[key] += 1
+        conn.fox_state["counted_ip"] = key
         return None
 
     def rate_refused(self, conn: Any, bucket: TokenBucket) -> codec.Reply:

@@ -36,7 +36,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from twisted.web.static import File
 
-from foxnode import address, logs
+from foxnode import address, limits, logs
 from foxnode.config import WebConfig
 from foxnode.node import Node, is_trusted_host
 from foxnode.protocol import FoxServerFactory
@@ -243,18 +243,7 @@ class HTTPGate:
 
     @staticmethod
     def client_key(host: str) -> str:
-        """Whom the per-address cap counts: an IPv4 address, or an IPv6
-        client's /64 (one host usually holds a whole /64)."""
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            return host
-        mapped = getattr(ip, "ipv4_mapped", None)
-        if mapped is not None:
-            return str(mapped)
-        if ip.version == 6:
-            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-        return str(ip)
+        return limits.client_key(host)
 
     def admit(self, host: str) -> tuple[str | None, str | None]:
         """``(why not, None)``, or ``(None, key)`` having counted the

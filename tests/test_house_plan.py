@@ -105,3 +105,26 @@ def test_no_config_class_is_defined_outside_config_py():
         for name, value in vars(module).items():
             if name.endswith("Config") and inspect.isclass(value):
                 assert value.__module__ == "foxnode.config", f"{module.__name__}.{name}"
+
+
+def test_one_ipv6_64_is_one_client_for_websocket_connections_too(tmp_path):
+    """The HTTP gate counts an IPv6 client by its /64; so does the
+    WebSocket admission: a host cycling through its /64 gets no more."""
+    from foxnode.testing import FakeConnection
+    from foxnode.web import HTTPGate
+
+    clock = Clock()
+    # Nothing trusted: loopback is held to the cap like anyone.
+    node = Node(clock, config.NodeConfig(max_per_ip=3, trusted=()), identity.Identity.generate(),
+                PeerStore(clock, tmp_path / "peers.json"))
+    hosts = [f"2001:db8:1:2::{i:x}" for i in range(1, 6)]
+    verdicts = [node.admit(FakeConnection(remote_host=h)) for h in hosts]
+    assert verdicts[:3] == [None, None, None]
+    assert all(v and "2001:db8:1:2::/64" in v for v in verdicts[3:]), verdicts
+    # Another /64 is another client ...
+    assert node.admit(FakeConnection(remote_host="2001:db8:1:3::1")) is None
+    # ... and an IPv4-mapped address is its IPv4 address.
+    for _ in range(3):
+        assert node.admit(FakeConnection(remote_host="::ffff:127.9.0.1")) is None
+    assert "too many connections" in node.admit(FakeConnection(remote_host="127.9.0.1"))
+    assert HTTPGate.client_key("2001:db8:1:2::99") == "2001:db8:1:2::/64"
