@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import os
 import random
-from typing import TYPE_CHECKING, Any, Iterable, Protocol as TypingProtocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol as TypingProtocol
 
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, fail
@@ -88,7 +88,8 @@ class PeerManager:
     connection to that node."""
 
     def __init__(self, node: "Node", config: PeerConfig | None = None,
-                 listeners: Iterable[PeerListener] = (), jitter: Any = None) -> None:
+                 listeners: Iterable[PeerListener] = (),
+                 jitter: Callable[[], float] | None = None) -> None:
         self.node = node
         self.reactor = node.reactor
         self.store = node.store
@@ -97,6 +98,7 @@ class PeerManager:
         self.peers: dict[str, Any] = {}
         #: every address's dial lifecycle (dialing.py)
         self.book = DialBook()
+        # ``jitter``: what is added to each retry delay (tests fix it).
         rng = jitter or (lambda: random.uniform(0, self.config.backoff_initial))
         self._backoff = backoffPolicy(
             initialDelay=self.config.backoff_initial, maxDelay=self.config.backoff_max,
@@ -169,8 +171,8 @@ class PeerManager:
     # -- dialing ---------------------------------------------------------------------
 
     def dial_round(self) -> None:
-        """One round of the scheduler: backoffs that ended, addresses failing
-        too long, then as many dials as the bounds allow, then probes."""
+        """One round of the scheduler: backoffs that ended go back to idle,
+        then as many dials as the bounds allow, then probes."""
         if not self.running:
             return
         now = self.reactor.seconds()
