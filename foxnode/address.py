@@ -3,6 +3,12 @@ node stores it or dials it.
 
 A node dials what it stores, so this is the gate between strangers' input
 and the node's outbound traffic; every rejection names its reason.
+
+An address may *pin* the node expected behind it, as geth's enode URLs do:
+``ws://host:port/ws#<node id>`` (64 lowercase hex digits, nothing else
+after ``#``). The pinned form is its own record in the store; it is dialed
+without the fragment, and a dial that meets another node is refused
+(``wrong-node``, handshake.py).
 """
 
 from __future__ import annotations
@@ -27,6 +33,13 @@ class PeerAddress:
     host: str
     port: int
     path: str
+    #: the node id the address pins (after ``#``), if it does
+    node_id: str | None = None
+
+    @property
+    def dial_url(self) -> str:
+        """What is dialed: the URL without its pinned node id."""
+        return self.url.split("#", 1)[0]
 
     @property
     def is_loopback(self) -> bool:
@@ -57,6 +70,7 @@ _NUMERIC_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _IPV4 = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}")
 _UNPRINTABLE = re.compile(r"[\s\x00-\x1f\x7f]")
+_NODE_ID = re.compile(r"[0-9a-f]{64}")
 # scheme, authority, path (a query may follow; a fragment is refused before)
 _SPLIT = re.compile(r"^(wss?)://([^/?#]*)([^?#]*)")
 
@@ -90,8 +104,12 @@ def parse(url: object) -> PeerAddress:
         raise InvalidAddress("not a ws:// or wss:// URL")
     if _UNPRINTABLE.search(url):
         raise InvalidAddress("contains whitespace or control characters")
+    pinned = None
     if "#" in url:
-        raise InvalidAddress("a fragment is not allowed")
+        fragment = url.split("#", 1)[1]
+        if not _NODE_ID.fullmatch(fragment):
+            raise InvalidAddress("after # only a node id may follow (64 lowercase hex digits)")
+        pinned = fragment
     scheme, netloc, path = _SPLIT.match(url).groups()
     if "@" in netloc:
         raise InvalidAddress("user info is not allowed")
@@ -115,7 +133,12 @@ def parse(url: object) -> PeerAddress:
         port = int(port_text)
         if not 1 <= port <= 65535:
             raise InvalidAddress("port out of range 1..65535")
-    return PeerAddress(url, secure, host, port, path or "/")
+    return PeerAddress(url, secure, host, port, path or "/", pinned)
+
+
+def pinned(url: str, node_id: str) -> str:
+    """``url`` pinned to ``node_id`` (any pin it had replaced)."""
+    return f"{url.split('#', 1)[0]}#{node_id}"
 
 
 def with_host(port: int, host: str, secure: bool = False, path: str = "/ws") -> str:

@@ -35,6 +35,8 @@ SELF = "self"
 DUPLICATE = "duplicate"
 TOO_MANY_PEERS = "too-many-peers"
 BAD_HELLO = "bad-hello"
+#: a dial of a pinned address (``#<node id>``) met another node
+WRONG_NODE = "wrong-node"
 CLOSE_CODES = {
     WRONG_NETWORK: 4001,
     INCOMPATIBLE_VERSION: 4002,
@@ -43,6 +45,7 @@ CLOSE_CODES = {
     DUPLICATE: 4005,
     TOO_MANY_PEERS: 4006,
     BAD_HELLO: 4007,
+    WRONG_NODE: 4012,
 }
 CODE_OF_CLOSE = {v: k for k, v in CLOSE_CODES.items()}
 #: the HTTP-like status of a refused hello, by reason (others: 403)

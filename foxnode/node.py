@@ -363,14 +363,20 @@ class Node:
         ]
 
     def info(self, conn: Any = None) -> dict[str, Any]:
+        listen = self.listen_address(conn)
         return {
             "node_id": self.node_id,
             "network": self.config.network,
             "version": __version__,
             "protocol": PROTOCOL_VERSION,
-            "listen": self.listen_address(conn),
+            "listen": listen,
+            # To paste into another node's register: it will dial this node
+            # and no other there (PROTOCOL.md "Peer management").
+            "address": address.pinned(listen, self.node_id) if listen else None,
             "uptime": round(self.reactor.seconds() - self.started, 3),
             "connected": self.live_peers(),
+            # For consoles and testers (``.help``): every op this node serves.
+            "ops": sorted(self._ops),
         }
 
     def health(self) -> dict[str, Any]:

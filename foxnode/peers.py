@@ -53,7 +53,7 @@ from foxnode.config import PeerConfig
 from foxnode.dialing import IN_FLIGHT, DialBook, Event, Seen, State, choose, expired
 from foxnode.handshake import (  # noqa: F401  (the names tests and others import from here)
     BAD_HELLO, BAD_PROOF, CLOSE_CODES, CODE_OF_CLOSE, DIALER, DUPLICATE, INCOMPATIBLE_VERSION,
-    LISTENER, SELF, TOO_MANY_PEERS, WRONG_NETWORK, HandshakeRefused, check_dialer_hello,
+    LISTENER, SELF, TOO_MANY_PEERS, WRONG_NETWORK, WRONG_NODE, HandshakeRefused, check_dialer_hello,
     check_listener_hello, dialer_hello, hello_proof, is_nonce, listener_hello,
     refusal_from)
 from foxnode.limits import TokenBucket
@@ -252,7 +252,7 @@ class PeerManager:
             return fail(DialRefused(f"{addr} is {state.value}: not dialed"))
         self.node.metrics.dials.labels("started").inc()
         c = self.node.config
-        factory = FoxClientFactory(addr, self.node, self.reactor,
+        factory = FoxClientFactory(parsed.dial_url, self.node, self.reactor,
                                    max_message_size=c.max_message_size, send_queue=c.send_queue,
                                    max_in_flight=c.max_in_flight,
                                    max_depth=c.max_depth, ping_interval=c.ping_interval,
@@ -272,7 +272,7 @@ class PeerManager:
                 proto.fox_state["probe"] = True
             else:
                 dial.conn = proto
-            return proto.when_opened().addCallback(self._say_hello, addr, probe)
+            return proto.when_opened().addCallback(self._say_hello, addr, probe, parsed.node_id)
 
         d.addCallback(opened)
         d.addTimeout(self.config.dial_timeout * 3, self.reactor)
@@ -286,7 +286,7 @@ class PeerManager:
         self.tick_soon()
         return result
 
-    def _say_hello(self, proto: Any, addr: str, probe: bool) -> Deferred:
+    def _say_hello(self, proto: Any, addr: str, probe: bool, pinned: str | None) -> Deferred:
         if not probe:
             self.book.on(addr, Event.OPENED, self.reactor.seconds())
         listener_nonce, listener_id = proto.server_nonce, proto.server_node_id
@@ -294,6 +294,12 @@ class PeerManager:
             proto.close(CLOSE_CODES[BAD_HELLO], BAD_HELLO)
             raise HandshakeRefused(BAD_HELLO, "the upgrade response lacks a nonce or node id "
                                               f"(a node older than protocol {PROTOCOL_VERSION}?)")
+        if pinned is not None and listener_id != pinned:
+            # The hello's proof binds the listener to the id it named here,
+            # so this one check holds for the whole handshake.
+            proto.close(CLOSE_CODES[WRONG_NODE], WRONG_NODE)
+            raise HandshakeRefused(WRONG_NODE, f"{addr} pins node {pinned[:12]}, "
+                                               f"but node {listener_id[:12]} answered")
         nonce = os.urandom(16).hex()
         args = dialer_hello(self.node.identity, self.node.config.network, listener_nonce, listener_id,
                             nonce, **self._about_me())

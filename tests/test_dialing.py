@@ -243,3 +243,64 @@ def attrs_envelope(gossip: Gossip):
     from foxnode.gossip import Envelope
 
     return Envelope.create(gossip.signer, "t", {"n": 1}, 60, gossip.reactor.seconds())
+
+
+# -- pinned addresses (PROTOCOL.md "Peer management") ------------------------------------------
+
+def test_a_pinned_address_connects_only_to_the_node_it_names(tmp_path):
+    from foxnode import address
+    from foxnode.handshake import CLOSE_CODES, WRONG_NODE
+
+    net = MemoryNetwork()
+    a = memory_node(net, tmp_path / "a")
+    b = memory_node(net, tmp_path / "b")
+    try:
+        url = net.url(b.node.listen_port)
+        someone_else = identity.Identity.generate().node_id
+        wrong, right = address.pinned(url, someone_else), address.pinned(url, b.node.node_id)
+        a.node.store.add([wrong], "register")
+        a.node.peers.tick_soon()
+        net.advance(0.5)
+        record = a.node.store.get(wrong)
+        assert record.failures == 1 and record.last_error == WRONG_NODE
+        assert a.node.peers.book.state(wrong) is S.BACKOFF
+        assert a.node.live_peers() == [] and b.node.live_peers() == []
+        assert a.node.metrics.dials.labels(WRONG_NODE)._value.get() == 1
+        assert CLOSE_CODES[WRONG_NODE] == 4012
+        # The same host and port pinned to the node that is there: a peer.
+        a.node.store.add([right], "register")
+        a.node.peers.tick_soon()
+        net.advance(0.5)
+        assert a.node.peers.book.state(right) is S.CONNECTED
+        assert [p["node_id"] for p in a.node.live_peers()] == [b.node.node_id]
+    finally:
+        a.stopService()
+        b.stopService()
+
+
+def test_info_gives_the_node_its_own_pinned_address(tmp_path):
+    from foxnode import address
+
+    net = MemoryNetwork()
+    a = memory_node(net, tmp_path / "a")
+    try:
+        info = a.node.info(FakeConnection(remote_host="127.0.0.1"))
+        parsed = address.parse(info["address"])
+        assert parsed.node_id == a.node.node_id and parsed.dial_url == info["listen"]
+        assert {"register", "peers", "hello", "publish"} <= set(info["ops"])
+    finally:
+        a.stopService()
+
+
+@pytest.mark.parametrize("fragment", ["f", "AB" * 32, "ab" * 31, "ab" * 33, "ab" * 32 + "#x", ""])
+def test_register_refuses_a_fragment_that_is_not_a_node_id(tmp_path, fragment):
+    net = MemoryNetwork()
+    a = memory_node(net, tmp_path / "a")
+    try:
+        reply = a.node.op_register(FakeConnection(), {"addr": f"ws://127.3.0.1:9/ws#{fragment}"})
+        reply = reply.result if hasattr(reply, "result") else reply
+        assert reply.status == 202 and reply.response["accepted"] == []
+        assert "node id" in reply.response["rejected"][0]["reason"]
+        assert len(a.node.store) == 0
+    finally:
+        a.stopService()

@@ -229,7 +229,12 @@ def check_accepted(url: str, p: address.PeerAddress) -> None:
     assert url.startswith(("ws://", "wss://"))
     assert p.secure == url.startswith("wss://")
     assert not any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url)
-    assert "#" not in url, "a fragment was accepted"
+    # A fragment only as a pinned node id (PROTOCOL.md "Peer management").
+    if "#" in url:
+        fragment = url.split("#", 1)[1]
+        assert re.fullmatch("[0-9a-f]{64}", fragment) and p.node_id == fragment, "a fragment was accepted"
+        url = p.dial_url
+    assert "#" not in url
     rest = url.split("://", 1)[1]
     authority = _AUTHORITY_END.split(rest, 1)[0]
     assert "@" not in authority, "user info was accepted"
