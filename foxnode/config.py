@@ -105,6 +105,11 @@ class PeerConfig:
     #: seconds between the dial scheduler's rounds (it also runs at once
     #: when something changes: a new address, a dial ending)
     tick: float = 1.0
+    #: addresses kept connected at all times (``--static-peer``): outside
+    #: ``max_outbound``, redialed with backoff for ever, never forgotten
+    static: tuple[str, ...] = ()
+    #: node ids admitted even when the inbound slots are full (``--trusted-peer``)
+    trusted_peers: frozenset[str] = frozenset()
     #: seconds between sweeps that forget addresses failing too long
     sweep_interval: float = 10.0
     trust_roots: str | None = None

@@ -358,7 +358,8 @@ class Node:
         if self.peers is None:
             return []
         return [
-            {"node_id": c.node_id, "addr": c.peer_addr, "direction": c.direction}
+            {"node_id": c.node_id, "addr": c.peer_addr, "direction": c.direction,
+             "kind": self.peers.kind(c)}
             for c in self.peers.peers.values()
         ]
 

@@ -114,6 +114,8 @@ class PeerManager:
         self._probes: dict[str, Deferred] = {}
         self.running = False
         self.ops = {"hello": self.op_hello, "exchange": self.op_exchange}
+        #: ``--static-peer`` addresses: dialed apart from the others
+        self._static = frozenset(self.config.static)
 
     # -- lifecycle (service.py's PeerService) -------------------------------------
 
@@ -150,7 +152,19 @@ class PeerManager:
     # -- who is connected ----------------------------------------------------------
 
     def outbound(self) -> int:
-        return sum(1 for c in self.peers.values() if c.direction == "out")
+        """Outbound peers held to ``max_outbound`` (static peers are not)."""
+        return sum(1 for c in self.peers.values() if c.direction == "out" and not self._is_static(c))
+
+    def _is_static(self, conn: Any) -> bool:
+        return conn.fox_state.get("dial_addr") in self._static
+
+    def kind(self, conn: Any) -> str | None:
+        """``static`` (``--static-peer``), ``trusted`` (``--trusted-peer``) or None."""
+        if self._is_static(conn):
+            return "static"
+        if conn.node_id in self.config.trusted_peers:
+            return "trusted"
+        return None
 
     def inbound(self) -> int:
         return sum(1 for c in self.peers.values() if c.direction == "in")
@@ -161,7 +175,9 @@ class PeerManager:
         out = []
         for r in self.store.records()[:limit]:
             entry = {"addr": r.addr, "state": self.book.label(r.addr, r.failures), "node_id": r.node_id,
-                     "source": r.source, "failures": r.failures, "last_error": r.last_error}
+                     "source": r.source, "failures": r.failures, "last_error": r.last_error,
+                     "kind": "static" if r.addr in self._static else
+                             "trusted" if r.node_id in self.config.trusted_peers else None}
             dial = self.book.get(r.addr)
             if dial.state is State.BACKOFF and dial.retry_at > now:
                 entry["retry_in"] = round(dial.retry_at - now, 1)
@@ -177,13 +193,15 @@ class PeerManager:
             return
         now = self.reactor.seconds()
         self.book.retry_due(now)
-        free = min(self.config.max_outbound - self.outbound() - len(self.book.in_flight()),
-                   self.config.max_dialing - self.dials_in_flight())
+        self._dial_static(now)
+        ordinary = [d for d in self.book.in_flight() if d.addr not in self._static]
+        free = min(self.config.max_outbound - self.outbound() - len(ordinary),
+                   self.config.max_dialing - len(ordinary) - len(self._probes))
         if free > 0 and self._dial_tokens.ready():
             # Decided before scanning the store: a register flood asks for a
             # round often, and the periodic round comes back for what waits.
             seen = (Seen(r.addr, r.node_id, r.source == BOOTSTRAP or r.verified, r.failures)
-                    for r in self.store.records() if not r.is_self)
+                    for r in self.store.records() if not r.is_self and r.addr not in self._static)
             for pick in choose(self.book, seen, set(self.peers), free):
                 if not self._dial_tokens.take():
                     break
@@ -195,6 +213,20 @@ class PeerManager:
                     log.failure("cannot dial {addr}", addr=pick.addr)
                     self.book.on(pick.addr, Event.FAILED, now, retry_at=now + self.config.backoff_max)
         self._probe_some()
+
+    def _dial_static(self, now: float) -> None:
+        """Dial every static peer that is idle (its backoff over) and whose
+        node is not connected another way: outside every bound but its own
+        backoff, as the operator asked for exactly these."""
+        for addr in self._static:
+            record = self.store.get(addr)
+            if self.book.state(addr) is not State.IDLE or (record is not None and record.node_id in self.peers):
+                continue
+            try:
+                self.dial(addr).addErrback(lambda f: None)
+            except Exception:
+                log.failure("cannot dial static peer {addr}", addr=addr)
+                self.book.on(addr, Event.FAILED, now, retry_at=now + self.config.backoff_max)
 
     def sweep(self) -> None:
         """Forget addresses that failed for too long (bootstrap ones never),
@@ -448,7 +480,8 @@ class PeerManager:
         if existing is not None and self._winner(existing, conn, remote["node_id"]) is existing:
             raise HandshakeRefused(DUPLICATE, "already connected to this node",
                                    retry_after=self.config.backoff_max)
-        if existing is None and self.inbound() >= self.config.max_inbound:
+        if (existing is None and self.inbound() >= self.config.max_inbound
+                and remote["node_id"] not in self.config.trusted_peers):
             raise HandshakeRefused(TOO_MANY_PEERS, "this node has all the inbound peers it takes",
                                    retry_after=self.config.backoff_max)
 

@@ -144,6 +144,8 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["peer"] = []
+        self["static-peer"] = []
+        self["trusted-peer"] = []
         self["trusted"] = []
         self["allowed-origin"] = []
         self["allowed-host"] = []
@@ -177,6 +179,21 @@ class Options(usage.Options):
             self["peer"].append(address.parse(url).url)
         except address.InvalidAddress as e:
             raise usage.UsageError(f"--peer {url}: {e}") from None
+
+    def opt_static_peer(self, url: str) -> None:
+        """A peer (ws:// or wss:// URL, may pin its node with #<node id>) kept
+        connected at all times, outside --max-outbound; repeatable."""
+        try:
+            self["static-peer"].append(address.parse(url).url)
+        except address.InvalidAddress as e:
+            raise usage.UsageError(f"--static-peer {url}: {e}") from None
+
+    def opt_trusted_peer(self, node_id: str) -> None:
+        """A node id (64 hex digits) admitted as a peer even when the node
+        has all the inbound peers it takes; repeatable."""
+        if not identity.is_node_id(node_id.lower()):
+            raise usage.UsageError(f"--trusted-peer {node_id}: give a node id of 64 hex digits")
+        self["trusted-peer"].append(node_id.lower())
 
     def parseOptions(self, options: Any = None) -> None:
         try:
@@ -232,6 +249,8 @@ class Options(usage.Options):
             backoff_max=self["max-backoff"],
             dial_timeout=self["handshake-timeout"],
             trust_roots=self["cafile"],
+            static=tuple(dict.fromkeys(self["static-peer"])),
+            trusted_peers=frozenset(self["trusted-peer"]),
         )
 
     def web_config(self) -> WebConfig:
@@ -324,10 +343,13 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
     endpoint = _server_endpoint(reactor, config["listen"])
     metrics = NodeMetrics()
     file_locks, store, node_identity = _open_files(reactor, config, metrics)
-    if configs.node.bootstrap:
+    named = configs.node.bootstrap + configs.peers.static
+    if named:
         # Dialed whatever the disk does: the operator named them, so a
         # failed write keeps them (said in the log) instead of rolling back.
-        store.add(configs.node.bootstrap, BOOTSTRAP, durable=False)
+        # Static peers are kept as bootstrap ones are: never evicted, never
+        # forgotten.
+        store.add(named, BOOTSTRAP, durable=False)
         store.commit().addErrback(lambda _: None)  # a failure is logged by the store
     node_service = build(reactor, configs, store, node_identity, endpoint, listen=config["listen"],
                          file_locks=file_locks, metrics=metrics)

@@ -304,3 +304,56 @@ def test_register_refuses_a_fragment_that_is_not_a_node_id(tmp_path, fragment):
         assert len(a.node.store) == 0
     finally:
         a.stopService()
+
+
+# -- static and trusted peers ---------------------------------------------------------------------
+
+def test_a_static_peer_is_kept_connected_outside_max_outbound(tmp_path):
+    net = MemoryNetwork()
+    b_id = identity.Identity.generate()
+    b = memory_node(net, tmp_path / "b", ident=b_id)
+    b_port = b.node.listen_port
+    url = net.url(b_port)
+    ordinary = memory_node(net, tmp_path / "c")
+    a = memory_node(net, tmp_path / "a", configs(max_outbound=0, static=(url,)))
+    try:
+        a.node.store.add([url], "bootstrap")  # as tap.makeService stores them
+        a.node.store.add([net.url(ordinary.node.listen_port)], "register")
+        net.advance(2)
+        # No outbound slot at all, yet the static peer is connected, and
+        # only it: the registered address waits for a slot.
+        assert [(p["node_id"], p["kind"]) for p in a.node.live_peers()] == [(b_id.node_id, "static")]
+        kinds = {p["addr"]: p["kind"] for p in a.node.peers.peer_states()}
+        assert kinds[url] == "static" and kinds[net.url(ordinary.node.listen_port)] is None
+        # Gone, it is dialed again and again (with backoff), and never forgotten.
+        b.stopService()
+        net.advance(200)
+        assert a.node.store.get(url).failures > 3 and url in a.node.store
+        b = memory_node(net, tmp_path / "b2", ident=b_id, port=b_port)
+        net.advance(70)
+        assert [p["node_id"] for p in a.node.live_peers()] == [b_id.node_id]
+    finally:
+        for n in (a, b, ordinary):
+            n.stopService()
+
+
+def test_a_trusted_peer_is_admitted_when_the_node_is_full(tmp_path):
+    from foxnode.handshake import TOO_MANY_PEERS
+
+    net = MemoryNetwork()
+    dialer_id, stranger_id = identity.Identity.generate(), identity.Identity.generate()
+    full = memory_node(net, tmp_path / "full", configs(max_inbound=0, trusted_peers=frozenset({dialer_id.node_id})))
+    url = net.url(full.node.listen_port)
+    stranger = memory_node(net, tmp_path / "s", ident=stranger_id)
+    dialer = memory_node(net, tmp_path / "d", ident=dialer_id)
+    try:
+        for n in (stranger, dialer):
+            n.node.store.add([url], "register")
+            n.node.peers.tick_soon()
+        net.advance(1)
+        assert stranger.node.store.get(url).last_error == TOO_MANY_PEERS
+        assert stranger.node.live_peers() == []
+        assert [(p["node_id"], p["kind"]) for p in full.node.live_peers()] == [(dialer_id.node_id, "trusted")]
+    finally:
+        for n in (full, stranger, dialer):
+            n.stopService()

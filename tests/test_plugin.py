@@ -46,6 +46,8 @@ DEFAULTS = {
     "peers-file": "peers.json",
     "data-dir": ".",
     "peer": [],
+    "static-peer": [],
+    "trusted-peer": [],
     "advertise": None,
     "network": "foxchain",
     "debug": 0,
@@ -236,6 +238,18 @@ def test_every_option_of_the_protocol_parses():
         "network": "labnet",
         "debug": 1,
     }
+
+
+def test_static_and_trusted_peers_parse():
+    node = "AB" * 32
+    options = tap.Options()
+    options.parseOptions(["--static-peer", "ws://127.0.0.2:9000/ws", "--static-peer",
+                          "ws://127.0.0.3:9000/ws#" + "cd" * 32, "--trusted-peer", node])
+    assert options["static-peer"] == ["ws://127.0.0.2:9000/ws", "ws://127.0.0.3:9000/ws#" + "cd" * 32]
+    assert options["trusted-peer"] == [node.lower()]
+    peers = options.configs().peers
+    assert peers.static == tuple(options["static-peer"])
+    assert peers.trusted_peers == {node.lower()}
 
 
 def test_listen_endpoint():
