@@ -237,17 +237,20 @@
         setText(id.firstChild, short(c.node_id, 16));
         setAttr(id.firstChild, "title", c.node_id);
         setText(addr.firstChild, c.addr || "–");
-        setText(dir, c.direction === "in" ? "← in" : c.direction === "out" ? "→ out" : String(c.direction));
+        const way = c.direction === "in" ? "← in" : c.direction === "out" ? "→ out" : String(c.direction);
+        setText(dir, c.kind ? way + " · " + (KIND_LABEL[c.kind] || String(c.kind)) : way);
+        if (c.kind) setAttr(tr, "data-kind", c.kind); else tr.removeAttribute("data-kind");
       }, "none yet");
   }
 
   // -- known peers -----------------------------------------------------------
 
-  const STATE_ORDER = ["connected", "dialing", "backoff", "failing", "idle", "self"];
+  const STATE_ORDER = ["connected", "handshaking", "dialing", "backoff", "failing", "idle", "self"];
   const STATE_LABEL = {
-    connected: "connected", dialing: "dialing", backoff: "backing off",
+    connected: "connected", handshaking: "saying hello", dialing: "dialing", backoff: "backing off",
     failing: "failing", idle: "idle", self: "this node",
   };
+  const KIND_LABEL = { static: "static peer", trusted: "trusted peer" };
   const SOURCE_LABEL = {
     bootstrap: "--peer bootstrap", register: "registered", exchange: "learned from a peer",
     handshake: "announced in its hello", self: "its own address",
@@ -281,6 +284,8 @@
         setText(addr, r.addr);
         const bits = [];
         if (r.node_id) bits.push("node " + short(r.node_id, 12));
+        if (r.kind) bits.push(KIND_LABEL[r.kind] || String(r.kind));
+        if (r.kind) setAttr(li, "data-kind", r.kind); else li.removeAttribute("data-kind");
         if (r.source) bits.push(SOURCE_LABEL[r.source] || String(r.source));
         if (r.failures) bits.push(r.failures + (r.failures === 1 ? " failure" : " failures") + " in a row");
         setText(meta, bits.join(" · "));
