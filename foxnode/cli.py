@@ -737,7 +737,19 @@ def parser() -> argparse.ArgumentParser:
     watch.add_argument("url", type=node_url, metavar="URL", help="the node's WebSocket address")
     watch.add_argument("topics", nargs="+", type=text("topic"), metavar="TOPIC", help="a topic to receive")
 
-    for p in (call, watch):
+    attach = sub.add_parser(
+        "attach", help="an interactive console on a node",
+        description="Type requests to a node and read its replies, as geth's console: "
+                    "'op {json args}' or a whole request object per line; events the node pushes "
+                    "are shown as they arrive. .help lists the node's ops; Ctrl-D leaves.",
+        epilog="example: foxnode attach ws://127.0.0.1:9000/ws",
+    )
+    attach.add_argument("url", type=node_url, metavar="URL", help="the node's WebSocket address")
+    attach.add_argument("--history", default="~/.foxnode_history", metavar="FILE",
+                        help="where typed lines are kept across sessions (default: %(default)s; "
+                             "'' keeps none)")
+
+    for p in (call, watch, attach):
         p.add_argument("--timeout", type=_seconds(0.1), default=10.0, metavar="SECONDS",
                        help="give up connecting (and, for call, waiting for the reply) after this long "
                             "(default: %(default)s)")
@@ -776,7 +788,14 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-_RUNNERS = {"call": run_call, "watch": run_watch, "devnet": run_devnet}
+async def run_attach(reactor: Any, opts: argparse.Namespace) -> None:
+    # prompt_toolkit is imported by the one command that needs it.
+    from foxnode.console import run_attach as attach
+
+    await attach(reactor, opts)
+
+
+_RUNNERS = {"call": run_call, "watch": run_watch, "devnet": run_devnet, "attach": run_attach}
 
 
 async def _run(reactor: Any, opts: argparse.Namespace) -> None:
