@@ -184,6 +184,11 @@ class DialBook:
             self._on_transition(dial, old, event)
         return True
 
+    def forget(self, addr: str) -> None:
+        """The operator took the address back (``unregister``): whatever
+        it was doing, it has no record any more."""
+        self._dials.pop(addr, None)
+
     def retry_due(self, now: float) -> list[str]:
         """Move every address whose backoff is over back to ``idle``."""
         due = [d.addr for d in self._dials.values() if d.state is S.BACKOFF and d.retry_at <= now]

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol as TypingPro
 
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, fail
+from twisted.python.failure import Failure
 
 from foxnode import PROTOCOL_VERSION, address, codec, identity, logs
 from foxnode.client import endpoint_for
@@ -67,6 +68,8 @@ log = logs.logger(__name__)
 
 #: addresses waiting for a probe at most (each came with an inbound peer)
 MAX_UNPROVEN = 256
+#: unregistered addresses remembered (so that peers cannot hand them back)
+MAX_UNREGISTERED = 10_000
 
 
 class PeerListener(TypingProtocol):
@@ -115,7 +118,11 @@ class PeerManager:
         self.running = False
         self.ops = {"hello": self.op_hello, "exchange": self.op_exchange}
         #: ``--static-peer`` addresses: dialed apart from the others
-        self._static = frozenset(self.config.static)
+        self._static = set(self.config.static)
+        #: addresses the operator unregistered: not taken again from peers
+        #: (exchange, hello) until registered again; the oldest go first
+        self._unregistered: dict[str, None] = {}
+        self.operator_ops = {"unregister": self.op_unregister}
 
     # -- lifecycle (service.py's PeerService) -------------------------------------
 
@@ -520,7 +527,8 @@ class PeerManager:
         if dial_addr is not None:
             self._proven(dial_addr, remote_id)
             self.book.on(dial_addr, Event.HANDSHAKEN, now)
-        if addr is not None and addr != dial_addr and self._shareable_from(conn, addr):
+        if (addr is not None and addr != dial_addr and self._shareable_from(conn, addr)
+                and addr not in self._unregistered):
             self.store.add([addr], HANDSHAKE, durable=False)
             record = self.store.get(addr)
             if record is not None and not record.dialed:
@@ -576,6 +584,73 @@ class PeerManager:
             self.book.on(addr, Event.CLOSED, now, retry_at=now + self._backoff(0))
             if addr in self.store:
                 self.store.update(addr, last_seen=now, last_error=why)
+
+    # -- the operator takes an address back ------------------------------------------------
+
+    def op_unregister(self, conn: Any, args: Any) -> Any:
+        """Forget addresses: out of the store (a 200 once the file no longer
+        holds them), their connection closed, their dial cancelled, and not
+        taken again from other nodes until registered again. Every address
+        is checked before anything changes."""
+        if not isinstance(args, dict) or "addr" not in args:
+            return codec.bad_args("unregister", '"addr" is missing: give an address or a list of them')
+        given = args["addr"] if isinstance(args["addr"], list) else [args["addr"]]
+        if not given:
+            return codec.bad_args("unregister", '"addr" is an empty list')
+        if len(given) > self.node.config.max_register_addrs:
+            return codec.bad_args("unregister", f'"addr": more than {self.node.config.max_register_addrs} addresses')
+        addrs = []
+        for value in given:
+            try:
+                addrs.append(address.parse(value).url)
+            except address.InvalidAddress as e:
+                shown = value if isinstance(value, str) else type(value).__name__
+                return codec.bad_args("unregister", f'"addr": {str(shown)[:100]!r} is not an address ({e}); '
+                                                    "nothing was unregistered")
+        removed = [a for a in dict.fromkeys(addrs) if a in self.store]
+        unknown = [a for a in dict.fromkeys(addrs) if a not in self.store]
+        now = self.reactor.seconds()
+        for addr in removed:
+            self._forget_address(addr, now)
+        response = {"removed": removed, "unknown": unknown}
+        if not removed:
+            return codec.ok(response)
+
+        def written(outcome: Any) -> codec.Reply:
+            if isinstance(outcome, Failure):
+                return codec.unavailable(f"Peer store could not write the change ({outcome.value}); "
+                                         "the addresses are forgotten now, but may come back after a "
+                                         "crash. Unregister them again to confirm.")
+            return codec.ok(response)
+
+        return self.store.commit().addBoth(written)
+
+    def _forget_address(self, addr: str, now: float) -> None:
+        self.store.remove(addr)
+        self._static.discard(addr)
+        self._unproven.pop(addr, None)
+        self._unregistered.pop(addr, None)
+        self._unregistered[addr] = None
+        while len(self._unregistered) > MAX_UNREGISTERED:
+            del self._unregistered[next(iter(self._unregistered))]
+        dial = self.book.get(addr)
+        if dial.conn is not None:
+            dial.conn.close(CLOSE_NORMAL, "unregistered by the operator")
+        if dial.attempt is not None:
+            dial.attempt.cancel()
+        for conn in list(self.peers.values()):
+            if addr in (conn.fox_state.get("dial_addr"), conn.peer_addr):
+                conn.close(CLOSE_NORMAL, "unregistered by the operator")
+        probe = self._probes.get(addr)
+        if probe is not None:
+            probe.cancel()
+        self.book.forget(addr)
+        log.info("unregistered {addr}", addr=addr)
+
+    def registered(self, addrs: list[str]) -> None:
+        """Addresses registered (again): peers may hand them to us again."""
+        for addr in addrs:
+            self._unregistered.pop(addr, None)
 
     # -- peer exchange ------------------------------------------------------------------
 
@@ -635,7 +710,8 @@ class PeerManager:
                 parsed = address.parse(addr)
             except address.InvalidAddress:
                 continue
-            if parsed.url in store or not self._shareable_from(conn, parsed.url):
+            if (parsed.url in store or parsed.url in self._unregistered
+                    or not self._shareable_from(conn, parsed.url)):
                 continue
             learned.append(parsed.url)
         if learned:

@@ -112,6 +112,7 @@ def build(reactor: Any, configs: Configs, store: PeerStore, identity: Identity,
     peers = PeerManager(node, configs.peers, listeners=[gossip])
     node.peers, node.gossip = peers, gossip
     node.serve(peers.ops)
+    node.serve(peers.operator_ops, operator=True)
     node.serve(gossip.ops)
     node.hear(gossip.events)
     c = configs.node

@@ -357,3 +357,86 @@ def test_a_trusted_peer_is_admitted_when_the_node_is_full(tmp_path):
     finally:
         for n in (full, stranger, dialer):
             n.stopService()
+
+
+# -- unregister ---------------------------------------------------------------------------------
+
+def _call(node, op, args, trusted=True):
+    from foxnode import protocol  # noqa: F401  (the request path: node.handle_request)
+
+    conn = FakeConnection(remote_host="127.0.0.1")
+    conn.trusted = trusted
+    result = node.handle_request(conn, codec.Request(op, args, None, False))
+    if hasattr(result, "addCallback"):
+        box = []
+        result.addBoth(box.append)
+        assert box, "the reply did not come"
+        result = box[0]
+    return result
+
+
+def test_unregister_forgets_closes_and_never_takes_it_back_from_peers(tmp_path):
+    net = MemoryNetwork()
+    a = memory_node(net, tmp_path / "a")
+    b = memory_node(net, tmp_path / "b")
+    url = net.url(b.node.listen_port)
+    try:
+        assert _call(a.node, "register", {"addr": url}).status == 202
+        net.advance(0.5)
+        assert [p["node_id"] for p in a.node.live_peers()] == [b.node.node_id]
+        unknown = "ws://127.3.0.1:9/ws"
+        reply = _call(a.node, "unregister", {"addr": [url, unknown]})
+        assert reply.status == 200 and reply.response == {"removed": [url], "unknown": [unknown]}
+        # Durable: the file no longer holds it.
+        assert url not in (tmp_path / "a" / "peers.json").read_text()
+        net.advance(0.5)
+        assert a.node.live_peers() == [] and b.node.live_peers() == []
+        assert url not in a.node.store and a.node.peers.book.state(url) is S.IDLE
+        # A peer handing it back (exchange, or its hello) does not bring it back ...
+        a.node.peers._learn(FakeConnection(remote_host="127.0.0.1"), [url], "a peer")
+        assert url not in a.node.store
+        port = b.node.listen_port
+
+        def dials_of_b() -> int:
+            return sum(1 for c in net.reactor.tcpClients if c[1] == port)
+
+        before = dials_of_b()
+        net.advance(120)
+        # (b may dial a meanwhile: a's address is b's to keep.)
+        assert dials_of_b() == before, "an unregistered address was dialed"
+        assert url not in a.node.store
+        # ... registering it again does.
+        assert _call(a.node, "register", {"addr": url}).status == 202
+        net.advance(1)
+        assert [p["node_id"] for p in a.node.live_peers()] == [b.node.node_id]
+    finally:
+        a.stopService()
+        b.stopService()
+
+
+@pytest.mark.parametrize("args", [None, {}, {"addr": []}, {"addr": 7}, {"addr": ["ws://127.3.0.1:9/ws", "nope"]},
+                                  {"addr": "ws://127.3.0.1:9/ws#f"}, {"addr": ["ws://127.3.0.1:9/ws"] * 101}])
+def test_unregister_of_bad_input_says_which_and_changes_nothing(tmp_path, args):
+    net = MemoryNetwork()
+    a = memory_node(net, tmp_path / "a")
+    try:
+        kept = "ws://127.3.0.1:9/ws"
+        a.node.store.add([kept], "register")
+        reply = _call(a.node, "unregister", args)
+        assert reply.status == 400 and '"unregister"' in reply.error and '"addr"' in reply.error, reply
+        assert kept in a.node.store
+    finally:
+        a.stopService()
+
+
+def test_unregister_is_for_the_operator_only(tmp_path):
+    net = MemoryNetwork()
+    a = memory_node(net, tmp_path / "a")
+    try:
+        kept = "ws://127.3.0.1:9/ws"
+        a.node.store.add([kept], "register")
+        reply = _call(a.node, "unregister", {"addr": kept}, trusted=False)
+        assert reply.status == 403 and reply.error == 'Operation "unregister" is only for trusted clients.'
+        assert kept in a.node.store
+    finally:
+        a.stopService()
