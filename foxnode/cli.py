@@ -685,6 +685,21 @@ def ca_path(value: str) -> str:
     return value
 
 
+def history_file(value: str) -> str:
+    """Where the console keeps typed lines: '' for nowhere, else a file in a
+    directory that exists, checked now rather than at the first line typed."""
+    if not value:
+        return value
+    if not value.isprintable():
+        raise argparse.ArgumentTypeError(f"{value!r}: a file name of printable characters, please")
+    path = os.path.expanduser(value)
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{value!r} is a directory, not a file")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise argparse.ArgumentTypeError(f"{value!r}: no such directory")
+    return value
+
+
 def directory(value: str) -> str:
     if not value:
         raise argparse.ArgumentTypeError("give a directory")
@@ -745,7 +760,7 @@ def parser() -> argparse.ArgumentParser:
         epilog="example: foxnode attach ws://127.0.0.1:9000/ws",
     )
     attach.add_argument("url", type=node_url, metavar="URL", help="the node's WebSocket address")
-    attach.add_argument("--history", default="~/.foxnode_history", metavar="FILE",
+    attach.add_argument("--history", type=history_file, default="~/.foxnode_history", metavar="FILE",
                         help="where typed lines are kept across sessions (default: %(default)s; "
                              "'' keeps none)")
 

@@ -80,6 +80,8 @@ SPECS: dict[str, Spec] = {
     "subscribe": Spec({"topics": lambda v: _topics(v) and len(v if isinstance(v, list) else [v]) <= 64},
                       frozenset({"topics"})),
     "unsubscribe": Spec({"topics": _topics}, frozenset({"topics"})),
+    # an operator op: a client on loopback is the operator by default
+    "unregister": Spec({"addr": lambda v: v == "ws://127.3.0.1:9/ws"}, frozenset({"addr"})),
     "hello": Spec({
         "node_id": identity.is_node_id, "network": lambda v: v == "foxchain",
         "version": lambda v: v == PROTOCOL_VERSION and not isinstance(v, bool),
@@ -96,6 +98,7 @@ VALID_ARGS = {
     "peers": {}, "time": {}, "info": {}, "exchange": {},
     "publish": {"topic": "t", "payload": {"n": 1}, "ttl": 60},
     "subscribe": {"topics": ["t"]}, "unsubscribe": {"topics": ["t"]},
+    "unregister": {"addr": "ws://127.3.0.1:9/ws"},
 }
 
 
