@@ -37,9 +37,10 @@ def frames_under_test() -> str:
         raise ValueError(f"{FRAMES_ENV}={e}") from None
 
 
-def _frames_options() -> list[str]:
-    # Only when asked: by default the nodes' command lines are as a user's.
-    # Before the test's own options, so that a test's --frames wins.
+def frames_options() -> list[str]:
+    """``--frames`` for a node's command line, as ``FOXNODE_FRAMES`` asks;
+    nothing by default, so that the command lines are a user's. Put them
+    before the test's own options: a test's own ``--frames`` wins."""
     choice = frames_under_test()
     return [] if choice == frames.OWN else ["--frames", choice]
 
@@ -117,7 +118,7 @@ def node_options(directory: Path, *extra: str, port: int = 0) -> tap.Options:
         "--listen", f"tcp:{port}:interface={LOOPBACK}",
         "--peers-file", str(directory / "peers.json"),
         "--data-dir", str(directory),
-        *_frames_options(),
+        *frames_options(),
         *extra,
     ])
     return options
@@ -183,7 +184,7 @@ def twistd_command(directory: Path, port: int, *extra: str) -> list[str]:
         "--listen", f"tcp:{port}:interface={LOOPBACK}",
         "--peers-file", str(directory / "peers.json"),
         "--data-dir", str(directory),
-        *_frames_options(),
+        *frames_options(),
         *extra,
     ]
 
