@@ -149,6 +149,31 @@ async def test_both_paths_answer_alike_over_a_socket(reactor, tmp_path):
         assert code == CODES.get(name, 1002), f"{name}: closed with {code}"
 
 
+def _pinged(port: int) -> list[Any]:
+    """The node's own pings (--ping-interval 1), answered: the connection
+    stays and serves."""
+    out: list[Any] = []
+    with upgraded(port) as raw:
+        for _ in range(2):
+            fin, op, payload = raw.read_frame()
+            out.append((fin, op, len(payload)))
+            raw.send(frame(PONG, payload))
+        out.append(_time_free(raw.request({"op": "time", "id": "after"})))
+    return out
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest_twisted.ensureDeferred
+async def test_the_nodes_pings_are_the_same_both_ways(reactor, tmp_path, path):
+    running = await start_node(reactor, tmp_path, "--frames", path, "--ping-interval", "1", "--ping-timeout", "1")
+    try:
+        got = await deferToThread(_pinged, running.port)
+    finally:
+        await running.stop()
+    assert [f[:2] for f in got[:2]] == [(True, PING), (True, PING)]
+    assert got[2]["status"] == 200 and got[2]["id"] == "after"
+
+
 def test_a_bad_value_is_refused():
     with pytest.raises(usage.UsageError, match=r"^--frames 'fast': give own or autobahn$"):
         tap.Options().parseOptions(["--frames", "fast"])
