@@ -69,6 +69,10 @@ class NodeConfig:
     #: do what"): not rate-limited or capped per IP, and alone allowed the
     #: operator ops
     trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = DEFAULT_TRUSTED
+    #: who reads and writes WebSocket frames on the listening side
+    #: (``--frames``): "own", the node's fast path (frames.py), or
+    #: "autobahn", Autobahn's frame code alone
+    frames: str = "own"
 
 
 @attrs.frozen

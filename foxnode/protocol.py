@@ -12,7 +12,6 @@ answered before an earlier one (a ``register`` waiting for the disk).
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import time
@@ -31,6 +30,7 @@ from foxnode import logs
 from twisted.python.failure import Failure
 
 from foxnode import codec
+from foxnode import frames as _frames
 
 NONCE_HEADER = "X-Foxnode-Nonce"
 #: The listener's node id, beside its nonce: the dialer's proof names the
@@ -444,119 +444,17 @@ class FoxConnection:
             d.callback(self._closed_result)
 
 
-#: What the node's own frame reader and writer (below) use of Autobahn's
-#: insides, all set once the WebSocket is open. setup.cfg bounds Autobahn to
-#: the versions tests/test_frame_reading.py and test_frame_writing.py pass
-#: with; a version without them makes the node use Autobahn's own path.
-AUTOBAHN_INSIDES = (
-    "state", "data", "current_frame", "inside_message", "_perMessageCompress", "applyMask",
-    "logOctets", "logFrames", "autoPingTimeoutCall", "autoPingRestartOnAnyTraffic",
-    "_cancelAutoPingTimeoutCall", "maxFramePayloadSize", "maxMessagePayloadSize",
-)
-
-
 class FoxServerProtocol(FoxConnection, WebSocketServerProtocol):
+    """The listening side, every frame read and written by Autobahn
+    (``--frames autobahn``); ``FoxServerOwnFrames`` is the fast path."""
+
     direction = "in"
-    #: False: every frame is read and written by Autobahn (for tests, and
-    #: set by the first connection if an Autobahn lacks what it needs).
-    own_frames = True
-
-    def _send_text(self, payload: bytes) -> None:
-        # A server's text frame is a fixed header and the payload as is
-        # (RFC 6455 5.2: FIN and opcode 1, the length, no mask). Autobahn's
-        # general sendMessage costs more per reply than everything the node
-        # does for a "time" request, so frames are written here while the
-        # connection is plainly open (no compression is ever negotiated, see
-        # FoxServerFactory); everything else stays Autobahn's.
-        if self.state != self.STATE_OPEN or self._perMessageCompress is not None or not self.own_frames:
-            self.sendMessage(payload, isBinary=False)
-            return
-        n = len(payload)
-        if n < 126:
-            header = bytes((0x81, n))
-        elif n < 0x10000:
-            header = b"\x81\x7e" + n.to_bytes(2, "big")
-        else:
-            header = b"\x81\x7f" + n.to_bytes(8, "big")
-        self.transport.write(header + payload)
-
-    def dataReceived(self, data: bytes) -> None:
-        # Nearly every client message is one small, whole, masked text
-        # frame, and Autobahn's general frame machine costs more per message
-        # than the node's work on a "time" request. Such frames are unmasked
-        # and handed to onMessage here, while the connection is plainly open
-        # with nothing of Autobahn's half-read; anything else (a partial or
-        # fragmented frame, control frames, bad UTF-8, an oversized frame,
-        # a protocol violation) goes to Autobahn unchanged, from the first
-        # byte not taken here (tests/test_frame_reading.py checks the two
-        # are indistinguishable). Autobahn's bookkeeping that foxnode does
-        # not use is skipped for these frames: traffic statistics, tracked
-        # timings and "message" observers.
-        if (self.own_frames and self.state == self.STATE_OPEN and not self.data and self.current_frame is None
-                and not self._reading_held
-                and not self.inside_message and self._perMessageCompress is None
-                and self.applyMask and not self.logOctets and not self.logFrames):
-            data = self._take_text_frames(data)
-            if not data:
-                return
-        super().dataReceived(data)
-
-    def _take_text_frames(self, data: bytes) -> bytes:
-        """Deliver the whole small text frames at the start of ``data``;
-        return what is left for Autobahn."""
-        limit = self._payload_limit
-        start, end = 0, len(data)
-        while end - start >= 6 and data[start] == 0x81:  # FIN, no RSV, text
-            n = data[start + 1] - 0x80  # negative: unmasked, Autobahn refuses it
-            if 0 <= n < 126:
-                head = start + 6
-            elif n == 126 and end - start >= 8:
-                n = int.from_bytes(data[start + 2:start + 4], "big")
-                head = start + 8
-                if n < 126:
-                    break  # not the minimal length encoding: a violation
-            else:
-                break
-            stop = head + n
-            if stop > end or n > limit:
-                break
-            mask = data[head - 4:head]
-            payload = (int.from_bytes(data[head:stop], "big")
-                       ^ int.from_bytes((mask * ((n >> 2) + 1))[:n], "big")).to_bytes(n, "big")
-            try:
-                payload.decode("utf-8")
-            except UnicodeDecodeError:
-                break  # Autobahn fails the connection (1007)
-            start = stop
-            if self.autoPingTimeoutCall is not None and self.autoPingRestartOnAnyTraffic:
-                self._cancelAutoPingTimeoutCall()
-            self.onMessage(payload, False)
-            if self.state != self.STATE_OPEN or self._reading_held:
-                break  # the rest waits in Autobahn's buffer
-        return data[start:] if start else data
-
-    @functools.cached_property
-    def _payload_limit(self) -> int:
-        # Read once: Autobahn copies the factory's options onto the protocol
-        # when the connection is made, before any frame can arrive, and
-        # foxnode never changes a connection's limits afterwards.
-        limits = [x for x in (self.maxFramePayloadSize, self.maxMessagePayloadSize) if x > 0]
-        return min(limits, default=0xFFFF)
 
     def connectionMade(self) -> None:
         self._fox_init()
         self.handshake_nonce = os.urandom(16).hex()
         super().connectionMade()
         self._become_producer()
-
-    def onOpen(self) -> None:
-        if FoxServerProtocol.own_frames:
-            missing = [name for name in AUTOBAHN_INSIDES if not hasattr(self, name)]
-            if missing:
-                FoxServerProtocol.own_frames = False
-                self._log.warn("this Autobahn lacks {missing}: frames are read and written by "
-                               "Autobahn alone (slower)", missing=", ".join(missing))
-        super().onOpen()
 
     def onConnect(self, request: Any) -> tuple[None, dict[str, str]]:
         refusal = self.handler.admit(self) if hasattr(self.handler, "admit") else None
@@ -569,6 +467,12 @@ class FoxServerProtocol(FoxConnection, WebSocketServerProtocol):
         if isinstance(node_id, str):
             headers[NODE_ID_HEADER] = node_id
         return None, headers
+
+
+class FoxServerOwnFrames(_frames.OwnFrames, FoxServerProtocol):
+    """The listening side with the node's own frame reader and writer
+    (frames.py) for small whole text frames, Autobahn's for the rest
+    (``--frames own``, the default)."""
 
 
 class FoxClientProtocol(FoxConnection, WebSocketClientProtocol):
@@ -614,8 +518,13 @@ class FoxServerFactory(WebSocketServerFactory):
                  max_message_size: int = 1 << 20, ping_interval: float = 30.0,
                  ping_timeout: float = 15.0, open_timeout: float = 10.0,
                  send_queue: int = DEFAULT_SEND_QUEUE, max_depth: int = codec.DEFAULT_MAX_DEPTH,
-                 max_connections: int = 0, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> None:
+                 max_connections: int = 0, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+                 frames: str = _frames.OWN) -> None:
         super().__init__(reactor=reactor)
+        #: The frame path this factory's connections take (``--frames``):
+        #: ``own`` only where this Autobahn has what frames.py needs.
+        self.frames = _frames.effective(frames)
+        self.protocol = FoxServerOwnFrames if self.frames == _frames.OWN else FoxServerProtocol
         self.handler = handler
         self.reactor = reactor
         self.send_queue = send_queue
@@ -655,6 +564,6 @@ class FoxClientFactory(WebSocketClientFactory):
 
 
 __all__ = [
-    "ConnectionHandler", "FoxConnection", "FoxServerProtocol", "FoxClientProtocol",
+    "ConnectionHandler", "FoxConnection", "FoxServerProtocol", "FoxServerOwnFrames", "FoxClientProtocol",
     "FoxServerFactory", "FoxClientFactory", "RequestFailed", "DeferredTimeout",
 ]

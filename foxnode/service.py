@@ -120,7 +120,7 @@ def build(reactor: Any, configs: Configs, store: PeerStore, identity: Identity,
         node, reactor, max_message_size=c.max_message_size, send_queue=c.send_queue,
         max_depth=c.max_depth, ping_interval=c.ping_interval, ping_timeout=c.ping_timeout,
         open_timeout=c.handshake_timeout, max_connections=c.max_connections,
-        max_in_flight=c.max_in_flight)
+        max_in_flight=c.max_in_flight, frames=c.frames)
     site = make_site(node, ws_factory, configs.web)
     node_service = NodeService(reactor, node, endpoint, site, listen=listen, file_locks=file_locks)
     PeerService(peers, reactor).setServiceParent(node_service)

@@ -18,7 +18,7 @@ from OpenSSL import SSL, crypto
 from twisted.internet.endpoints import serverFromString
 from twisted.python import logfile, usage
 
-from foxnode import address, identity, locks, logs
+from foxnode import address, frames, identity, locks, logs
 from foxnode.client import TrustError, load_trust_root
 from foxnode.config import (DEFAULT_TRUSTED, GossipConfig, NodeConfig, PeerConfig, StoreConfig,
                             WebConfig, default)
@@ -80,6 +80,16 @@ def _text(option: str, value: str) -> None:
         raise usage.UsageError(f"--{option} {value!r}: has control characters or undecodable bytes")
 
 
+def _frames(text: str) -> str:
+    try:
+        return frames.parse_option(text)
+    except ValueError as e:
+        raise usage.UsageError(f"--frames {e}") from None
+
+
+_frames.coerceDoc = f"One of: {', '.join(frames.CHOICES)}."  # shown in --help
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
@@ -135,6 +145,9 @@ class Options(usage.Options):
         _number("send-queue", default(NodeConfig, "send_queue"),
                 "Bytes a connection may hold back for a slow reader before pushes are dropped "
                 "(subscribers, peers) or the connection closes (unread replies).", int, 1024, 1 << 30),
+        ["frames", None, default(NodeConfig, "frames"),
+         "Who reads and writes WebSocket frames: own (the node's fast path) or autobahn "
+         "(Autobahn's frame code alone; slower, for comparison and as a way out).", _frames],
         ["cafile", None, None, "CA certificates (a PEM file or a directory of them) to verify wss:// peers with (default: system trust)."],
     ]
     optFlags = [
@@ -290,6 +303,7 @@ class Options(usage.Options):
             # Peers that only learn our port must know to dial wss:// then.
             secure=self["listen"].startswith(("ssl:", "tls:")),
             trusted=tuple(self["trusted"]) or DEFAULT_TRUSTED,
+            frames=self["frames"],
         )
 
 

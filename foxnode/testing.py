@@ -19,9 +19,30 @@ from typing import Any, AsyncIterator, Callable, Iterable
 import attrs
 from twisted.internet.defer import Deferred, inlineCallbacks
 
-from foxnode import tap
+from foxnode import frames, tap
 
 LOOPBACK = "127.0.0.1"
+#: ``FOXNODE_FRAMES=autobahn pytest`` runs the suite with every node and
+#: server factory these helpers make on Autobahn's frame code (frames.py).
+FRAMES_ENV = "FOXNODE_FRAMES"
+
+
+def frames_under_test() -> str:
+    """The ``--frames`` value of the nodes the tests make: ``FOXNODE_FRAMES``,
+    or ``own``. A bad value is a ValueError naming it."""
+    value = os.environ.get(FRAMES_ENV, frames.OWN)
+    try:
+        return frames.parse_option(value)
+    except ValueError as e:
+        raise ValueError(f"{FRAMES_ENV}={e}") from None
+
+
+def frames_options() -> list[str]:
+    """``--frames`` for a node's command line, as ``FOXNODE_FRAMES`` asks;
+    nothing by default, so that the command lines are a user's. Put them
+    before the test's own options: a test's own ``--frames`` wins."""
+    choice = frames_under_test()
+    return [] if choice == frames.OWN else ["--frames", choice]
 
 
 def sleep(reactor: Any, seconds: float) -> Deferred:
@@ -97,6 +118,7 @@ def node_options(directory: Path, *extra: str, port: int = 0) -> tap.Options:
         "--listen", f"tcp:{port}:interface={LOOPBACK}",
         "--peers-file", str(directory / "peers.json"),
         "--data-dir", str(directory),
+        *frames_options(),
         *extra,
     ])
     return options
@@ -162,6 +184,7 @@ def twistd_command(directory: Path, port: int, *extra: str) -> list[str]:
         "--listen", f"tcp:{port}:interface={LOOPBACK}",
         "--peers-file", str(directory / "peers.json"),
         "--data-dir", str(directory),
+        *frames_options(),
         *extra,
     ]
 
@@ -488,7 +511,10 @@ def memory_node(network: MemoryNetwork, directory: Path, configs: Any = None,
     store = PeerStore.open(network.reactor, directory / "peers.json")
     store._writer = InlineWriter()
     port = port or network.port()
-    node_service = service.build(network.reactor, configs or service.Configs(), store,
+    configs = configs or service.Configs()
+    if frames_under_test() != frames.OWN:
+        configs = attrs.evolve(configs, node=attrs.evolve(configs.node, frames=frames_under_test()))
+    node_service = service.build(network.reactor, configs, store,
                                  ident or identity.Identity.generate(),
                                  MemoryServerEndpoint(network, port))
     node_service.startService()
@@ -509,7 +535,7 @@ def connected_pair(server_handler: Any, client_handler: Any, reactor: Any,
 
     server_addr = IPv4Address("TCP", LOOPBACK, 9)
     client_addr = IPv4Address("TCP", LOOPBACK, 40000)
-    server = FoxServerFactory(server_handler, reactor).buildProtocol(client_addr)
+    server = FoxServerFactory(server_handler, reactor, frames=frames_under_test()).buildProtocol(client_addr)
     client = FoxClientFactory(url, client_handler, reactor).buildProtocol(server_addr)
     pump = iosim.connect(server, iosim.FakeTransport(server, True, server_addr, client_addr),
                          client, iosim.FakeTransport(client, False, client_addr, server_addr))

@@ -270,7 +270,7 @@ async def test_malformed_frame_closes_with_its_code(reactor, node_dir, case):
         await running.stop()
 
 
-# -- the node's own reading of whole small text frames (protocol.py) -----------------
+# -- the node's own reading of whole small text frames (frames.py) -------------------
 #
 # The listening side takes whole, small, masked text frames itself and
 # leaves everything else to Autobahn; a stream of frames must be answered

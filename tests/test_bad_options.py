@@ -104,6 +104,7 @@ NODE_BAD: dict[str, list[str]] = {
     "max-payload": bad_numbers(1, 1 << 26, whole=True),
     "max-ttl": bad_numbers(1, 86_400, whole=True),
     "send-queue": bad_numbers(1024, 1 << 30, whole=True),
+    "frames": ["", "fast", "0", "own,autobahn", "auto" + UNDECODABLE],
 }
 
 

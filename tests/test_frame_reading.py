@@ -1,8 +1,8 @@
-"""The listening side reads whole small text frames itself
-(``FoxServerProtocol._take_text_frames``) and leaves the rest to Autobahn.
-That must not be observable: for random streams of frames, cut at random
-places, the bytes written, the messages delivered, the handler's calls and
-the final state are the same as with Autobahn reading everything.
+"""The listening side reads whole small text frames itself (frames.py,
+``--frames own``) and leaves the rest to Autobahn. That must not be
+observable: for random streams of frames, cut at random places, the bytes
+written, the messages delivered, the handler's calls and the final state
+are the same as with Autobahn reading everything (``--frames autobahn``).
 
 In-process, over a ``StringTransport``: no sockets, so thousands of cuts
 take seconds. The wire itself is tested in test_attacks.py.
@@ -23,7 +23,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from foxnode import codec
-from foxnode.protocol import FoxServerFactory, FoxServerProtocol
+from foxnode import frames
+from foxnode.protocol import FoxServerFactory, FoxServerOwnFrames
 
 CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 BAD_UTF8 = [b"\xc0\x80", b"\xe0\x80\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xff", b"\xe2\x82"]
@@ -91,11 +92,12 @@ def stream(rng, limit):
     return [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
 
 
-def run(chunks, limit, frame_limit):
+def run(chunks, limit, frame_limit, path=frames.OWN):
     h = Handler()
-    f = FoxServerFactory(h, Clock(), max_message_size=limit)
+    f = FoxServerFactory(h, Clock(), max_message_size=limit, frames=path)
     f.setProtocolOptions(maxFramePayloadSize=frame_limit)
     p = f.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    assert isinstance(p, FoxServerOwnFrames) == (path == frames.OWN)
     t = StringTransport()
     p.makeConnection(t)
     p.dataReceived(HANDSHAKE)
@@ -111,19 +113,12 @@ def run(chunks, limit, frame_limit):
     return written, h.log, p.state, p.failedByMe, t.disconnecting, getattr(p, "localCloseCode", None)
 
 
-def autobahn_alone(self: FoxServerProtocol, data: bytes) -> bytes:
-    return data  # nothing taken: Autobahn reads every frame
-
-
 @pytest.mark.parametrize("seeds", [range(0, 150), range(150, 300)])
-def test_own_frame_reading_matches_autobahn(monkeypatch, seeds):
-    cases = []
+def test_own_frame_reading_matches_autobahn(seeds):
     for seed in seeds:
         rng = random.Random(seed)
         limit = rng.choice([125, 126, 300])
         frame_limit = rng.choice([0, limit, limit // 2])
         chunks = stream(rng, limit)
-        cases.append((seed, chunks, limit, frame_limit, run(chunks, limit, frame_limit)))
-    monkeypatch.setattr(FoxServerProtocol, "_take_text_frames", autobahn_alone)
-    for seed, chunks, limit, frame_limit, fast in cases:
-        assert fast == run(chunks, limit, frame_limit), f"seed {seed}: {len(chunks)} pieces"
+        fast = run(chunks, limit, frame_limit, frames.OWN)
+        assert fast == run(chunks, limit, frame_limit, frames.AUTOBAHN), f"seed {seed}: {len(chunks)} pieces"

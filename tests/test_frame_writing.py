@@ -1,5 +1,5 @@
 """The listening side writes its text frames itself
-(``FoxServerProtocol._send_text``); the bytes must be Autobahn's own, byte
+(``frames.OwnFrames._send_text``, ``--frames own``); the bytes must be Autobahn's own, byte
 for byte, for every length form, and where it falls back to Autobahn
 (compression, a paused reader's backlog) it must still be Autobahn's.
 In-process, over a ``StringTransport``, as tests/test_frame_reading.py.
@@ -14,7 +14,9 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from foxnode.protocol import AUTOBAHN_INSIDES, FoxServerFactory, FoxServerProtocol
+from foxnode import frames
+from foxnode.frames import AUTOBAHN_INSIDES
+from foxnode.protocol import FoxServerFactory, FoxServerOwnFrames
 
 from test_frame_reading import HANDSHAKE, Handler
 
@@ -22,8 +24,8 @@ SIZES = [0, 1, 124, 125, 126, 127, 65534, 65535, 65536, 65537, 300_000]
 LIMIT = 1 << 20
 
 
-def opened(limit: int = LIMIT):
-    f = FoxServerFactory(Handler(), Clock(), max_message_size=limit)
+def opened(limit: int = LIMIT, path: str = frames.OWN):
+    f = FoxServerFactory(Handler(), Clock(), max_message_size=limit, frames=path)
     p = f.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
     t = StringTransport()
     p.makeConnection(t)
@@ -61,15 +63,17 @@ def test_own_frame_writing_matches_autobahn(n):
 
 
 def test_autobahn_has_what_the_own_frames_use():
+    # On the node's own protocol too, not only on the import check's probe.
     p, _ = opened()
-    assert p.own_frames
+    assert frames.MISSING == ()
+    assert isinstance(p, FoxServerOwnFrames) and p.factory.frames == frames.OWN
     assert [name for name in AUTOBAHN_INSIDES if not hasattr(p, name)] == []
 
 
-def test_own_frames_can_be_switched_off(monkeypatch):
-    monkeypatch.setattr(FoxServerProtocol, "own_frames", False)
+def test_own_frames_can_be_switched_off():
     payloads = [body(n) for n in SIZES]
-    p, t = opened()
+    p, t = opened(path=frames.AUTOBAHN)
+    assert not isinstance(p, FoxServerOwnFrames)
     for payload in payloads:
         p._send_text(payload)
     assert t.value() == autobahn_bytes(payloads)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest_twisted
 
 from foxnode import client
-from foxnode.testing import free_port, start_node, wait_until_serving, NodeProcess
+from foxnode.testing import free_port, frames_options, start_node, wait_until_serving, NodeProcess
 
 
 @pytest_twisted.ensureDeferred
@@ -20,7 +20,7 @@ async def test_twistd_writes_json_lines_with_logger_option(reactor, tmp_path):
         proc = subprocess.Popen(
             [str(twistd), "--nodaemon", "--pidfile=", "--logger", "foxnode.logs.json_observer",
              "foxnode", "--listen", f"tcp:{port}:interface=127.0.0.1",
-             "--data-dir", str(tmp_path), "--peers-file", str(tmp_path / "peers.json")],
+             "--data-dir", str(tmp_path), "--peers-file", str(tmp_path / "peers.json"), *frames_options()],
             stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path)
     node = NodeProcess(proc, port, tmp_path, out)
     try:

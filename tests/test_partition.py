@@ -39,6 +39,8 @@ from pathlib import Path
 
 import pytest
 
+from foxnode.testing import frames_options
+
 SUBNET = "10.213.7"
 PORT = 9000
 NODES = (1, 2, 3, 4, 5, 6)
@@ -210,7 +212,7 @@ class Lab:
             k, str(BIN / "twistd"), "--nodaemon", "--pidfile=", "foxnode",
             "--listen", f"tcp:{PORT}:interface={self.addr(k)}",
             "--peers-file", str(data / "peers.json"), "--data-dir", str(data),
-            *FAST, *extra)
+            *frames_options(), *FAST, *extra)
         log = self._open(f"n{k}/twistd.log")
         # ip netns exec execs the command: this pid is twistd's own.
         self.nodes[k] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=data,

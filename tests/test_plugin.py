@@ -81,6 +81,7 @@ DEFAULTS = {
     "allowed-host": [],
     "max-http": 128,
     "max-http-per-ip": 16,
+    "frames": "own",
 }
 
 

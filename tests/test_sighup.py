@@ -13,7 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from foxnode.testing import LOOPBACK, NodeProcess, free_port, wait_until_serving
+from foxnode.testing import LOOPBACK, NodeProcess, free_port, frames_options, wait_until_serving
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -27,7 +27,7 @@ def start(directory: Path, *twistd_options: str) -> NodeProcess:
         process = subprocess.Popen(
             [str(BIN / "twistd"), "--nodaemon", "--pidfile=", *twistd_options, "foxnode",
              "--listen", f"tcp:{port}:interface={LOOPBACK}",
-             "--peers-file", str(directory / "peers.json"), "--data-dir", str(directory)],
+             "--peers-file", str(directory / "peers.json"), "--data-dir", str(directory), *frames_options()],
             cwd=directory, env=ENV, stdout=out, stderr=subprocess.STDOUT)
     node = NodeProcess(process, port, directory, output)
     wait_until_serving(node, timeout=30)
