@@ -15,13 +15,14 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from foxnode.config import MAX_DEPTH
+
 # Statuses and texts of the lab's node; clients compare them verbatim.
 CANNOT_PARSE = "Cannot parse request message."
 NOT_SUPPORTED = "Message body is not supported."
 
 #: Deepest JSON nesting a request may have; deeper ones cost memory and
 #: recursion for nothing a node needs.
-DEFAULT_MAX_DEPTH = 64
 
 
 class CodecError(Exception):
@@ -203,7 +204,7 @@ def unsendable(value: Any) -> str | None:
     return None
 
 
-def decode(payload: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> Request | Response | Event:
+def decode(payload: bytes, max_depth: int = MAX_DEPTH) -> Request | Response | Event:
     """Turn one WebSocket message into a Request, a Response or an Event.
 
     ``payload`` is the raw message; a binary message is treated as UTF-8

@@ -26,11 +26,11 @@ from autobahn.twisted.websocket import (
 )
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout, fail
-from foxnode import logs
 from twisted.python.failure import Failure
 
-from foxnode import codec
+from foxnode import codec, logs
 from foxnode import frames as _frames
+from foxnode.config import HANDSHAKE_TIMEOUT, MAX_DEPTH, MAX_IN_FLIGHT, MAX_MESSAGE_SIZE, SEND_QUEUE, NodeConfig, default
 
 NONCE_HEADER = "X-Foxnode-Nonce"
 #: The listener's node id, beside its nonce: the dialer's proof names the
@@ -46,12 +46,6 @@ CLOSE_SHUTDOWN = 4000
 CLOSE_RATE_LIMIT = 4008
 CLOSE_TOO_SLOW = 4009
 
-#: Bytes of frames a connection may hold back while its reader is slow.
-DEFAULT_SEND_QUEUE = 1 << 20
-#: Requests of one connection whose replies are not yet sent (a register
-#: waiting for the disk, and everything queued behind it) before the node
-#: stops reading that connection.
-DEFAULT_MAX_IN_FLIGHT = 64
 
 
 class ConnectionHandler(TypingProtocol):
@@ -510,15 +504,19 @@ def _apply_options(factory: Any, max_message_size: int, ping_interval: float, pi
     )
 
 
+_PING_INTERVAL = default(NodeConfig, "ping_interval")
+_PING_TIMEOUT = default(NodeConfig, "ping_timeout")
+
+
 class FoxServerFactory(WebSocketServerFactory):
     protocol = FoxServerProtocol
     noisy = False
 
     def __init__(self, handler: ConnectionHandler, reactor: Any, *,
-                 max_message_size: int = 1 << 20, ping_interval: float = 30.0,
-                 ping_timeout: float = 15.0, open_timeout: float = 10.0,
-                 send_queue: int = DEFAULT_SEND_QUEUE, max_depth: int = codec.DEFAULT_MAX_DEPTH,
-                 max_connections: int = 0, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+                 max_message_size: int = MAX_MESSAGE_SIZE, ping_interval: float = _PING_INTERVAL,
+                 ping_timeout: float = _PING_TIMEOUT, open_timeout: float = HANDSHAKE_TIMEOUT,
+                 send_queue: int = SEND_QUEUE, max_depth: int = MAX_DEPTH,
+                 max_connections: int = 0, max_in_flight: int = MAX_IN_FLIGHT,
                  frames: str = _frames.OWN) -> None:
         super().__init__(reactor=reactor)
         #: The frame path this factory's connections take (``--frames``):
@@ -549,11 +547,11 @@ class FoxClientFactory(WebSocketClientFactory):
     noisy = False
 
     def __init__(self, url: str, handler: ConnectionHandler, reactor: Any, *,
-                 max_message_size: int = 1 << 20, ping_interval: float = 30.0,
-                 ping_timeout: float = 15.0, open_timeout: float = 10.0,
-                 send_queue: int = DEFAULT_SEND_QUEUE, max_depth: int = codec.DEFAULT_MAX_DEPTH,
+                 max_message_size: int = MAX_MESSAGE_SIZE, ping_interval: float = _PING_INTERVAL,
+                 ping_timeout: float = _PING_TIMEOUT, open_timeout: float = HANDSHAKE_TIMEOUT,
+                 send_queue: int = SEND_QUEUE, max_depth: int = MAX_DEPTH,
                  headers: dict[str, str] | None = None,
-                 max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> None:
+                 max_in_flight: int = MAX_IN_FLIGHT) -> None:
         super().__init__(url, reactor=reactor, headers=headers or {})
         self.handler = handler
         self.reactor = reactor

@@ -40,6 +40,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 
 from foxnode import address, codec, tap
+from foxnode.config import MAX_DEPTH
 from foxnode.testing import FakeConnection, node_options
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=False,
@@ -152,7 +153,7 @@ def check_codec_error(error: codec.CodecError) -> None:
         orjson.dumps(error.rid)
 
 
-def decode_checked(payload: bytes, max_depth: int = codec.DEFAULT_MAX_DEPTH) -> None:
+def decode_checked(payload: bytes, max_depth: int = MAX_DEPTH) -> None:
     try:
         message = codec.decode(payload, max_depth)
     except codec.CodecError as e:
