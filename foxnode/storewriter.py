@@ -99,7 +99,7 @@ class StoreFiles:
         fd = self._fd
         assert fd is not None
         try:
-            write_all(self.ops, fd, lines)
+            write_all(self.ops, fd, [b"".join(lines)])  # one write call, not one per line
             self.ops.fsync(fd)
         except BaseException:
             # Never acknowledged: cut off what may have reached the file,
