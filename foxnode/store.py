@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from foxnode import logs
 from foxnode.config import MAX_PEERS, StoreConfig, default
 from foxnode.peerindex import PeerIndex
-from foxnode.storefiles import (  # noqa: F401  (the store's public names)
+from foxnode.storefiles import (
     BOOTSTRAP,
     DISK,
     EXCHANGE,
@@ -59,6 +59,12 @@ from foxnode.storefiles import (  # noqa: F401  (the store's public names)
     write_atomically,
 )
 from foxnode.storewriter import Batch, GroupWriter, StoreFiles
+
+__all__ = [
+    "BOOTSTRAP", "CLOSE_TIMEOUT", "EXCHANGE", "FORMAT", "HANDSHAKE", "REGISTER", "VERSION",
+    "AddResult", "DirectorySyncError", "PeerRecord", "PeerStore", "StoreDurabilityError", "StoreError",
+    "StoreWriteError", "journal_path", "load", "write_atomically",
+]
 
 #: seconds over which evictions from a full store are summed up in the log
 EVICTION_LOG_WINDOW = 10.0
