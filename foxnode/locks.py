@@ -25,7 +25,10 @@ import attrs
 #: the lock file inside the data directory
 DATA_DIR_LOCK = "foxnode.lock"
 #: the peers file's lock is its sibling of this suffix: the peers file
-#: itself is replaced by rename at every write, so it cannot hold a lock
+#: itself is replaced by rename at every fold, so it cannot hold a lock.
+#: The same lock guards the journal beside it (storefiles.journal_path:
+#: the same real path, another suffix), which is only written by the
+#: store that holds it.
 PEERS_LOCK_SUFFIX = ".lock"
 
 _ATTEMPTS = 10

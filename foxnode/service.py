@@ -15,11 +15,10 @@ node does over time, each started and stopped by twistd's service tree:
   exchanges (every ``--exchange-interval``) and the sweep that forgets
   failing addresses, each a ``TimerService``;
 - ``GossipService``: the sweep of expired ids and cached envelopes;
-- ``StoreService``: the peer store's lazy flush.
 
 Stopping: the children stop (no new connections, dials cancelled), then
-every connection closes (their closes update the store), then the store is
-flushed and closed, then the file locks are released.
+every connection closes (their closes update the store), then the store's
+journal is folded into the peers file, then the file locks are released.
 
 The clock: every part reads time only through the reactor handed to
 ``build`` (``reactor.seconds()``), so tests hand in a ``Clock``.

@@ -385,8 +385,9 @@ class FakeConnection:
 
 
 class InlineWriter:
-    """The peer store's writer, run in the calling thread at once: with a
-    memory reactor there is no thread to come back from."""
+    """Runs the peer store's writes in the calling thread at once (hand it
+    in as ``PeerStore(..., runner=InlineWriter())``): with a memory reactor
+    there is no thread to come back from."""
 
     def run(self, write: Callable[..., None], *args: Any) -> Deferred:
         from twisted.internet.defer import fail, succeed
@@ -508,8 +509,7 @@ def memory_node(network: MemoryNetwork, directory: Path, configs: Any = None,
     from foxnode.store import PeerStore
 
     directory.mkdir(parents=True, exist_ok=True)
-    store = PeerStore.open(network.reactor, directory / "peers.json")
-    store._writer = InlineWriter()
+    store = PeerStore.open(network.reactor, directory / "peers.json", runner=InlineWriter())
     port = port or network.port()
     configs = configs or service.Configs()
     if frames_under_test() != frames.OWN:

@@ -32,6 +32,7 @@ from twisted.internet.defer import DeferredQueue, gatherResults
 from twisted.internet.threads import deferToThread
 
 from foxnode import address, client
+from foxnode.store import load
 from foxnode.testing import LOOPBACK, connect_as_peer, sleep, spawn_node, start_node, wait_for
 
 TIMEOUT = 5.0
@@ -690,8 +691,12 @@ async def test_flood_of_registrations_stays_within_max_peers(reactor, node_dir):
         for addr in store.addresses():
             address.parse(addr)
         await store.commit()
-        on_disk = orjson.loads((node_dir / "peers.json").read_bytes())["peers"]
+        # (the peers file and its journal together; load refuses more than max_peers too)
+        on_disk = load(node_dir / "peers.json", max_peers=10 * max_peers)
         assert 0 < len(on_disk) <= max_peers
+        await store.fold()
+        in_file = orjson.loads((node_dir / "peers.json").read_bytes())["peers"]
+        assert sorted(in_file) == sorted(r.addr for r in on_disk)
         await still_serving(reactor, running)
         # ...and every request got its 202, accounting for each address:
         # the ones over --max-register-addrs, or that the store could not

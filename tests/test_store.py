@@ -31,7 +31,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-import foxnode.store
+import foxnode.storefiles
 from foxnode import client, identity, tap
 from foxnode.store import (
     BOOTSTRAP,
@@ -250,11 +250,15 @@ async def test_peers_file_is_indented_json_with_one_record_per_address(reactor, 
     async with running_node(reactor, node_dir) as node:
         reply = await client.call(reactor, node.url, "register", {"addr": addresses + addresses[:2]})
         assert reply.status == 202
-        text = (node_dir / "peers.json").read_text("utf-8")
-        # acknowledged means on disk: the file already holds them
-        json.loads(text)
-        for a in addresses:
-            assert text.count(json.dumps(a)) == 1, f"{a} is not in the file exactly once:\n{text}"
+        # acknowledged means on disk: the journal beside the file holds them
+        assert sorted(r.addr for r in load(node_dir / "peers.json")) == sorted(addresses)
+        journal = (node_dir / "peers.json.journal").read_text("utf-8")
+        assert all(json.loads(line) for line in journal.splitlines())
+    # the stop folds the journal into the file users read
+    text = (node_dir / "peers.json").read_text("utf-8")
+    json.loads(text)
+    for a in addresses:
+        assert text.count(json.dumps(a)) == 1, f"{a} is not in the file exactly once:\n{text}"
     assert text.endswith("\n")
     assert re.search(r'^ {2,}"', text, re.MULTILINE), f"not indented:\n{text}"
     assert text.count("\n") > len(addresses), f"not one record per line or more:\n{text}"
@@ -552,16 +556,16 @@ def test_a_peers_file_without_last_dialed_still_loads(tmp_path):
 
 @contextlib.contextmanager
 def hung_writes(monkeypatch):
-    """Every store write hangs until the test ends (a hung disk)."""
+    """Every store fsync hangs until the test ends (a hung disk)."""
     release = threading.Event()
     started = threading.Event()
 
-    def hang(path, data):
+    def hang(ops, fd):
         started.set()
         release.wait(60)
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(foxnode.store, "write_atomically", hang)
+    monkeypatch.setattr(foxnode.storefiles.DiskOps, "fsync", hang)
     try:
         yield started
     finally:
@@ -692,8 +696,8 @@ async def test_a_symlink_planted_at_the_temporary_name_is_not_written_through(re
     planted = tmp_path / ".peers.json.tmp-planted"
     planted.symlink_to(victim)
     names = iter([planted.name])
-    pick = foxnode.store._temp_name
-    monkeypatch.setattr(foxnode.store, "_temp_name", lambda name: next(names, None) or pick(name))
+    pick = foxnode.storefiles._temp_name
+    monkeypatch.setattr(foxnode.storefiles, "_temp_name", lambda name: next(names, None) or pick(name))
     async with open_store(reactor, path) as store:
         await store.add([addr(80, 0, 1)], REGISTER).durable
         await store.add([addr(80, 0, 2)], REGISTER).durable
@@ -704,7 +708,7 @@ async def test_a_symlink_planted_at_the_temporary_name_is_not_written_through(re
 
 
 def test_temporary_names_are_not_predictable():
-    names = {foxnode.store._temp_name("peers.json") for _ in range(100)}
+    names = {foxnode.storefiles._temp_name("peers.json") for _ in range(100)}
     assert len(names) == 100
     assert not any(str(os.getpid()) == n.rsplit("-", 1)[-1] for n in names)
 
@@ -753,14 +757,21 @@ async def test_a_failed_write_leaves_no_temporary_file(reactor, tmp_path, monkey
     path = tmp_path / "peers.json"
     async with open_store(reactor, path) as store:
         await store.add([addr(82, 0, 1)], REGISTER).durable
-        before = path.read_bytes()
+        before = _on_disk(path)
         with monkeypatch.context() as m:
             _failing(call, m)
             with pytest.raises(StoreWriteError, match="space"):
                 await store.add([addr(82, 0, 2)], REGISTER).durable
         assert _temporaries(tmp_path) == []
-        assert path.read_bytes() == before
+        assert _on_disk(path) == before
         assert store.addresses() == [addr(82, 0, 1)]
+    assert [r.addr for r in load(path)] == [addr(82, 0, 1)]
+
+
+def _on_disk(path: Path) -> tuple[bytes | None, bytes | None]:
+    """The peers file and its journal, byte for byte."""
+    journal = path.with_name(path.name + ".journal")
+    return tuple(p.read_bytes() if p.exists() else None for p in (path, journal))
 
 
 def _failing_directory_sync(monkeypatch) -> None:
@@ -777,11 +788,16 @@ def _failing_directory_sync(monkeypatch) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_failed_directory_sync_keeps_memory_what_the_file_holds(reactor, tmp_path, monkeypatch):
+    # A directory is synced when a file is renamed into it: the journal's
+    # start (here, with the first register) and every fold.
     path = tmp_path / "peers.json"
     async with open_store(reactor, path) as store:
-        await store.add([addr(83, 0, 1)], REGISTER).durable
         with monkeypatch.context() as m:
             _failing_directory_sync(m)
+            with pytest.raises(StoreWriteError, match="not confirmed"):
+                await store.add([addr(83, 0, 1)], REGISTER).durable
+            assert store.addresses() == [r.addr for r in load(path)] == [addr(83, 0, 1)]
+            # The next write folds, and its sync fails too.
             with pytest.raises(StoreWriteError, match="not confirmed"):
                 await store.add([addr(83, 0, 2)], REGISTER).durable
             assert store.addresses() == [r.addr for r in load(path)] == [addr(83, 0, 1), addr(83, 0, 2)]
@@ -819,10 +835,10 @@ async def test_register_after_a_failed_directory_sync_answers_503_and_lists_what
 async def test_an_unwritable_store_still_dials_the_bootstrap_peer(reactor, tmp_path, monkeypatch):
     async with running_node(reactor, tmp_path / "b") as b:
         with log_lines() as lines:
-            def unwritable(path, data):
+            def unwritable(ops, path, flags, mode=0o644):
                 raise OSError(30, "Read-only file system")
 
-            monkeypatch.setattr(foxnode.store, "write_atomically", unwritable)
+            monkeypatch.setattr(foxnode.storefiles.DiskOps, "open", unwritable)
             (tmp_path / "a").mkdir()
             service = tap.makeService(node_options(tmp_path / "a", "--peer", b.url), reactor)
             # The write of the bootstrap address fails before the node
