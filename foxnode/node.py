@@ -255,7 +255,6 @@ class Node:
         rejected.extend(result.rejected)
         response = {"accepted": result.accepted, "rejected": rejected}
         if result.accepted and self.peers is not None:
-            self.peers.registered(result.accepted)
             self.peers.addresses_added(result.accepted)
 
         def settled(outcome: Any) -> Any:

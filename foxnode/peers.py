@@ -68,8 +68,6 @@ log = logs.logger(__name__)
 
 #: addresses waiting for a probe at most (each came with an inbound peer)
 MAX_UNPROVEN = 256
-#: unregistered addresses remembered (so that peers cannot hand them back)
-MAX_UNREGISTERED = 10_000
 
 
 class PeerListener(TypingProtocol):
@@ -121,7 +119,6 @@ class PeerManager:
         self._static = set(self.config.static)
         #: addresses the operator unregistered: not taken again from peers
         #: (exchange, hello) until registered again; the oldest go first
-        self._unregistered: dict[str, None] = {}
         self.operator_ops = {"unregister": self.op_unregister}
 
     # -- lifecycle (service.py's PeerService) -------------------------------------
@@ -528,7 +525,7 @@ class PeerManager:
             self._proven(dial_addr, remote_id)
             self.book.on(dial_addr, Event.HANDSHAKEN, now)
         if (addr is not None and addr != dial_addr and self._shareable_from(conn, addr)
-                and addr not in self._unregistered):
+                and not self.store.is_unregistered(addr)):
             self.store.add([addr], HANDSHAKE, durable=False)
             record = self.store.get(addr)
             if record is not None and not record.dialed:
@@ -609,9 +606,8 @@ class PeerManager:
                                                     "nothing was unregistered")
         removed = [a for a in dict.fromkeys(addrs) if a in self.store]
         unknown = [a for a in dict.fromkeys(addrs) if a not in self.store]
-        now = self.reactor.seconds()
         for addr in removed:
-            self._forget_address(addr, now)
+            self._forget_address(addr)
         response = {"removed": removed, "unknown": unknown}
         if not removed:
             return codec.ok(response)
@@ -623,16 +619,11 @@ class PeerManager:
                                          "crash. Unregister them again to confirm.")
             return codec.ok(response)
 
-        return self.store.commit().addBoth(written)
+        return self.store.unregister(removed).addBoth(written)
 
-    def _forget_address(self, addr: str, now: float) -> None:
-        self.store.remove(addr)
+    def _forget_address(self, addr: str) -> None:
         self._static.discard(addr)
         self._unproven.pop(addr, None)
-        self._unregistered.pop(addr, None)
-        self._unregistered[addr] = None
-        while len(self._unregistered) > MAX_UNREGISTERED:
-            del self._unregistered[next(iter(self._unregistered))]
         dial = self.book.get(addr)
         if dial.conn is not None:
             dial.conn.close(CLOSE_NORMAL, "unregistered by the operator")
@@ -646,11 +637,6 @@ class PeerManager:
             probe.cancel()
         self.book.forget(addr)
         log.info("unregistered {addr}", addr=addr)
-
-    def registered(self, addrs: list[str]) -> None:
-        """Addresses registered (again): peers may hand them to us again."""
-        for addr in addrs:
-            self._unregistered.pop(addr, None)
 
     # -- peer exchange ------------------------------------------------------------------
 
@@ -710,7 +696,7 @@ class PeerManager:
                 parsed = address.parse(addr)
             except address.InvalidAddress:
                 continue
-            if (parsed.url in store or parsed.url in self._unregistered
+            if (parsed.url in store or store.is_unregistered(parsed.url)
                     or not self._shareable_from(conn, parsed.url)):
                 continue
             learned.append(parsed.url)

@@ -40,6 +40,7 @@ from foxnode.storefiles import (
     EXCHANGE,
     FORMAT,
     HANDSHAKE,
+    MAX_UNREGISTERED,
     REGISTER,
     VERSION,
     DirectorySyncError,
@@ -56,6 +57,7 @@ from foxnode.storefiles import (
     peers_file_chunks,
     put_line,
     read_store,
+    unregister_line,
     write_atomically,
 )
 from foxnode.storewriter import Batch, GroupWriter, StoreFiles
@@ -115,6 +117,9 @@ class PeerStore:
         if contents is None:
             contents = StoreContents({r.addr: r for r in records}, Epoch.fresh(), 0, 0)
         self._index = PeerIndex(max_peers, contents.records.values())
+        #: addresses the operator unregistered, oldest first: not taken
+        #: back from peers until registered again (kept in the files too)
+        self._unregistered: dict[str, None] = dict(contents.unregistered)
         self._files = StoreFiles(self.path, contents.epoch, contents.journal_size, ops)
         self._writer = GroupWriter(reactor, self._take, runner=runner, on_write=on_write,
                                    on_failure=self._write_failed)
@@ -184,20 +189,27 @@ class PeerStore:
     # -- changing ----------------------------------------------------------
 
     def add(self, addrs: Iterable[str], source: str, now: float | None = None,
-            durable: bool = True) -> AddResult:
+            durable: bool = True, revive: bool | None = None) -> AddResult:
         """Add valid, already-parsed addresses; returns which were taken and
         a Deferred for their durability. Full stores evict never-verified
         and failing addresses first; bootstrap addresses are never evicted.
 
         ``durable=False`` (addresses learned from peers) only marks the store
-        dirty: such additions are written with the next lazy flush."""
+        dirty: such additions are written with the next lazy flush.
+
+        An unregistered address is taken only with ``revive`` (by default,
+        a durable add: the operator's ``register``), which ends its
+        unregistration; otherwise it is left out, unsaid."""
         now = self._reactor.seconds() if now is None else now
+        if not (durable if revive is None else revive):
+            addrs = [a for a in addrs if a not in self._unregistered]
         added = self._index.add(addrs, source, now, hold=durable)
         for victim in added.evicted:
             self._changed(victim.addr, dropped=True)
         if added.evicted:
             self._say_evicted(len(added.evicted))
         for addr in added.fresh:
+            self._unregistered.pop(addr, None)  # the put line says so in the journal
             self._changed(addr, fresh=True)
         if added.changed:
             self.generation += 1
@@ -246,6 +258,28 @@ class PeerStore:
             self._changed(addr, dropped=True)
             self.generation += 1
             self.mark_dirty()
+
+    def unregister(self, addrs: Iterable[str]) -> Deferred:
+        """The operator takes addresses back: removed, and remembered as
+        unregistered (``is_unregistered``) until added with ``revive``.
+        Fires once the files say so."""
+        for addr in addrs:
+            self._index.drop(addr)
+            self._unregistered.pop(addr, None)
+            self._unregistered[addr] = None
+            if len(self._unregistered) > MAX_UNREGISTERED:
+                del self._unregistered[next(iter(self._unregistered))]
+            self._changed(addr, dropped=True)
+        self.generation += 1
+        self._changes += 1
+        return self.commit()
+
+    def is_unregistered(self, addr: str) -> bool:
+        return addr in self._unregistered
+
+    def unregistered(self) -> list[str]:
+        """Unregistered addresses, oldest first."""
+        return list(self._unregistered)
 
     def update(self, addr: str, **fields: Any) -> PeerRecord | None:
         """Change bookkeeping fields of a record; written lazily."""
@@ -313,7 +347,8 @@ class PeerStore:
 
     def snapshot(self) -> bytes:
         """The peers file's content as a fold would write it now."""
-        return b"".join(peers_file_chunks(peers_file_body(self._index.records()), self._files.epoch))
+        return b"".join(peers_file_chunks(peers_file_body(self._index.records()), self._files.epoch,
+                                          self._unregistered))
 
     def _take(self, failed: bool) -> Batch:
         """The next batch: every change since the last one, as journal
@@ -326,14 +361,14 @@ class PeerStore:
             self._pending.clear()
             self._journal_lines = 0
             body = peers_file_body(self._index.records())
-            return Batch(partial(self._files.fold, body), changes)
+            return Batch(partial(self._files.fold, body, tuple(self._unregistered)), changes)
         if not self._pending:
             return Batch(None, changes)
         lines = []
         for addr, dropped in self._pending.items():
             record = self._index.get(addr)
             if dropped:
-                lines.append(del_line(addr))
+                lines.append(unregister_line(addr) if addr in self._unregistered else del_line(addr))
             if record is not None:
                 lines.append(put_line(record))
         self._pending.clear()

@@ -3,7 +3,11 @@
 The peers file is the human-readable JSON users see, one record per
 address on a line of its own. Beside it, ``<peers file>.journal`` holds the
 changes made since the peers file was last written: one JSON line each, a
-record put or an address removed, appended and fsynced per group commit.
+record put, an address removed, or an address the operator unregistered,
+appended and fsynced per group commit. Unregistered addresses (at most
+``MAX_UNREGISTERED``, the oldest dropped first) are kept too, in the peers
+file's ``"unregistered"`` list, so that a node never takes one back from
+its peers, restarted or not, until it is registered again (a put).
 Folding writes the peers file anew (atomically) and starts a new journal.
 
 Each fold is an epoch: the peers file names the journal that continues it
@@ -35,6 +39,9 @@ FORMAT = "foxnode/peers"
 JOURNAL_FORMAT = "foxnode/peers-journal"
 VERSION = 1
 JOURNAL_SUFFIX = ".journal"
+
+#: Addresses the operator unregistered that a store remembers at most.
+MAX_UNREGISTERED = 10_000
 
 #: Sources of an address, as stored in its record.
 BOOTSTRAP = "bootstrap"
@@ -181,6 +188,8 @@ class StoreContents:
     journal_size: int
     #: lines in the journal (its header not counted)
     journal_lines: int
+    #: addresses the operator unregistered, oldest first
+    unregistered: dict[str, None] = attrs.field(factory=dict)
 
 
 def _read(path: Path, what: str) -> bytes | None:
@@ -192,12 +201,13 @@ def _read(path: Path, what: str) -> bytes | None:
         raise StoreError(f"{what} {path}: cannot read ({e.strerror})") from None
 
 
-def read_peers_file(path: Path, max_peers: int) -> tuple[dict[str, PeerRecord], Epoch | None, bool]:
+def read_peers_file(path: Path, max_peers: int
+                    ) -> tuple[dict[str, PeerRecord], Epoch | None, bool, dict[str, None]]:
     """The peers file's records and epoch (None in a file written before
-    the journal), and whether the file exists."""
+    the journal), whether the file exists, and its unregistered addresses."""
     data = _read(path, "peers file")
     if data is None:
-        return {}, None, False
+        return {}, None, False, {}
     try:
         doc = orjson.loads(data)
     except orjson.JSONDecodeError as e:
@@ -218,8 +228,14 @@ def read_peers_file(path: Path, max_peers: int) -> tuple[dict[str, PeerRecord], 
         epoch = _epoch_from_json(doc["journal"])
         if epoch is None:
             raise StoreError(f"peers file {path}: 'journal' is not an id and an epoch")
+    unregistered = doc.get("unregistered", [])
+    if (not isinstance(unregistered, list) or len(unregistered) > MAX_UNREGISTERED
+            or not all(isinstance(a, str) for a in unregistered)):
+        raise StoreError(f"peers file {path}: 'unregistered' is not a list of at most "
+                         f"{MAX_UNREGISTERED} addresses")
     where = f"peers file {path}"
-    return {a: _record_from_json(a, raw, where) for a, raw in peers.items()}, epoch, True
+    records = {a: _record_from_json(a, raw, where) for a, raw in peers.items()}
+    return records, epoch, True, {a: None for a in unregistered if a not in records}
 
 
 def read_store(path: str | os.PathLike, max_peers: int) -> StoreContents:
@@ -228,18 +244,18 @@ def read_store(path: str | os.PathLike, max_peers: int) -> StoreContents:
     file) anything it cannot account for; only a torn last journal line,
     which a crash during an append leaves, is dropped."""
     path = Path(path)
-    records, epoch, exists = read_peers_file(path, max_peers)
+    records, epoch, exists, unregistered = read_peers_file(path, max_peers)
     jpath = journal_path(path)
     data = _read(jpath, "peers journal")
     if not data:
-        return StoreContents(records, epoch or Epoch.fresh(), 0, 0)
+        return StoreContents(records, epoch or Epoch.fresh(), 0, 0, unregistered)
     lines = data.split(b"\n")
     # Whatever follows the last newline was being appended when the node
     # died: never acknowledged, so dropped.
     size = len(data) - len(lines[-1])
     lines = lines[:-1]
     if not lines:
-        return StoreContents(records, epoch or Epoch.fresh(), 0, 0)
+        return StoreContents(records, epoch or Epoch.fresh(), 0, 0, unregistered)
     header = _journal_line(lines[0], jpath, 1)
     theirs = _epoch_from_json(header) if header.get("format") == JOURNAL_FORMAT else None
     if theirs is None:
@@ -257,7 +273,7 @@ def read_store(path: str | os.PathLike, max_peers: int) -> StoreContents:
     elif theirs.number < epoch.number:
         # A fold wrote the peers file but did not get to reset the journal:
         # it was folded from memory holding all of the journal.
-        return StoreContents(records, epoch, 0, 0)
+        return StoreContents(records, epoch, 0, 0, unregistered)
     for number, line in enumerate(lines[1:], start=2):
         change = _journal_line(line, jpath, number)
         op, addr = change.get("op"), change.get("addr")
@@ -266,13 +282,20 @@ def read_store(path: str | os.PathLike, max_peers: int) -> StoreContents:
             # An update keeps its place, a new address goes last, as in
             # memory (a removed and re-added one has its "del" first).
             records[addr] = _record_from_json(addr, change.get("record"), where)
+            unregistered.pop(addr, None)  # registered again
         elif op == "del" and isinstance(addr, str):
             records.pop(addr, None)
+        elif op == "unregister" and isinstance(addr, str):
+            records.pop(addr, None)
+            unregistered.pop(addr, None)
+            unregistered[addr] = None
+            if len(unregistered) > MAX_UNREGISTERED:
+                del unregistered[next(iter(unregistered))]
         else:
             raise StoreError(f"{where}: not a change of the store")
     if len(records) > max_peers:
         raise StoreError(f"peers journal {jpath}: {len(records)} peers, more than the limit {max_peers}")
-    return StoreContents(records, theirs, size, len(lines) - 1)
+    return StoreContents(records, theirs, size, len(lines) - 1, unregistered)
 
 
 def _journal_line(line: bytes, jpath: Path, number: int) -> dict[str, Any]:
@@ -298,9 +321,14 @@ def peers_file_body(records: Iterable[PeerRecord]) -> bytes:
     return b",\n".join(b"    " + orjson.dumps(r.addr) + b": " + orjson.dumps(r.to_json()) for r in records)
 
 
-def peers_file_chunks(body: bytes, epoch: Epoch) -> list[bytes]:
-    """The peers file's content, in chunks written in order."""
-    return [_head(epoch), body, b"\n  }\n}\n" if body else b"  }\n}\n"]
+def peers_file_chunks(body: bytes, epoch: Epoch, unregistered: Iterable[str] = ()) -> list[bytes]:
+    """The peers file's content, in chunks written in order; the list of
+    unregistered addresses only where there is one."""
+    listed = list(unregistered)
+    tail = (b"\n  }" if body else b"  }")
+    if listed:
+        tail += b',\n  "unregistered": [\n' + b",\n".join(b"    " + orjson.dumps(a) for a in listed) + b"\n  ]"
+    return [_head(epoch), body, tail + b"\n}\n"]
 
 
 def journal_header(epoch: Epoch) -> bytes:
@@ -313,6 +341,10 @@ def put_line(record: PeerRecord) -> bytes:
 
 def del_line(addr: str) -> bytes:
     return orjson.dumps({"op": "del", "addr": addr}) + b"\n"
+
+
+def unregister_line(addr: str) -> bytes:
+    return orjson.dumps({"op": "unregister", "addr": addr}) + b"\n"
 
 
 # -- writing -------------------------------------------------------------------------------

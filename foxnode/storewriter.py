@@ -147,13 +147,13 @@ class StoreFiles:
         except OSError:
             pass
 
-    def fold(self, body: bytes) -> None:
+    def fold(self, body: bytes, unregistered: tuple[str, ...] = ()) -> None:
         """Write the peers file anew, then start a new, empty journal. Each
         attempt takes a new epoch: a peers file of a later epoch than the
         journal's was folded from everything the journal holds."""
         self._highest += 1
         epoch = Epoch(self.epoch.id, self._highest)
-        write_atomically(self.path, peers_file_chunks(body, epoch), self.ops)
+        write_atomically(self.path, peers_file_chunks(body, epoch, unregistered), self.ops)
         self._forget()
         self._size = 0
         self.epoch = epoch

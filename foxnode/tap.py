@@ -362,8 +362,8 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
         # Dialed whatever the disk does: the operator named them, so a
         # failed write keeps them (said in the log) instead of rolling back.
         # Static peers are kept as bootstrap ones are: never evicted, never
-        # forgotten.
-        store.add(named, BOOTSTRAP, durable=False)
+        # forgotten; and named again, an unregistered one is taken back.
+        store.add(named, BOOTSTRAP, durable=False, revive=True)
         store.commit().addErrback(lambda _: None)  # a failure is logged by the store
     node_service = build(reactor, configs, store, node_identity, endpoint, listen=config["listen"],
                          file_locks=file_locks, metrics=metrics)

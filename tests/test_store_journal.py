@@ -354,6 +354,70 @@ def test_a_replayed_remove_stays_removed(tmp_path):
     assert PeerStore.open(Clock(), tmp_path / "peers.json").addresses() == store.addresses()
 
 
+def _reopened(path: Path) -> PeerStore:
+    return PeerStore.open(Clock(), path, runner=InlineWriter())
+
+
+def test_an_unregistered_address_stays_so_in_the_journal_and_after_a_fold(tmp_path):
+    path = tmp_path / "peers.json"
+    store = _store_with_journal(tmp_path, addr(1), addr(2), addr(3))
+    done: list = []
+    store.unregister([addr(1)]).addBoth(done.append)
+    assert done == [None], done
+    for state in ("journal", "folded"):
+        again = _reopened(path)
+        assert again.addresses() == [addr(2), addr(3)], state
+        assert again.unregistered() == [addr(1)], state
+        # Learned from a peer (the exchange, a hello): left out, unsaid ...
+        result = again.add([addr(1)], EXCHANGE, durable=False)
+        assert result.accepted == [] and addr(1) not in again, state
+        store.fold()
+    assert json.loads(path.read_text())["unregistered"] == [addr(1)]
+    # ... registered by the operator: back, and no longer unregistered,
+    # in memory, in the journal, and in the next fold.
+    assert store.add([addr(1)], REGISTER).accepted == [addr(1)]
+    assert not store.is_unregistered(addr(1))
+    for state in ("journal", "folded"):
+        again = _reopened(path)
+        assert addr(1) in again and again.unregistered() == [], state
+        store.fold()
+    assert "unregistered" not in json.loads(path.read_text()), "the lab's file grows no empty key"
+
+
+def test_the_command_line_revives_an_unregistered_bootstrap_address(tmp_path):
+    store = _store_with_journal(tmp_path, addr(1))
+    store.unregister([addr(1)])
+    again = _reopened(tmp_path / "peers.json")
+    # As tap.makeService adds --peer and --static-peer addresses.
+    assert again.add([addr(1)], BOOTSTRAP, durable=False, revive=True).accepted == [addr(1)]
+    assert again.unregistered() == []
+
+
+def test_unregistered_addresses_are_bounded_oldest_first(tmp_path, monkeypatch):
+    import foxnode.storefiles
+
+    monkeypatch.setattr(foxnode.store, "MAX_UNREGISTERED", 3)
+    monkeypatch.setattr(foxnode.storefiles, "MAX_UNREGISTERED", 3)
+    store = _store_with_journal(tmp_path, *[addr(i) for i in range(1, 6)])
+    for i in range(1, 6):
+        store.unregister([addr(i)])
+    assert store.unregistered() == [addr(3), addr(4), addr(5)]
+    assert _reopened(tmp_path / "peers.json").unregistered() == [addr(3), addr(4), addr(5)]
+
+
+@pytest.mark.parametrize("bad", ['"ws://127.3.0.1:9/ws"', "[1]", "{}", "null"])
+def test_a_peers_file_with_a_bad_unregistered_list_is_refused_and_left_alone(tmp_path, bad):
+    path = tmp_path / "peers.json"
+    store = _store_with_journal(tmp_path, addr(1))
+    store.close()
+    doc = json.loads(path.read_text())
+    text = json.dumps(doc)[:-1] + f', "unregistered": {bad}}}'
+    path.write_text(text)
+    with pytest.raises(StoreError, match="unregistered"):
+        PeerStore.open(Clock(), path)
+    assert path.read_text() == text
+
+
 # -- folds --------------------------------------------------------------------------------------
 
 def _journal_lines(path: Path) -> int:
