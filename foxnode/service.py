@@ -11,10 +11,12 @@ node does over time, each started and stopped by twistd's service tree:
 
 - the listening port (``StreamServerEndpointService``), first, so that the
   node knows its port before it dials anyone;
-- ``PeerService``: the dial rounds (``--`` every ``tick``), the peer
-  exchanges (every ``--exchange-interval``) and the sweep that forgets
-  failing addresses, each a ``TimerService``;
-- ``GossipService``: the sweep of expired ids and cached envelopes;
+- ``StoreService``: the peer store's lazy writes (learned addresses and
+  bookkeeping; registers are written at once), every ``flush_delay``;
+- ``PeerService``: the dial rounds (every ``tick``), the peer exchanges
+  (every ``--exchange-interval``) and the sweep that forgets failing
+  addresses, each a ``TimerService``;
+- ``GossipService``: the sweep of expired ids and cached envelopes.
 
 Stopping: the children stop (no new connections, dials cancelled), then
 every connection closes (their closes update the store), then the store's
@@ -89,6 +91,16 @@ class PeerService(service.MultiService):
         return super().stopService()
 
 
+class StoreService(TimerService):
+    """The peer store's lazy writes (learned addresses, bookkeeping), every
+    ``flush_delay`` seconds; its last write is the node's stop's
+    (``NodeService.stopService``), after the connections have closed."""
+
+    def __init__(self, store: PeerStore, clock: Any) -> None:
+        super().__init__(store.flush_delay, store.flush)
+        self.clock = clock
+
+
 class GossipService(service.MultiService):
     """Gossip's sweeps; at stop, its graft timers are cancelled."""
 
@@ -122,6 +134,7 @@ def build(reactor: Any, configs: Configs, store: PeerStore, identity: Identity,
         max_in_flight=c.max_in_flight, frames=c.frames)
     site = make_site(node, ws_factory, configs.web)
     node_service = NodeService(reactor, node, endpoint, site, listen=listen, file_locks=file_locks)
+    StoreService(store, reactor).setServiceParent(node_service)
     PeerService(peers, reactor).setServiceParent(node_service)
     GossipService(gossip, reactor).setServiceParent(node_service)
     return node_service

@@ -12,7 +12,8 @@ This is the facade the node uses; the parts are
 Durability: a ``commit()`` Deferred fires only after every change made so
 far is in the journal and the journal is fsynced. Registers wait for that;
 bookkeeping updates (handshakes, failures) and learned addresses are only
-marked dirty and written lazily. The journal is folded into the peers file
+marked dirty and written by the next ``flush()`` (the node's
+``service.StoreService`` calls it every ``flush_delay``). The journal is folded into the peers file
 when it grows longer than the store (at least ``FOLD_LINES`` lines), after
 a failed write, and at ``close()``.
 
@@ -133,7 +134,6 @@ class PeerStore:
         #: bookkeeping changes not yet in a batch
         self._changes = 0
         self._dirty = False
-        self._lazy_call: Any = None
         self._evicted_unsaid = 0
         self._eviction_log_call: Any = None
         self._closed = False
@@ -324,16 +324,14 @@ class PeerStore:
     # -- writing -------------------------------------------------------------
 
     def mark_dirty(self) -> None:
+        """A change to be written with the next ``flush`` (or commit)."""
         self._dirty = True
         self._changes += 1
-        if self._closed:
-            return  # close() wrote what there was; the node is going away
-        if self._lazy_call is None or not self._lazy_call.active():
-            self._lazy_call = self._reactor.callLater(self.flush_delay, self._lazy_flush)
 
-    def _lazy_flush(self) -> None:
-        self._lazy_call = None
-        if self._dirty:
+    def flush(self) -> None:
+        """Write the lazy changes, if any: called every ``flush_delay``
+        seconds by the node's service tree (service.StoreService)."""
+        if self._dirty and not self._closed:
             self.commit().addErrback(lambda f: None)  # logged by _write_failed
 
     def commit(self) -> Deferred:
@@ -388,9 +386,6 @@ class PeerStore:
         that does not end (a hung disk): then one line says what was not
         written, and no register still waiting is acknowledged."""
         self._closed = True
-        if self._lazy_call is not None and self._lazy_call.active():
-            self._lazy_call.cancel()
-        self._lazy_call = None
         if self._eviction_log_call is not None and self._eviction_log_call.active():
             self._eviction_log_call.cancel()
             self._say_evicted_since()

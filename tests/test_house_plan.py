@@ -81,8 +81,25 @@ def test_the_service_tree_holds_every_timer(tmp_path):
             yield from walk(child)
 
     timers = {t.call[0].__name__ for t in walk(built) if isinstance(t, TimerService)}
-    assert {"dial_round", "exchange_round", "sweep"} <= timers
+    assert {"dial_round", "exchange_round", "sweep", "flush"} <= timers
     assert all(t.clock is clock for t in walk(built) if isinstance(t, TimerService))
+
+
+def test_the_stores_lazy_writes_are_the_service_trees(tmp_path):
+    from foxnode.store import EXCHANGE, load
+    from foxnode.testing import InlineWriter
+
+    clock = Clock()
+    path = tmp_path / "peers.json"
+    store = PeerStore(clock, path, runner=InlineWriter())
+    store.add(["ws://127.3.0.1:9/ws"], EXCHANGE, durable=False)
+    # The store alone schedules nothing ...
+    assert clock.getDelayedCalls() == []
+    assert load(path) == []
+    # ... the node's StoreService writes it, on the clock it was given.
+    service.StoreService(store, clock).startService()
+    clock.advance(store.flush_delay)
+    assert [r.addr for r in load(path)] == ["ws://127.3.0.1:9/ws"]
 
 
 def test_every_option_default_is_the_configs_own():
