@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from collections import deque
 from typing import Any, Protocol as TypingProtocol
 
@@ -100,7 +99,6 @@ class FoxConnection:
         self._closed_result: tuple | None = None
         self.close_code: int | None = None
         self.close_reason: str | None = None
-        self.created = time.monotonic()
         #: free-form per-connection state for the handler (rate limits, peer info)
         self.fox_state: dict[str, Any] = {}
         # Backpressure: the transport pauses us when its buffer is full; until
