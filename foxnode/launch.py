@@ -315,16 +315,27 @@ class Launched(ProcessProtocol):
     def wait_serving(self, timeout: float = 20.0) -> None:
         """``serving``, blocking; kills the child when it does not serve."""
         assert self.port is not None, "a child without a port cannot serve"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.poll() is not None:
-                raise self._exited()
-            if answers_health(self.port):
-                return
-            time.sleep(PROBE_INTERVAL)
-        self.kill()
-        self.wait(30)
-        raise NotServing(f"foxnode did not serve on port {self.port} within {timeout:g}s:\n{self.log()}")
+        wait_serving(self, self.port, self.log, timeout)
+
+
+def wait_serving(process: Any, port: int, log: Callable[[], str], timeout: float = 20.0) -> None:
+    """Block until the node on ``port`` serves (/healthz answers 200), as
+    ``Launched.serving`` waits; ``process`` is a ``Launched`` or anything
+    with Popen's ``poll``, ``kill`` and ``wait``. A child that ends first
+    raises ``NodeExited``; one that does not serve in time is killed, and
+    ``NotServing`` raised."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        code = process.poll()
+        if code is not None:
+            text = log()
+            raise NodeExited(code, start_error(text), text)
+        if answers_health(port):
+            return
+        time.sleep(PROBE_INTERVAL)
+    process.kill()
+    process.wait(30)
+    raise NotServing(f"foxnode did not serve on port {port} within {timeout:g}s:\n{log()}")
 
 
 def launch(reactor: Any, command: Sequence[str], *, log_path: Path, port: int | None = None,
