@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
@@ -223,8 +223,8 @@ class Launched(ProcessProtocol):
         """Signal the child, unless it has ended already."""
         if self.returncode is None:
             try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:
+                self.transport.signalProcess(sig)
+            except (ProcessExitedAlready, ProcessLookupError):
                 pass
 
     def kill(self) -> None:
