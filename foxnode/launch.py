@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 import urllib.request
@@ -170,8 +171,11 @@ class Launched(ProcessProtocol):
     methods have ``subprocess.Popen``'s names (``poll``, ``wait``,
     ``send_signal``, ``kill``) for code written against Popen."""
 
-    def __init__(self, reactor: Any, port: int | None, directory: Path, log_path: Path) -> None:
+    def __init__(self, reactor: Any, port: int | None, directory: Path, log_path: Path,
+                 args: Sequence[str] = ()) -> None:
         self.reactor = reactor
+        #: the command line, as Popen's ``args``
+        self.args = list(args)
         self.port = port
         self.directory = directory
         self.log_path = log_path
@@ -295,11 +299,12 @@ class Launched(ProcessProtocol):
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        """Block until the child ends; ``TimeoutError`` after ``timeout``."""
+        """Block until the child ends; ``subprocess.TimeoutExpired`` (as
+        Popen's) after ``timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.poll() is None:
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"pid {self.pid} still runs after {timeout:g}s")
+                raise subprocess.TimeoutExpired(self.args, timeout)
             time.sleep(0.02)
         return self.returncode  # type: ignore[return-value]
 
@@ -308,7 +313,7 @@ class Launched(ProcessProtocol):
         self.send_signal(signal.SIGTERM)
         try:
             return self.wait(timeout)
-        except TimeoutError:
+        except subprocess.TimeoutExpired:
             self.kill()
             return self.wait(30)
 
@@ -350,7 +355,7 @@ def launch(reactor: Any, command: Sequence[str], *, log_path: Path, port: int | 
     argv = list(command)
     if new_session:
         argv = [sys.executable, "-c", _NEW_SESSION, *argv]
-    child = Launched(reactor, port, directory, Path(log_path))
+    child = Launched(reactor, port, directory, Path(log_path), command)
     log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     null_fd = os.open(os.devnull, os.O_RDONLY)
     try:

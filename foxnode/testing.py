@@ -195,9 +195,7 @@ def spawn_node(directory: Path, *extra: str, port: int | None = None,
     from a thread (``deferToThread``) or with the reactor waiting on it."""
     from twisted.internet import reactor
 
-    port = port or free_port()
-    child = launch.launch_node(reactor, directory, *extra, port=port, twistd_options=twistd_options)
-    node = NodeProcess(child, port, Path(directory), child.log_path)
+    node = _launch(reactor, Path(directory), extra, port or free_port(), twistd_options)
     if wait:
         wait_until_serving(node, timeout)
     return node
@@ -206,15 +204,23 @@ def spawn_node(directory: Path, *extra: str, port: int | None = None,
 async def launch_node(reactor: Any, directory: Path, *extra: str, port: int | None = None,
                       timeout: float = 20.0) -> NodeProcess:
     """``spawn_node`` for async tests: waits on the reactor, not blocking it."""
-    port = port or free_port()
-    child = launch.launch_node(reactor, directory, *extra, port=port)
+    node = _launch(reactor, Path(directory), extra, port or free_port())
     try:
-        await child.serving(timeout)
+        await node.process.serving(timeout)
     except launch.NotServing:
-        child.kill()
-        await child.when_ended()
+        node.process.kill()
+        await node.process.when_ended()
         raise
-    return NodeProcess(child, port, Path(directory), child.log_path)
+    return node
+
+
+def _launch(reactor: Any, directory: Path, extra: Sequence[str], port: int,
+            twistd_options: Sequence[str] = ()) -> NodeProcess:
+    directory.mkdir(parents=True, exist_ok=True)
+    log_path = directory / "twistd.log"
+    child = launch.launch(reactor, twistd_command(directory, port, *extra, twistd_options=twistd_options),
+                          log_path=log_path, port=port, directory=directory)
+    return NodeProcess(child, port, directory, log_path)
 
 
 def wait_until_serving(node: NodeProcess, timeout: float = 20.0) -> None:
