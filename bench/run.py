@@ -242,7 +242,7 @@ class Server:
         return rss_kib(self.pid)
 
     def stop(self, timeout: float = 10.0) -> None:
-        self.proc.terminate(timeout)
+        self.proc.stop_blocking(timeout)
         # labnode's redis-server daemonized itself: make sure it is gone too
         for pid in self.extra_pids:
             try:

@@ -8,7 +8,7 @@ child on loopback, know when it serves, learn how it ended, stop it.
 
 The child is spawned with ``reactor.spawnProcess``; its stdout and stderr go
 straight to its log file (so the node keeps logging if we die), and its end
-arrives as ``processEnded``. A node is *serving* when its ``/healthz``
+arrives as ``processEnded`` (``when_ended()`` fires with the exit code). A node is *serving* when its ``/healthz``
 answers 200; a node that exits first fails ``serving`` with ``NodeExited``,
 which carries its exit code and the one line saying why
 (``foxnode: cannot start: ...``).
@@ -16,7 +16,7 @@ which carries its exit code and the one line saying why
 ``foxnode devnet``, the test helpers (``foxnode.testing``) and the
 benchmarks (``bench/run.py``) all start nodes here. Code that cannot wait
 on the reactor (synchronous tests, the benchmark driver) uses the same
-object's blocking methods (``wait_serving``, ``wait``, ``terminate``),
+object's blocking methods (``wait_serving``, ``wait``, ``stop_blocking``),
 which reap the child themselves when the reactor is not turning for them.
 
 Every address used here is on 127.0.0.0/8.
@@ -33,7 +33,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
@@ -82,7 +82,7 @@ def node_env(base: dict[str, str] | None = None) -> dict[str, str]:
 
 #: Runs the rest of its command line in a session of its own (``setsid``):
 #: Ctrl-C at our terminal then reaches us only, and we stop the child in order.
-_NEW_SESSION = "import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])"
+_NEW_SESSION = "import os, sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])"
 
 
 # -- how it went --------------------------------------------------------------------
@@ -180,7 +180,6 @@ class Launched(ProcessProtocol):
         self.directory = directory
         self.log_path = log_path
         self.returncode: int | None = None
-        self.ended: Deferred = Deferred()
         self._ended_waiters: list[Deferred] = []
         self.transport: Any = None
         self._pid = 0
@@ -190,7 +189,6 @@ class Launched(ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:
         self.returncode = exit_code(reason)
         waiters, self._ended_waiters = self._ended_waiters, []
-        self.ended.callback(self.returncode)
         for d in waiters:
             d.callback(self.returncode)
 
@@ -205,11 +203,9 @@ class Launched(ProcessProtocol):
         return self.returncode is None
 
     def when_ended(self) -> Deferred:
-        """A new Deferred firing with the exit code (``ended`` is one
-        Deferred, and whoever waits on it first gets its result)."""
+        """A new Deferred (one per caller) firing with the exit code, from
+        ``processEnded``."""
         if self.returncode is not None:
-            from twisted.internet.defer import succeed
-
             return succeed(self.returncode)
         d: Deferred = Deferred()
         self._ended_waiters.append(d)
@@ -233,6 +229,10 @@ class Launched(ProcessProtocol):
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        """SIGTERM, as Popen's (``stop`` also waits, and escalates)."""
+        self.send_signal(signal.SIGTERM)
 
     def stop(self, timeout: float = 10.0, on_kill: Callable[[], None] | None = None) -> Deferred:
         """SIGTERM; after ``timeout`` seconds without an end, ``on_kill()``
@@ -308,7 +308,7 @@ class Launched(ProcessProtocol):
             time.sleep(0.02)
         return self.returncode  # type: ignore[return-value]
 
-    def terminate(self, timeout: float = 10.0) -> int:
+    def stop_blocking(self, timeout: float = 10.0) -> int:
         """``stop``, blocking: SIGTERM, SIGKILL after ``timeout``."""
         self.send_signal(signal.SIGTERM)
         try:
