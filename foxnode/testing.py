@@ -188,23 +188,26 @@ def twistd_command(directory: Path, port: int, *extra: str,
 
 def spawn_node(directory: Path, *extra: str, port: int | None = None,
                wait: bool = True, timeout: float = 20.0,
-               twistd_options: Sequence[str] = ()) -> NodeProcess:
+               twistd_options: Sequence[str] = (), log_path: Path | None = None) -> NodeProcess:
     """Start ``twistd -n foxnode`` in a child process (the launcher's) and
     wait until its /healthz answers (or it exits, which raises with its
     log). Synchronous, for tests that are: it can be called from a test,
-    from a thread (``deferToThread``) or with the reactor waiting on it."""
+    from a thread (``deferToThread``) or with the reactor waiting on it.
+    ``twistd_options`` go before ``foxnode``; the child's output goes to
+    ``log_path`` (``directory/twistd.log``)."""
     from twisted.internet import reactor
 
-    node = _launch(reactor, Path(directory), extra, port or free_port(), twistd_options)
+    node = _launch(reactor, Path(directory), extra, port or free_port(), twistd_options, log_path)
     if wait:
         wait_until_serving(node, timeout)
     return node
 
 
 async def launch_node(reactor: Any, directory: Path, *extra: str, port: int | None = None,
-                      timeout: float = 20.0) -> NodeProcess:
+                      timeout: float = 20.0, twistd_options: Sequence[str] = (),
+                      log_path: Path | None = None) -> NodeProcess:
     """``spawn_node`` for async tests: waits on the reactor, not blocking it."""
-    node = _launch(reactor, Path(directory), extra, port or free_port())
+    node = _launch(reactor, Path(directory), extra, port or free_port(), twistd_options, log_path)
     try:
         await node.process.serving(timeout)
     except launch.NotServing:
@@ -215,9 +218,9 @@ async def launch_node(reactor: Any, directory: Path, *extra: str, port: int | No
 
 
 def _launch(reactor: Any, directory: Path, extra: Sequence[str], port: int,
-            twistd_options: Sequence[str] = ()) -> NodeProcess:
+            twistd_options: Sequence[str] = (), log_path: Path | None = None) -> NodeProcess:
     directory.mkdir(parents=True, exist_ok=True)
-    log_path = directory / "twistd.log"
+    log_path = log_path or directory / "twistd.log"
     child = launch.launch(reactor, twistd_command(directory, port, *extra, twistd_options=twistd_options),
                           log_path=log_path, port=port, directory=directory)
     return NodeProcess(child, port, directory, log_path)
