@@ -203,9 +203,9 @@ def spawn_node(directory: Path, *extra: str, port: int | None = None,
     return node
 
 
-async def launch_node(reactor: Any, directory: Path, *extra: str, port: int | None = None,
-                      timeout: float = 20.0, twistd_options: Sequence[str] = (),
-                      log_path: Path | None = None) -> NodeProcess:
+async def serving_node(reactor: Any, directory: Path, *extra: str, port: int | None = None,
+                       timeout: float = 20.0, twistd_options: Sequence[str] = (),
+                       log_path: Path | None = None) -> NodeProcess:
     """``spawn_node`` for async tests: waits on the reactor, not blocking it."""
     node = _launch(reactor, Path(directory), extra, port or free_port(), twistd_options, log_path)
     try:

@@ -5,14 +5,14 @@ import json
 import pytest_twisted
 
 from foxnode import client
-from foxnode.testing import launch_node, start_node
+from foxnode.testing import serving_node, start_node
 
 
 @pytest_twisted.ensureDeferred
 async def test_twistd_writes_json_lines_with_logger_option(reactor, tmp_path):
     out = tmp_path / "stdout.jsonl"
-    node = await launch_node(reactor, tmp_path, twistd_options=["--logger", "foxnode.logs.json_observer"],
-                             log_path=out)
+    node = await serving_node(reactor, tmp_path, twistd_options=["--logger", "foxnode.logs.json_observer"],
+                              log_path=out)
     try:
         reply = await client.call(reactor, node.url, "register", {"addr": "ws://127.3.0.1:9/ws"})
         assert reply.status == 202
