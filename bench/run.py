@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -41,8 +42,14 @@ ROOT = os.path.dirname(HERE)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
+if ROOT not in sys.path:
+    # foxnode from the checkout when it is not installed (an installed one wins)
+    sys.path.append(ROOT)
+
 import gossip  # noqa: E402
 from loadgen import LoadRun, raise_fd_limit  # noqa: E402
+
+from foxnode import launch  # noqa: E402
 
 HOST = "127.0.0.1"
 
@@ -90,13 +97,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _twistd_cmd() -> list[str]:
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    if os.access(twistd, os.X_OK):
-        return [twistd]
-    return [sys.executable, "-c", "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"]
-
-
 _FOXNODE_OPTIONS: set[str] | None = None
 
 
@@ -104,7 +104,7 @@ def foxnode_options() -> set[str]:
     """The long options ``twistd foxnode`` knows (from its --help)."""
     global _FOXNODE_OPTIONS
     if _FOXNODE_OPTIONS is None:
-        out = subprocess.run(_twistd_cmd() + ["foxnode", "--help"], stdout=subprocess.PIPE,
+        out = subprocess.run(launch.twistd() + ["foxnode", "--help"], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=60).stdout.decode()
         _FOXNODE_OPTIONS = {w.split("=")[0] for w in out.split() if w.startswith("--")}
     return _FOXNODE_OPTIONS
@@ -161,15 +161,7 @@ class Server:
         self.url = f"ws://{HOST}:{self.port}/ws"
         self.extra_pids: list[int] = []
         if kind == "foxnode":
-            cmd = _twistd_cmd() + [
-                "--nodaemon", "--pidfile=", "foxnode",
-                "--listen", f"tcp:{self.port}:interface={HOST}",
-                "--peers-file", os.path.join(self.dir, "peers.json"),
-                "--data-dir", self.dir,
-            ]
-            if peer:
-                cmd += ["--peer", peer]
-            cmd += extra or []
+            cmd = launch.twistd_command(self.dir, self.port, *(["--peer", peer] if peer else []), *(extra or []))
         elif kind == "labnode":
             cmd = [sys.executable, os.path.join(HERE, "labnode.py"), "-p", str(self.port),
                    "-r", os.path.join(self.dir, "redis.db")]
@@ -179,12 +171,23 @@ class Server:
             raise ValueError(kind)
         self.cmd = cmd
         self.log_path = os.path.join(self.dir, "server.log")
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=self.dir, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        # The launcher's child, in a session of its own; our environment as
+        # it is (no PYTHONUNBUFFERED: a write per log line would be measured).
+        # bench drives no reactor: the child's blocking methods reap it.
+        from twisted.internet import reactor
+
+        self.proc = launch.launch(reactor, cmd, log_path=Path(self.log_path), port=self.port,
+                                  directory=Path(self.dir), env=dict(os.environ), new_session=True)
         self.pid = self.proc.pid
 
     def wait_ready(self, timeout: float = 30.0) -> "Server":
+        if self.kind == "foxnode":
+            # serving as the launcher knows it: /healthz answers 200
+            try:
+                launch.wait_serving(self.proc, self.port, self.tail, timeout)
+            except (launch.NodeExited, launch.NotServing) as e:
+                raise RuntimeError(f"{self.kind} did not serve on {HOST}:{self.port}: {e}") from None
+            return self
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:
@@ -239,13 +242,7 @@ class Server:
         return rss_kib(self.pid)
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        self.proc.stop_blocking(timeout)
         # labnode's redis-server daemonized itself: make sure it is gone too
         for pid in self.extra_pids:
             try:
@@ -269,7 +266,6 @@ class Server:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        self._log.close()
 
 
 class Servers:

@@ -10,16 +10,14 @@ import contextlib
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred, inlineCallbacks
 
-from foxnode import frames, tap
+from foxnode import frames, launch, tap
 
 LOOPBACK = "127.0.0.1"
 #: ``FOXNODE_FRAMES=autobahn pytest`` runs the suite with every node and
@@ -154,9 +152,12 @@ def free_port() -> int:
 
 @attrs.define
 class NodeProcess(_OnLoopback):
-    """A ``twistd -n foxnode`` child process on loopback."""
+    """A ``twistd -n foxnode`` child process on loopback. ``process`` is the
+    launcher's ``launch.Launched`` (or a ``subprocess.Popen`` of a test that
+    runs a command of its own): either has ``pid``, ``poll``, ``wait``,
+    ``send_signal`` and ``kill``."""
 
-    process: subprocess.Popen
+    process: Any
     port: int
     directory: Path
     log_path: Path
@@ -176,53 +177,59 @@ class NodeProcess(_OnLoopback):
         return self.kill(signal.SIGTERM)
 
 
-def twistd_command(directory: Path, port: int, *extra: str) -> list[str]:
-    # The twistd script installed beside this Python, as a user would run it.
-    twistd = Path(sys.executable).parent / "twistd"
-    return [
-        str(twistd), "--nodaemon", "--pidfile=", "foxnode",
-        "--listen", f"tcp:{port}:interface={LOOPBACK}",
-        "--peers-file", str(directory / "peers.json"),
-        "--data-dir", str(directory),
-        *frames_options(),
-        *extra,
-    ]
+def twistd_command(directory: Path, port: int, *extra: str,
+                   twistd_options: Sequence[str] = ()) -> list[str]:
+    """The command of the nodes these helpers spawn: the launcher's
+    ``twistd --nodaemon --pidfile= foxnode`` on loopback, with the
+    ``--frames`` of ``FOXNODE_FRAMES`` before the test's own options."""
+    return launch.twistd_command(directory, port, *frames_options(), *extra,
+                                 twistd_options=twistd_options)
 
 
 def spawn_node(directory: Path, *extra: str, port: int | None = None,
-               wait: bool = True, timeout: float = 20.0) -> NodeProcess:
-    """Start ``twistd -n foxnode`` in a child process and wait until its
-    /healthz answers (or it exits, which raises with its log)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    port = port or free_port()
-    log_path = directory / "twistd.log"
-    with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(
-            twistd_command(directory, port, *extra),
-            stdout=log_file, stderr=subprocess.STDOUT, cwd=directory,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    node = NodeProcess(process, port, directory, log_path)
+               wait: bool = True, timeout: float = 20.0,
+               twistd_options: Sequence[str] = (), log_path: Path | None = None) -> NodeProcess:
+    """Start ``twistd -n foxnode`` in a child process (the launcher's) and
+    wait until its /healthz answers (or it exits, which raises with its
+    log). Synchronous, for tests that are: it can be called from a test,
+    from a thread (``deferToThread``) or with the reactor waiting on it.
+    ``twistd_options`` go before ``foxnode``; the child's output goes to
+    ``log_path`` (``directory/twistd.log``)."""
+    from twisted.internet import reactor
+
+    node = _launch(reactor, Path(directory), extra, port or free_port(), twistd_options, log_path)
     if wait:
         wait_until_serving(node, timeout)
     return node
 
 
-def wait_until_serving(node: NodeProcess, timeout: float = 20.0) -> None:
-    import urllib.request
+async def serving_node(reactor: Any, directory: Path, *extra: str, port: int | None = None,
+                       timeout: float = 20.0, twistd_options: Sequence[str] = (),
+                       log_path: Path | None = None) -> NodeProcess:
+    """``spawn_node`` for async tests: waits on the reactor, not blocking it."""
+    node = _launch(reactor, Path(directory), extra, port or free_port(), twistd_options, log_path)
+    try:
+        await node.process.serving(timeout)
+    except launch.NotServing:
+        node.process.kill()
+        await node.process.when_ended()
+        raise
+    return node
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if node.process.poll() is not None:
-            raise RuntimeError(f"foxnode exited with {node.process.returncode}:\n{node.log()}")
-        try:
-            with urllib.request.urlopen(f"{node.http}/healthz", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.05)
-    node.kill()
-    raise RuntimeError(f"foxnode did not serve within {timeout}s:\n{node.log()}")
+
+def _launch(reactor: Any, directory: Path, extra: Sequence[str], port: int,
+            twistd_options: Sequence[str] = (), log_path: Path | None = None) -> NodeProcess:
+    directory.mkdir(parents=True, exist_ok=True)
+    log_path = log_path or directory / "twistd.log"
+    child = launch.launch(reactor, twistd_command(directory, port, *extra, twistd_options=twistd_options),
+                          log_path=log_path, port=port, directory=directory)
+    return NodeProcess(child, port, directory, log_path)
+
+
+def wait_until_serving(node: NodeProcess, timeout: float = 20.0) -> None:
+    """Block until ``node`` serves, as the launcher knows it (/healthz 200);
+    raises ``launch.NodeExited`` or ``launch.NotServing`` (RuntimeErrors)."""
+    launch.wait_serving(node.process, node.port, node.log, timeout)
 
 
 def stop_all(nodes: Iterable[NodeProcess]) -> None:

@@ -29,7 +29,8 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 
-from foxnode import cli
+from foxnode import cli, launch
+from foxnode import devnet as fox_devnet
 from foxnode.testing import LOOPBACK, free_port, start_node, wait_for
 
 FOXNODE = [sys.executable, "-m", "foxnode.cli"]
@@ -448,7 +449,7 @@ def free_ports(count: int) -> int:
     """The first of ``count`` consecutive loopback ports that are free now."""
     for _ in range(100):
         base = random.randrange(20000, 60000)
-        if not any(cli.port_in_use(base + i) for i in range(count)):
+        if not any(fox_devnet.port_in_use(base + i) for i in range(count)):
             return base
     raise AssertionError("no free port range")
 
@@ -550,18 +551,17 @@ async def test_devnet_kills_a_node_that_ignores_sigterm(reactor, tmp_path):
     import io
 
     out = io.StringIO()
-    net = cli.Devnet(reactor, tmp_path, 1, 9000, "foxchain", out=out)
-    stubborn = subprocess.Popen([sys.executable, "-c",
-                                 "import signal, sys, time\n"
-                                 "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-                                 "print('ready', flush=True)\n"
-                                 "time.sleep(60)\n"], stdout=subprocess.PIPE)
-    assert stubborn.stdout.readline() == b"ready\n"
+    net = fox_devnet.Devnet(reactor, tmp_path, 1, 9000, "foxchain", out=out)
+    stubborn = launch.launch(reactor, [sys.executable, "-c",
+                                       "import signal, sys, time\n"
+                                       "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                                       "print('ready', flush=True)\n"
+                                       "time.sleep(60)\n"], log_path=tmp_path / "stubborn.log")
+    await wait_for(reactor, lambda: "ready" in stubborn.log(), what="the stubborn child to ignore SIGTERM")
     net.nodes[0].process = stubborn
     started = time.monotonic()
     await net.stop(timeout=0.5)
-    stubborn.stdout.close()
-    assert stubborn.poll() == -signal.SIGKILL
+    assert stubborn.returncode == -signal.SIGKILL
     assert time.monotonic() - started < 5
     assert "node-0 did not stop within 0.5s; killing it" in out.getvalue()
     assert out.getvalue().splitlines()[-1] == f"devnet stopped; data kept in {tmp_path}"

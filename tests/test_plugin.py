@@ -21,7 +21,7 @@ import pytest_twisted
 from twisted.internet.threads import deferToThread
 from twisted.python.usage import UsageError
 
-from foxnode import client, tap
+from foxnode import client, launch, tap
 from foxnode.identity import is_node_id
 from foxnode.testing import LOOPBACK, NodeProcess, free_port, running_node, wait_until_serving
 
@@ -123,16 +123,17 @@ def test_twistd_lists_the_plugin_from_outside_the_tree(tmp_path):
 
 def _twistd_node(directory: Path, *extra: str) -> NodeProcess:
     """``twistd -n foxnode`` started from ``directory`` (outside the tree)."""
+    from twisted.internet import reactor
+
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = directory / "twistd.log"
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "foxnode",
-             "--listen", f"tcp:{port}:interface={LOOPBACK}",
-             "--peers-file", "peers.json", "--data-dir", ".", *extra],
-            cwd=directory, env={**_outside_env(), "PYTHONUNBUFFERED": "1"},
-            stdout=log, stderr=subprocess.STDOUT)
+    # A user's own command line (relative paths), through the launcher.
+    process = launch.launch(reactor, [TWISTD, "-n", "--pidfile=", "foxnode",
+                                      "--listen", f"tcp:{port}:interface={LOOPBACK}",
+                                      "--peers-file", "peers.json", "--data-dir", ".", *extra],
+                            log_path=log_path, port=port, directory=directory,
+                            env=launch.node_env(_outside_env()))
     node = NodeProcess(process, port, directory, log_path)
     wait_until_serving(node, timeout=30)
     return node

@@ -13,25 +13,15 @@ import time
 import urllib.request
 from pathlib import Path
 
-from foxnode.testing import LOOPBACK, NodeProcess, free_port, frames_options, wait_until_serving
+from foxnode.testing import NodeProcess, spawn_node
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def start(directory: Path, *twistd_options: str) -> NodeProcess:
-    directory.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    output = directory / "output"
-    with open(output, "ab") as out:
-        process = subprocess.Popen(
-            [str(BIN / "twistd"), "--nodaemon", "--pidfile=", *twistd_options, "foxnode",
-             "--listen", f"tcp:{port}:interface={LOOPBACK}",
-             "--peers-file", str(directory / "peers.json"), "--data-dir", str(directory), *frames_options()],
-            cwd=directory, env=ENV, stdout=out, stderr=subprocess.STDOUT)
-    node = NodeProcess(process, port, directory, output)
-    wait_until_serving(node, timeout=30)
-    return node
+    # What twistd writes to its standard output (nothing, with --logfile).
+    return spawn_node(directory, twistd_options=twistd_options, log_path=directory / "output", timeout=30)
 
 
 def answers(node: NodeProcess) -> None:
