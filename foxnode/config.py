@@ -32,6 +32,8 @@ MAX_IN_FLIGHT = 64
 MAX_DEPTH = 64
 #: Addresses the peer store holds at most.
 MAX_PEERS = 10_000
+#: Keys the key store holds at most.
+MAX_KEYS = 1000
 
 
 @attrs.frozen
@@ -83,6 +85,20 @@ class StoreConfig:
     #: seconds bookkeeping changes (handshakes, failures) wait before they
     #: are written with whatever else changed meanwhile
     flush_delay: float = 2.0
+
+
+@attrs.frozen
+class KeyConfig:
+    """The key store (keys.py; its file is ``keys.json`` in the data directory)."""
+
+    #: keys held at most: each is a secret the operator must be able to
+    #: list and a line of the file rewritten at every change
+    max_keys: int = MAX_KEYS
+    #: the longest password ``newkey`` takes, in bytes of UTF-8 (crypto.py
+    #: refuses more whatever this says)
+    max_password: int = 1024
+    #: the longest key id looked up; longer ones are no id of ours
+    max_id_length: int = 128
 
 
 @attrs.frozen

@@ -17,9 +17,12 @@ node does over time, each started and stopped by twistd's service tree:
 - ``GossipService``: the sweep of expired ids and cached envelopes;
 - ``StoreService``: the peer store's lazy flush.
 
+The key store (keys.py), when given, serves its ops as operator ops.
+
 Stopping: the children stop (no new connections, dials cancelled), then
 every connection closes (their closes update the store), then the store is
-flushed and closed, then the file locks are released.
+flushed and closed and the key store's last write waited for, then the
+file locks are released.
 
 The clock: every part reads time only through the reactor handed to
 ``build`` (``reactor.seconds()``), so tests hand in a ``Clock``.
@@ -41,9 +44,10 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from zope.interface import implementer
 
 from foxnode import locks, logs
-from foxnode.config import GossipConfig, NodeConfig, PeerConfig, WebConfig
+from foxnode.config import GossipConfig, KeyConfig, NodeConfig, PeerConfig, WebConfig
 from foxnode.gossip import Gossip
 from foxnode.identity import Identity
+from foxnode.keys import KeyStore
 from foxnode.metrics import NodeMetrics
 from foxnode.node import Node
 from foxnode.peers import PeerManager
@@ -62,6 +66,7 @@ class Configs:
     peers: PeerConfig = PeerConfig()
     gossip: GossipConfig = GossipConfig()
     web: WebConfig = WebConfig()
+    keys: KeyConfig = KeyConfig()
 
 
 def _timer(step: float, call: Callable[[], Any], clock: Any, parent: service.MultiService) -> None:
@@ -105,8 +110,10 @@ class GossipService(service.MultiService):
 
 def build(reactor: Any, configs: Configs, store: PeerStore, identity: Identity,
           endpoint: Any, listen: str = "", file_locks: list[locks.FileLock] | None = None,
-          metrics: NodeMetrics | None = None) -> "NodeService":
-    """The node and its parts, connected, as a service ready to start."""
+          metrics: NodeMetrics | None = None, keys: KeyStore | None = None) -> "NodeService":
+    """The node and its parts, connected, as a service ready to start;
+    without ``keys`` (a key store opened on the data directory), the node
+    serves no key ops."""
     node = Node(reactor, configs.node, identity, store, metrics)
     gossip = Gossip(reactor, identity, node.metrics, configs.gossip)
     peers = PeerManager(node, configs.peers, listeners=[gossip])
@@ -115,6 +122,9 @@ def build(reactor: Any, configs: Configs, store: PeerStore, identity: Identity,
     node.serve(peers.operator_ops, operator=True)
     node.serve(gossip.ops)
     node.hear(gossip.events)
+    if keys is not None:
+        # Keys are secrets: only the node's operator makes, reads or deletes them.
+        node.serve(keys.ops, operator=True)
     c = configs.node
     ws_factory = FoxServerFactory(
         node, reactor, max_message_size=c.max_message_size, send_queue=c.send_queue,
@@ -122,7 +132,8 @@ def build(reactor: Any, configs: Configs, store: PeerStore, identity: Identity,
         open_timeout=c.handshake_timeout, max_connections=c.max_connections,
         max_in_flight=c.max_in_flight, frames=c.frames)
     site = make_site(node, ws_factory, configs.web)
-    node_service = NodeService(reactor, node, endpoint, site, listen=listen, file_locks=file_locks)
+    node_service = NodeService(reactor, node, endpoint, site, listen=listen, file_locks=file_locks,
+                               keys=keys)
     PeerService(peers, reactor).setServiceParent(node_service)
     GossipService(gossip, reactor).setServiceParent(node_service)
     return node_service
@@ -180,11 +191,13 @@ class NodeService(service.MultiService):
     hangup: Any = None
 
     def __init__(self, reactor: Any, node: Node, endpoint: Any, site: Any, listen: str = "",
-                 file_locks: list[locks.FileLock] | None = None) -> None:
+                 file_locks: list[locks.FileLock] | None = None, keys: KeyStore | None = None) -> None:
         super().__init__()
         self.reactor = reactor
         self.node = node
         self.site = site
+        #: closed at stop, after the peer store
+        self.keys = keys
         self.listen = listen
         #: held until the node has stopped (locks.py)
         self.file_locks = file_locks or []
@@ -249,6 +262,9 @@ class NodeService(service.MultiService):
         stopped = super().stopService()
         d = DeferredList([stopped, self.node.close_connections()], consumeErrors=True)
         d.addBoth(lambda _: self.node.store.close(timeout=CLOSE_TIMEOUT))
+        if self.keys is not None:
+            # Its last write ends (or is given up) before the locks go.
+            d.addBoth(lambda _: self.keys.close(timeout=CLOSE_TIMEOUT))
         return d.addBoth(self._release)
 
     def _release(self, _: Any) -> None:

@@ -190,19 +190,21 @@ def _temp_name(name: str) -> str:
 _TEMP_ATTEMPTS = 16
 
 
-def write_atomically(path: Path, data: bytes | list[bytes]) -> None:
+def write_atomically(path: Path, data: bytes | list[bytes], mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` (bytes, or chunks written in order) so
     that a crash at any moment leaves either the old or the new file, never
     a mix; runs in a thread. A symlink stays a symlink: the file it points
     to is replaced, in its own directory. A failure before the rename
-    leaves no temporary file; one after it raises ``DirectorySyncError``."""
+    leaves no temporary file; one after it raises ``DirectorySyncError``.
+    The new file has ``mode`` from its first byte on (0o600 for secrets:
+    never readable by others, not even between the write and a chmod)."""
     target = Path(os.path.realpath(path))
     directory = target.parent
     for _ in range(_TEMP_ATTEMPTS):
         tmp = directory / _temp_name(target.name)
         try:
             # O_EXCL | O_NOFOLLOW: never write through anything found there.
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
             break
         except FileExistsError:
             continue
@@ -236,18 +238,20 @@ def write_atomically(path: Path, data: bytes | list[bytes]) -> None:
 
 class _Writer:
     """The store's own daemon thread, running one write at a time; results
-    come back on the reactor's thread. A daemon, so that a write hung in
-    the kernel does not keep the process from exiting."""
+    (what the job returned, or its failure) come back on the reactor's
+    thread. A daemon, so that a write hung in the kernel does not keep the
+    process from exiting. The key store runs its writes here too."""
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, name: str = "foxnode-store-writer") -> None:
         self._reactor = reactor
+        self._name = name
         self._jobs: queue.SimpleQueue | None = None
 
-    def run(self, write: Callable[..., None], *args: Any) -> Deferred:
+    def run(self, write: Callable[..., Any], *args: Any) -> Deferred:
         d: Deferred = Deferred()
         if self._jobs is None:
             self._jobs = queue.SimpleQueue()
-            threading.Thread(target=self._work, args=(self._jobs,), name="foxnode-store-writer",
+            threading.Thread(target=self._work, args=(self._jobs,), name=self._name,
                              daemon=True).start()
         self._jobs.put((write, args, d))
         return d
@@ -262,11 +266,11 @@ class _Writer:
         while (job := jobs.get()) is not None:
             write, args, d = job
             try:
-                write(*args)
+                result = write(*args)
             except BaseException:
                 self._reactor.callFromThread(d.errback, Failure())
             else:
-                self._reactor.callFromThread(d.callback, None)
+                self._reactor.callFromThread(d.callback, result)
 
 
 @attrs.define(eq=False)
