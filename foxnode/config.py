@@ -160,6 +160,15 @@ class GossipConfig:
     #: bad envelopes a peer may send (a burst, then per second) before it is dropped
     abuse_burst: float = 20.0
     abuse_rate: float = 0.5
+    #: envelopes below this proof of work (crypto.pow_value) are refused,
+    #: counted and not forwarded (``--min-pow``)
+    min_pow: float = 0.0
+    #: seconds ``publish`` works for its ``pow`` target unless its
+    #: ``pow_time`` says otherwise, and the most it may say
+    pow_time: float = 2.0
+    max_pow_time: float = 10.0
+    #: subscriptions one connection may hold
+    max_subscriptions_per_connection: int = 64
 
 
 @attrs.frozen

@@ -115,7 +115,7 @@ def build(reactor: Any, configs: Configs, store: PeerStore, identity: Identity,
     without ``keys`` (a key store opened on the data directory), the node
     serves no key ops."""
     node = Node(reactor, configs.node, identity, store, metrics)
-    gossip = Gossip(reactor, identity, node.metrics, configs.gossip)
+    gossip = Gossip(reactor, identity, node.metrics, configs.gossip, keys=keys)
     peers = PeerManager(node, configs.peers, listeners=[gossip])
     node.peers, node.gossip = peers, gossip
     node.serve(peers.ops)

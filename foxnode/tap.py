@@ -142,6 +142,10 @@ class Options(usage.Options):
                 float, 1, DAY),
         _number("max-payload", default(GossipConfig, "max_payload"), "Largest gossip message payload, in bytes.", int, 1, 1 << 26),
         _number("max-ttl", default(GossipConfig, "max_ttl"), "Longest time-to-live of a gossip message, in seconds.", int, 1, DAY),
+        _number("min-pow", default(GossipConfig, "min_pow"),
+                "Least proof of work (Whisper's: 2**leading zero bits of the work hash / (bytes * TTL)) "
+                "of the envelopes this node takes and forwards; others are refused and counted.",
+                float, 0, 1e12),
         _number("send-queue", default(NodeConfig, "send_queue"),
                 "Bytes a connection may hold back for a slow reader before pushes are dropped "
                 "(subscribers, peers) or the connection closes (unread replies).", int, 1024, 1 << 30),
@@ -279,7 +283,7 @@ class Options(usage.Options):
 
     def gossip_config(self) -> GossipConfig:
         return GossipConfig(max_payload=self["max-payload"], max_ttl=self["max-ttl"],
-                            default_ttl=min(60, self["max-ttl"]))
+                            default_ttl=min(60, self["max-ttl"]), min_pow=self["min-pow"])
 
     def node_config(self) -> NodeConfig:
         return NodeConfig(

@@ -82,6 +82,11 @@ def _hex32(v: Any) -> bool:
     return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdefABCDEF" for c in v)
 
 
+def _amount(high: float) -> Callable[[Any], bool]:
+    return lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool)
+                      and 0 <= v <= high and v != float("inf"))
+
+
 def _key_id(v: Any) -> bool:
     return isinstance(v, str) and 0 < len(v) <= 128
 
@@ -93,12 +98,17 @@ SPECS: dict[str, Spec] = {
     "time": Spec(ignores_args=True),
     "info": Spec({"detail": lambda v: isinstance(v, bool)}),
     "exchange": Spec(ignores_args=True, refused_to=frozenset({"client"})),
+    # "key", "sign": no variant is a key id of the node's; "to": none is a public key (128 hex)
     "publish": Spec({"topic": _str(128), "payload": lambda v: len(orjson.dumps(v)) <= 64 * 1024,
-                     "ttl": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 3600},
-                    frozenset({"topic", "payload"})),
-    "subscribe": Spec({"topics": lambda v: _topics(v) and len(v if isinstance(v, list) else [v]) <= 64},
-                      frozenset({"topics"})),
-    "unsubscribe": Spec({"topics": _topics}, frozenset({"topics"})),
+                     "ttl": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 3600,
+                     "key": lambda v: False, "to": lambda v: False, "sign": lambda v: False,
+                     "pow": _amount(float("inf")), "pow_time": _amount(10)},
+                    frozenset({"topic", "payload"}), unknown={"key": _key_id, "sign": _key_id}),
+    "subscribe": Spec({"topics": lambda v: _topics(v) and len(v if isinstance(v, list) else [v]) <= 64,
+                       "key": lambda v: False, "from": lambda v: False, "min_pow": _amount(float("inf"))},
+                      frozenset({"topics"}), unknown={"key": _key_id}),
+    # "subscription" beside "topics" is refused, naming it
+    "unsubscribe": Spec({"topics": _topics, "subscription": lambda v: False}, frozenset({"topics"})),
     # an operator op: a client on loopback is the operator by default
     "unregister": Spec({"addr": lambda v: v == "ws://127.3.0.1:9/ws"}, frozenset({"addr"})),
     # operator ops too; no variant is a key id of the node's (ids are random)
