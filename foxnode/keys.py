@@ -251,7 +251,8 @@ class KeyStore:
         if not self._writing and not self._queue:
             waiters, self._drained = self._drained, []
             for w in waiters:
-                w.callback(None)
+                if not w.called:  # close() may have given up on it already
+                    w.callback(None)
 
     def _written(self, result: Any, keys: dict[str, StoredKey], d: Deferred) -> None:
         self._writing = False
