@@ -167,6 +167,10 @@ class GossipConfig:
     #: ``pow_time`` says otherwise, and the most it may say
     pow_time: float = 2.0
     max_pow_time: float = 10.0
+    #: proof-of-work searches under way at once (each a thread of the
+    #: reactor's pool, up to ``max_pow_time``): more get 429, so publishers
+    #: cannot take every thread and core of the node
+    max_works: int = 2
     #: subscriptions one connection may hold
     max_subscriptions_per_connection: int = 64
 

@@ -338,6 +338,8 @@ class Gossip:
         self.links: dict[Any, Link] = {}
         #: announced ids we wait for: id -> (timer, announcing links still to ask)
         self.missing: dict[str, tuple[Any, list[Link]]] = {}
+        #: proof-of-work searches under way (publish's ``pow``)
+        self._works = 0
         #: what this part serves, for the node's tables
         self.ops = {"publish": self.op_publish, "subscribe": self.op_subscribe,
                     "unsubscribe": self.op_unsubscribe}
@@ -391,15 +393,23 @@ class Gossip:
         if target <= 0:
             return self._publish(Envelope.create(self.signer, topic, payload, ttl, now, encrypted, content,
                                                  nonce=nonce))
+        if self._works >= self.config.max_works:
+            return codec.too_many(f"Too many proof-of-work searches under way (at most {self.config.max_works}); "
+                                  "retry after a few seconds, or publish without \"pow\".")
         body = _body(self.signer.node_id, topic, payload, round(now, 3), ttl, nonce, encrypted, content)
         # In a thread, for at most its time: the node answers on meanwhile.
+        self._works += 1
         d = crypto.work_in_thread(self.reactor, body, ttl, target, seconds)
 
         def worked(found: crypto.Work) -> codec.Reply:
             return self._publish(Envelope.create(self.signer, topic, payload, ttl, now, encrypted, content,
                                                  work=found.nonce, nonce=nonce))
 
-        return d.addCallback(worked)
+        def done(outcome: Any) -> Any:
+            self._works -= 1
+            return outcome
+
+        return d.addBoth(done).addCallback(worked)
 
     def _publish(self, envelope: Envelope) -> codec.Reply:
         reached = envelope.pow()

@@ -183,14 +183,15 @@ def test_subscribe_and_unsubscribe_arguments(tmp_path):
 
 
 def test_pow_is_reached_checked_and_refused_below_the_minimum(tmp_path):
-    clock, keys, gossip = setup(tmp_path, min_pow=0.001)
+    # 4.0 needs some 16 leading zero bits here: a chance envelope has 1 in 65,536
+    clock, keys, gossip = setup(tmp_path, min_pow=4.0)
     me = identity.Identity.generate()
     now = clock.seconds()
     peer = FakeConnection(node_id=me.node_id)
     gossip.peer_up(peer)
     body_args = (me.node_id, "t", {"n": 1}, now, 60)
     cheap = Envelope.create(me, "t", {"n": 1}, 60, now)
-    assert cheap.pow() < 0.001
+    assert cheap.pow() < 4.0
     gossip.on_gossip(peer, codec.Event("gossip", {"envelope": cheap.to_json()}))
     assert cheap.id not in gossip.seen
     assert gossip.metrics.gossip_received.labels("pow")._value.get() == 1
@@ -199,9 +200,9 @@ def test_pow_is_reached_checked_and_refused_below_the_minimum(tmp_path):
     from foxnode.gossip import _body
     nonce = "00" * 8
     body = _body(*body_args[:3], round(now, 3), 60, nonce)
-    found = crypto.work(body, 60, target=0.001, max_seconds=30)
+    found = crypto.work(body, 60, target=4.0, max_seconds=60)
     paid = Envelope.create(me, "t", {"n": 1}, 60, now, work=found.nonce, nonce=nonce)
-    assert paid.pow() == found.pow >= 0.001
+    assert paid.pow() == found.pow >= 4.0
     gossip.on_gossip(peer, codec.Event("gossip", {"envelope": paid.to_json()}))
     assert paid.id in gossip.seen
     # the work nonce is covered by the id, and so by the origin's signature
@@ -229,3 +230,35 @@ def test_a_plain_envelope_goes_as_before_and_sealed_fields_are_checked(tmp_path)
         with pytest.raises(Rejected, match=why):
             Envelope.from_json(dict(sealed.to_json(), **change), gossip.config, now)
     assert attrs.fields_dict(Envelope)["work"].default == 0
+
+
+def test_proof_of_work_searches_are_bounded_and_their_slot_comes_back(tmp_path, monkeypatch):
+    from twisted.internet.defer import Deferred
+
+    clock, keys, gossip = setup(tmp_path, max_works=2)
+    searches: list[tuple] = []
+
+    def held(reactor, body, ttl, target, seconds, size=None):
+        d = Deferred()
+        searches.append((body, ttl, target, seconds, d))
+        return d
+
+    monkeypatch.setattr(crypto, "work_in_thread", held)
+    first = publish(clock, gossip, pow=0.5, pow_time=1)
+    second = publish(clock, gossip, pow=0.5)
+    assert [s[3] for s in searches] == [1, gossip.config.pow_time]
+    refused = publish(clock, gossip, pow=0.5)
+    assert refused.status == 429 and "proof-of-work" in refused.error
+    body, ttl, target, _, d = searches[0]
+    d.callback(crypto.work(body, ttl, target, 30))
+    got = []
+    first.addCallback(got.append)
+    assert got[0].status == 202 and got[0].response["pow"] >= 0.5
+    clock.advance(0)
+    assert got[0].response["id"] in gossip.seen
+    # its slot is free again; a failed search frees its slot too
+    third = publish(clock, gossip, pow=0.5)
+    searches[1][4].errback(RuntimeError("thread pool stopped"))
+    second.addErrback(lambda f: None)
+    assert len(searches) == 3 and not isinstance(third, codec.Reply)
+    assert not isinstance(publish(clock, gossip, pow=0.5), codec.Reply)  # a search, not a 429
