@@ -196,7 +196,7 @@ class NodeService(service.MultiService):
         self.reactor = reactor
         self.node = node
         self.site = site
-        #: closed at stop, after the peer store
+        #: closed at stop, beside the peer store
         self.keys = keys
         self.listen = listen
         #: held until the node has stopped (locks.py)
@@ -261,11 +261,16 @@ class NodeService(service.MultiService):
         # whose closes update the store; then the store's last write.
         stopped = super().stopService()
         d = DeferredList([stopped, self.node.close_connections()], consumeErrors=True)
-        d.addBoth(lambda _: self.node.store.close(timeout=CLOSE_TIMEOUT))
-        if self.keys is not None:
-            # Its last write ends (or is given up) before the locks go.
-            d.addBoth(lambda _: self.keys.close(timeout=CLOSE_TIMEOUT))
+        d.addBoth(self._close_stores)
         return d.addBoth(self._release)
+
+    def _close_stores(self, _: Any) -> Deferred:
+        # Side by side, each within its timeout: a hung disk holds the
+        # shutdown once, not once per file. Both end before the locks go.
+        closing = [self.node.store.close(timeout=CLOSE_TIMEOUT)]
+        if self.keys is not None:
+            closing.append(self.keys.close(timeout=CLOSE_TIMEOUT))
+        return DeferredList(closing, consumeErrors=True)
 
     def _release(self, _: Any) -> None:
         for lock in self.file_locks:
