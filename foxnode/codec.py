@@ -110,6 +110,14 @@ def forbidden(why: str) -> Reply:
     return Reply(403, why)
 
 
+def not_found(why: str) -> Reply:
+    return Reply(404, why)
+
+
+def conflict(why: str) -> Reply:
+    return Reply(409, why)
+
+
 PARSE_ERROR = Reply(500, CANNOT_PARSE)
 BODY_ERROR = Reply(500, NOT_SUPPORTED)
 

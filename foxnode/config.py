@@ -32,6 +32,8 @@ MAX_IN_FLIGHT = 64
 MAX_DEPTH = 64
 #: Addresses the peer store holds at most.
 MAX_PEERS = 10_000
+#: Keys the key store holds at most.
+MAX_KEYS = 1000
 
 
 @attrs.frozen
@@ -83,6 +85,20 @@ class StoreConfig:
     #: seconds bookkeeping changes (handshakes, failures) wait before they
     #: are written with whatever else changed meanwhile
     flush_delay: float = 2.0
+
+
+@attrs.frozen
+class KeyConfig:
+    """The key store (keys.py; its file is ``keys.json`` in the data directory)."""
+
+    #: keys held at most: each is a secret the operator must be able to
+    #: list and a line of the file rewritten at every change
+    max_keys: int = MAX_KEYS
+    #: the longest password ``newkey`` takes, in bytes of UTF-8 (crypto.py
+    #: refuses more whatever this says)
+    max_password: int = 1024
+    #: the longest key id looked up; longer ones are no id of ours
+    max_id_length: int = 128
 
 
 @attrs.frozen
@@ -144,6 +160,19 @@ class GossipConfig:
     #: bad envelopes a peer may send (a burst, then per second) before it is dropped
     abuse_burst: float = 20.0
     abuse_rate: float = 0.5
+    #: envelopes below this proof of work (crypto.pow_value) are refused,
+    #: counted and not forwarded (``--min-pow``)
+    min_pow: float = 0.0
+    #: seconds ``publish`` works for its ``pow`` target unless its
+    #: ``pow_time`` says otherwise, and the most it may say
+    pow_time: float = 2.0
+    max_pow_time: float = 10.0
+    #: proof-of-work searches under way at once (each a thread of the
+    #: reactor's pool, up to ``max_pow_time``): more get 429, so publishers
+    #: cannot take every thread and core of the node
+    max_works: int = 2
+    #: subscriptions one connection may hold
+    max_subscriptions_per_connection: int = 64
 
 
 @attrs.frozen

@@ -51,28 +51,51 @@ on CPython 3.11, 64-bit; defaults in brackets):
   ``--max-inbound`` + ``--max-outbound``), dropped when the peer goes down.
 - ``subscribers``: per connection at most ``max_topics_per_connection``
   [64] topics of at most ``max_topic_length`` [128] characters, under
-  1 KiB each: at most 64 KiB per connection, released when it closes.
+  1 KiB each, in at most ``max_subscriptions_per_connection`` [64]
+  subscriptions, each with at most 64 ``from`` keys (about 10 KiB): under
+  1 MiB per connection, released when it closes.
 
 Frames queued for a slow reader are its connection's, bounded by
 ``--send-queue`` per connection (one frame object per message, shared by
-every queue that holds it, and holding no more than its length: see
-``codec.exact``).
+every peer's queue that holds it, and holding no more than its length: see
+``codec.exact``). A subscriber's event names its subscription, so each
+subscription gets a frame of its own: the send queue bounds it.
+
+Private, signed and paid-for messages (PROTOCOL.md). An envelope's
+``content``, when not null, is base64 of what crypto.py packs (the payload's
+JSON text, signed or not) and, when ``encrypted`` says ``"sym"`` or
+``"asym"``, seals; its ``payload`` is then null. The topic stays readable, so
+every node forwards what it cannot open; the topic is bound into the
+sealing as associated data, so a sealed content cannot be moved to another
+topic. ``work`` is the proof-of-work nonce: the envelope's proof of work is
+``crypto.pow_of`` of its body (``_body``: every field but the id, the
+signature and ``work``) and ``work``. Nodes refuse, count and do not
+forward envelopes below their ``--min-pow``; the origin's signature covers
+the id, which covers ``work`` too. Opening happens only at delivery, once
+per key, for the subscriptions that hold that key.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import math
 import os
 import re
+import secrets
 from collections import OrderedDict
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import attrs
 import orjson
 
-from foxnode import codec, identity, logs
+from foxnode import codec, crypto, identity, logs
 from foxnode.config import GossipConfig
 from foxnode.limits import TokenBucket
+
+if TYPE_CHECKING:
+    from foxnode.keys import KeyStore
 
 log = logs.logger(__name__)
 
@@ -108,9 +131,35 @@ class Rejected(Exception):
     """An envelope that must not be delivered or forwarded; ``str()`` says why."""
 
 
-def _canonical(origin: str, topic: str, payload: Any, created: float, ttl: int, nonce: str) -> bytes:
-    return orjson.dumps([ENVELOPE_VERSION, origin, topic, payload, created, ttl, nonce],
-                        option=orjson.OPT_SORT_KEYS)
+#: what ``encrypted`` may say
+SEALINGS = (None, "sym", "asym")
+
+
+def _body(origin: str, topic: str, payload: Any, created: float, ttl: int, nonce: str,
+          encrypted: str | None = None, content: str | None = None) -> bytes:
+    """The envelope without its id, signature and proof-of-work nonce:
+    what its proof of work is over, and its size for it. A plain envelope's
+    is what it was before sealing existed, so its id is too."""
+    fields = [ENVELOPE_VERSION, origin, topic, payload, created, ttl, nonce]
+    if encrypted is not None or content is not None:
+        fields += [encrypted, content]
+    return orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
+
+
+def _hashed(body: bytes, work: int) -> bytes:
+    """What the id hashes: the body and, when there is one, the proof-of-work nonce."""
+    return body + b"/%d" % work if work else body
+
+
+def _canonical(origin: str, topic: str, payload: Any, created: float, ttl: int, nonce: str,
+               encrypted: str | None = None, content: str | None = None, work: int = 0) -> bytes:
+    """What an envelope's id is the SHA-256 of."""
+    return _hashed(_body(origin, topic, payload, created, ttl, nonce, encrypted, content), work)
+
+
+def _content_limit(config: GossipConfig) -> int:
+    """The longest ``content``: base64 of the largest payload, signed and sealed."""
+    return (config.max_payload + 256) * 4 // 3 + 4
 
 
 def _signed_part(message_id: str) -> bytes:
@@ -127,16 +176,30 @@ class Envelope:
     ttl: int
     nonce: str
     sig: str
+    #: None, "sym" or "asym": how ``content`` is sealed
+    encrypted: str | None = None
+    #: base64 of the packed (and maybe sealed) content; ``payload`` is None then
+    content: str | None = None
+    #: the proof-of-work nonce
+    work: int = 0
 
     @classmethod
     def create(cls, signer: identity.Identity, topic: str, payload: Any, ttl: int,
-               now: float) -> "Envelope":
+               now: float, encrypted: str | None = None, content: str | None = None,
+               work: int = 0, nonce: str | None = None) -> "Envelope":
         created = round(now, 3)
-        nonce = os.urandom(8).hex()
-        content = _canonical(signer.node_id, topic, payload, created, ttl, nonce)
-        message_id = hashlib.sha256(content).hexdigest()
+        nonce = nonce if nonce is not None else os.urandom(8).hex()
+        body = _body(signer.node_id, topic, payload, created, ttl, nonce, encrypted, content)
+        message_id = hashlib.sha256(_hashed(body, work)).hexdigest()
         return cls(message_id, signer.node_id, topic, payload, created, ttl, nonce,
-                   signer.sign(_signed_part(message_id)))
+                   signer.sign(_signed_part(message_id)), encrypted, content, work)
+
+    def body(self) -> bytes:
+        return _body(self.origin, self.topic, self.payload, self.created, self.ttl, self.nonce,
+                     self.encrypted, self.content)
+
+    def pow(self) -> float:
+        return crypto.pow_of(self.body(), self.work, self.ttl)
 
     @property
     def expires(self) -> float:
@@ -145,7 +208,13 @@ class Envelope:
     def to_json(self) -> dict[str, Any]:
         # Not recursive: the payload is JSON already, and a deep copy of a
         # payload of 20,000 containers costs as much as decoding it.
-        return attrs.asdict(self, recurse=False)
+        out = attrs.asdict(self, recurse=False)
+        # A plain envelope goes as it went before sealing and proof of work.
+        if self.encrypted is None and self.content is None:
+            del out["encrypted"], out["content"]
+        if not self.work:
+            del out["work"]
+        return out
 
     @classmethod
     def from_json(cls, raw: Any, config: GossipConfig, now: float) -> "Envelope":
@@ -153,7 +222,9 @@ class Envelope:
         if not isinstance(raw, dict):
             raise Rejected("envelope is not an object")
         try:
-            fields = {name: raw[name] for name in attrs.fields_dict(cls)}
+            # The fields of sealing and proof of work may be left out (plain envelopes).
+            fields = {name: raw[name] if name in raw or field.default is attrs.NOTHING else field.default
+                      for name, field in attrs.fields_dict(cls).items()}
         except KeyError as e:
             raise Rejected(f"envelope lacks {e.args[0]!r}") from None
         if not isinstance(fields["id"], str) or len(fields["id"]) != 64:
@@ -172,22 +243,62 @@ class Envelope:
             raise Rejected("malformed nonce")
         if not isinstance(fields["sig"], str):
             raise Rejected("malformed signature")
+        encrypted, sealed, work = fields["encrypted"], fields["content"], fields["work"]
+        if not isinstance(encrypted, (str, type(None))) or encrypted not in SEALINGS:
+            raise Rejected("malformed encrypted")
+        if sealed is None:
+            if encrypted is not None:
+                raise Rejected("malformed content: encrypted without content")
+        elif not isinstance(sealed, str) or len(sealed) > _content_limit(config):
+            raise Rejected("malformed content")
+        elif fields["payload"] is not None:
+            raise Rejected("malformed content: a payload beside it")
+        if not isinstance(work, int) or isinstance(work, bool) or not 0 <= work < 2**64:
+            raise Rejected("malformed work")
         if created > now + config.max_skew:
             raise Rejected("created in the future")
         if created + ttl < now:
             raise Rejected("expired")
         try:
-            content = _canonical(fields["origin"], topic, fields["payload"], created, ttl, fields["nonce"])
+            body = _body(fields["origin"], topic, fields["payload"], created, ttl, fields["nonce"],
+                         encrypted, sealed)
         except (TypeError, ValueError):
             # orjson.JSONEncodeError: an integer over 64 bits, a lone surrogate
             raise Rejected("payload not representable as JSON") from None
-        if len(content) > config.max_payload + 1024:
+        if len(body) > (config.max_payload if sealed is None else _content_limit(config)) + 1024:
             raise Rejected(f"payload over {config.max_payload} bytes")
-        if hashlib.sha256(content).hexdigest() != fields["id"]:
+        if hashlib.sha256(_hashed(body, work)).hexdigest() != fields["id"]:
             raise Rejected("id does not match the content (tampered)")
         if not identity.verify(fields["origin"], fields["sig"], _signed_part(fields["id"])):
             raise Rejected("bad signature (forged)")
         return cls(**fields)
+
+
+@attrs.define(eq=False)
+class Subscription:
+    """One ``subscribe``: its topics and what it takes of them."""
+
+    id: str
+    conn: Any
+    topics: set[str]
+    #: a key id: only what it opens, opened; None: only unencrypted messages
+    key: str | None = None
+    #: public keys (hex): only messages signed by one of them; None: any
+    senders: frozenset[str] | None = None
+    min_pow: float = 0.0
+
+
+class Opened(NamedTuple):
+    """What a subscriber sees of an envelope."""
+
+    payload: Any
+    signer: str | None
+    encrypted: str | None
+
+
+def _number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value >= 0)
 
 
 @attrs.define(eq=False)
@@ -207,24 +318,28 @@ class Gossip:
     coming and going from the peer manager (``peer_up``/``peer_down``)."""
 
     def __init__(self, reactor: Any, signer: identity.Identity, metrics: Any,
-                 config: GossipConfig | None = None) -> None:
+                 config: GossipConfig | None = None, keys: KeyStore | None = None) -> None:
         self.reactor = reactor
         self.signer = signer
         self.metrics = metrics
         self.config = config or GossipConfig()
+        #: the node's key store, for ``key``, ``sign`` and subscriptions with a key
+        self.keys = keys
         #: message id -> when it may be forgotten
         self.seen: OrderedDict[str, float] = OrderedDict()
         #: message id -> its gossip frame and times, to answer grafts
         self.cache: OrderedDict[str, Cached] = OrderedDict()
         #: what the cache holds, frames and bookkeeping (CACHE_ENTRY_BYTES each)
         self._cache_bytes = 0
-        #: topic -> connections subscribed to it
-        self.subscribers: dict[str, set] = {}
+        #: topic -> the subscriptions to it
+        self.subscribers: dict[str, set[Subscription]] = {}
         #: live peer connections (from the peer manager's events), in the
         #: order they came up
         self.links: dict[Any, Link] = {}
         #: announced ids we wait for: id -> (timer, announcing links still to ask)
         self.missing: dict[str, tuple[Any, list[Link]]] = {}
+        #: proof-of-work searches under way (publish's ``pow``)
+        self._works = 0
         #: what this part serves, for the node's tables
         self.ops = {"publish": self.op_publish, "subscribe": self.op_subscribe,
                     "unsubscribe": self.op_unsubscribe}
@@ -240,7 +355,7 @@ class Gossip:
 
     # -- client ops ----------------------------------------------------------------
 
-    def op_publish(self, conn: Any, args: Any) -> codec.Reply:
+    def op_publish(self, conn: Any, args: Any) -> Any:
         if not isinstance(args, dict):
             return codec.bad_args("publish", '"args" must be an object with "topic" and "payload"')
         for name in ("topic", "payload"):
@@ -249,21 +364,110 @@ class Gossip:
         topic = args["topic"]
         if not isinstance(topic, str) or not 0 < len(topic) <= self.config.max_topic_length:
             return codec.bad_args("publish", f'"topic" must be a string of 1 to {self.config.max_topic_length} characters')
+        try:
+            aad = topic.encode("utf-8")  # what sealing binds the content to
+        except UnicodeEncodeError:
+            # Only reachable in-process (a lone surrogate): the wire brings text.
+            return codec.bad_args("publish", '"topic" is not valid Unicode text')
         ttl = args.get("ttl", self.config.default_ttl)
         if not isinstance(ttl, int) or isinstance(ttl, bool) or not 0 < ttl <= self.config.max_ttl:
             return codec.bad_args("publish", f'"ttl" must be a whole number of seconds, 1 to {self.config.max_ttl}')
         try:
-            size = len(orjson.dumps(args["payload"]))
-            if size > self.config.max_payload:
-                return codec.bad_args("publish", f'"payload" is {size} bytes, over the limit of {self.config.max_payload}')
-            envelope = Envelope.create(self.signer, topic, args["payload"], ttl, self.reactor.seconds())
+            text = orjson.dumps(args["payload"])
         except (orjson.JSONEncodeError, UnicodeError) as e:
             # Only reachable in-process: what arrives over the wire was JSON.
             return codec.bad_args("publish", f'"payload" is not representable as JSON ({e})')
+        if len(text) > self.config.max_payload:
+            return codec.bad_args("publish", f'"payload" is {len(text)} bytes, over the limit of {self.config.max_payload}')
+        how = self._sealing("publish", args)
+        if isinstance(how, codec.Reply):
+            return how
+        encrypted, seal, signer, target, seconds = how
+        payload, content = args["payload"], None
+        if seal is not None or signer is not None:
+            packed = crypto.pack(text, signer)
+            sealed = seal(packed, aad) if seal is not None else packed
+            content, payload = base64.b64encode(sealed).decode("ascii"), None
+        now = self.reactor.seconds()
+        nonce = os.urandom(8).hex()
+        if target <= 0:
+            return self._publish(Envelope.create(self.signer, topic, payload, ttl, now, encrypted, content,
+                                                 nonce=nonce))
+        if self._works >= self.config.max_works:
+            return codec.too_many(f"Too many proof-of-work searches under way (at most {self.config.max_works}); "
+                                  "retry after a few seconds, or publish without \"pow\".")
+        body = _body(self.signer.node_id, topic, payload, round(now, 3), ttl, nonce, encrypted, content)
+        # In a thread, for at most its time: the node answers on meanwhile.
+        self._works += 1
+        d = crypto.work_in_thread(self.reactor, body, ttl, target, seconds)
+
+        def worked(found: crypto.Work) -> codec.Reply:
+            return self._publish(Envelope.create(self.signer, topic, payload, ttl, now, encrypted, content,
+                                                 work=found.nonce, nonce=nonce))
+
+        def done(outcome: Any) -> Any:
+            self._works -= 1
+            return outcome
+
+        return d.addBoth(done).addCallback(worked)
+
+    def _publish(self, envelope: Envelope) -> codec.Reply:
+        reached = envelope.pow()
+        if reached < self.config.min_pow:
+            return codec.bad_args("publish", f'"pow": reached {reached:.6g}, below this node\'s minimum '
+                                             f'{self.config.min_pow:g} (--min-pow); nothing was published. '
+                                             'Give a higher "pow" or "pow_time"')
         # Spread it once the reply is out, so that the publisher, subscribed
         # to its own topic, hears 202 before the message.
         self.reactor.callLater(0, self.accept, envelope, None)
-        return codec.accepted({"id": envelope.id})
+        return codec.accepted({"id": envelope.id, "pow": reached})
+
+    def _key_arg(self, op: str, args: dict, name: str, kinds: tuple[str, ...]) -> Any:
+        """The stored key named by ``args[name]`` (of one of ``kinds``),
+        None when absent, or the refusal."""
+        if name not in args:
+            return None
+        key_id = args[name]
+        if not isinstance(key_id, str) or not 0 < len(key_id) <= 128:
+            return codec.bad_args(op, f'"{name}" must be a key id (a string)')
+        key = self.keys.get(key_id) if self.keys is not None else None
+        if key is None:
+            return codec.not_found(f'Key "{key_id}" is not known.')
+        if key.type not in kinds:
+            return codec.bad_args(op, f'"{name}" must name a{"n asym" if kinds == ("asym",) else " sym"} key, '
+                                      f'not a{"n asym" if key.type == "asym" else " sym"} one')
+        return key
+
+    def _sealing(self, op: str, args: dict) -> Any:
+        """publish's ``key``/``to``/``sign``/``pow``/``pow_time``: (encrypted,
+        a sealing function or None, the signer's KeyPair or None, the pow
+        target, the seconds to work), or the refusal."""
+        if "key" in args and "to" in args:
+            return codec.bad_args(op, '"key" and "to" exclude each other: give one')
+        key = self._key_arg(op, args, "key", ("sym",))
+        if isinstance(key, codec.Reply):
+            return key
+        encrypted, seal = None, None
+        if key is not None:
+            encrypted = "sym"
+            seal = lambda data, aad: crypto.seal_sym(key.secret, data, aad)  # noqa: E731
+        if "to" in args:
+            public = crypto.parse_public_key(args["to"])
+            if public is None:
+                return codec.bad_args(op, f'"to" must be a public key: {2 * crypto.PUBLIC_KEY_SIZE} hex digits '
+                                          '(the "public_key" of an asym key)')
+            encrypted = "asym"
+            seal = lambda data, aad: crypto.seal_to(public, data, aad)  # noqa: E731
+        signing = self._key_arg(op, args, "sign", ("asym",))
+        if isinstance(signing, codec.Reply):
+            return signing
+        target = args.get("pow", 0)
+        if not _number(target):
+            return codec.bad_args(op, '"pow" must be a number, 0 or more (a proof-of-work target)')
+        seconds = args.get("pow_time", self.config.pow_time)
+        if not _number(seconds) or seconds > self.config.max_pow_time:
+            return codec.bad_args(op, f'"pow_time" must be a number of seconds, 0 to {self.config.max_pow_time:g}')
+        return encrypted, seal, signing.pair if signing is not None else None, target, seconds
 
     def _topics_arg(self, op: str, args: Any) -> list[str] | codec.Reply:
         if not isinstance(args, dict):
@@ -279,6 +483,28 @@ class Gossip:
             return codec.bad_args(op, f'"topics" must be a list of strings of 1 to {limit} characters')
         return topics
 
+    def _subscriptions(self, conn: Any) -> dict[str, Subscription]:
+        return conn.fox_state.setdefault("subscriptions", {})
+
+    def _filter_args(self, op: str, args: dict) -> Any:
+        """subscribe's ``key``/``from``/``min_pow``: (key id, senders, min_pow) or the refusal."""
+        key = self._key_arg(op, args, "key", ("sym", "asym"))
+        if isinstance(key, codec.Reply):
+            return key
+        senders = None
+        if "from" in args:
+            given = args["from"]
+            if not isinstance(given, list) or not given or len(given) > 64:
+                return codec.bad_args(op, '"from" must be a list of 1 to 64 public keys (hex)')
+            parsed = [crypto.parse_public_key(v) for v in given]
+            if any(p is None for p in parsed):
+                return codec.bad_args(op, f'"from": each must be a public key of {2 * crypto.PUBLIC_KEY_SIZE} hex digits')
+            senders = frozenset(p.hex() for p in parsed if p is not None)
+        min_pow = args.get("min_pow", 0)
+        if not _number(min_pow):
+            return codec.bad_args(op, '"min_pow" must be a number, 0 or more')
+        return (key.id if key is not None else None), senders, float(min_pow)
+
     def op_subscribe(self, conn: Any, args: Any) -> codec.Reply:
         topics = self._topics_arg("subscribe", args)
         if isinstance(topics, codec.Reply):
@@ -286,32 +512,62 @@ class Gossip:
         mine = conn.fox_state.setdefault("topics", set())
         if len(mine | set(topics)) > self.config.max_topics_per_connection:
             return codec.bad_args("subscribe", f'"topics": at most {self.config.max_topics_per_connection} per connection')
+        wanted = self._filter_args("subscribe", args)
+        if isinstance(wanted, codec.Reply):
+            return wanted
+        subscriptions = self._subscriptions(conn)
+        if len(subscriptions) >= self.config.max_subscriptions_per_connection:
+            return codec.bad_args("subscribe", f'"topics": at most {self.config.max_subscriptions_per_connection} '
+                                               'subscriptions per connection; unsubscribe one first')
+        key, senders, min_pow = wanted
+        sub = Subscription(secrets.token_hex(16), conn, set(topics), key, senders, min_pow)
+        subscriptions[sub.id] = sub
         for topic in topics:
             mine.add(topic)
-            self.subscribers.setdefault(topic, set()).add(conn)
-        return codec.ok({"topics": sorted(mine)})
+            self.subscribers.setdefault(topic, set()).add(sub)
+        return codec.ok({"topics": sorted(mine), "subscription": sub.id})
 
     def op_unsubscribe(self, conn: Any, args: Any) -> codec.Reply:
+        subscriptions = self._subscriptions(conn)
+        if isinstance(args, dict) and "subscription" in args:
+            if "topics" in args:
+                return codec.bad_args("unsubscribe", '"subscription" and "topics" exclude each other: give one')
+            sub_id = args["subscription"]
+            if not isinstance(sub_id, str):
+                return codec.bad_args("unsubscribe", '"subscription" must be the id subscribe replied with')
+            sub = subscriptions.get(sub_id)
+            if sub is None:
+                return codec.not_found(f'Subscription "{sub_id[:100]}" is not known.')
+            self._drop(sub, set(sub.topics))
+            return codec.ok({"subscription": sub_id, "topics": sorted(conn.fox_state.get("topics", ()))})
+        if isinstance(args, dict) and "topics" not in args:
+            return codec.bad_args("unsubscribe", '"topics" or "subscription" is missing')
         topics = self._topics_arg("unsubscribe", args)
         if isinstance(topics, codec.Reply):
             return topics
-        mine = conn.fox_state.setdefault("topics", set())
-        for topic in topics:
-            mine.discard(topic)
-            self._unsubscribe(conn, topic)
-        return codec.ok({"topics": sorted(mine)})
+        for sub in list(subscriptions.values()):
+            self._drop(sub, set(topics) & sub.topics)
+        return codec.ok({"topics": sorted(conn.fox_state.get("topics", ()))})
 
-    def _unsubscribe(self, conn: Any, topic: str) -> None:
-        subs = self.subscribers.get(topic)
-        if subs is not None:
-            subs.discard(conn)
-            if not subs:
-                del self.subscribers[topic]
+    def _drop(self, sub: Subscription, topics: set[str]) -> None:
+        """``topics`` out of ``sub``; the subscription goes when none is left."""
+        for topic in topics:
+            sub.topics.discard(topic)
+            subs = self.subscribers.get(topic)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self.subscribers[topic]
+        state = sub.conn.fox_state
+        if not sub.topics:
+            state.get("subscriptions", {}).pop(sub.id, None)
+        left = set().union(*(s.topics for s in state.get("subscriptions", {}).values()))
+        state["topics"] = left
 
     def connection_closed(self, conn: Any) -> None:
         """Any connection closed: its subscriptions go."""
-        for topic in conn.fox_state.get("topics", ()):
-            self._unsubscribe(conn, topic)
+        for sub in list(conn.fox_state.get("subscriptions", {}).values()):
+            self._drop(sub, set(sub.topics))
 
     # -- peer links (PeerListener) ---------------------------------------------------
 
@@ -350,20 +606,65 @@ class Gossip:
                 metrics.send_dropped.labels("peer").inc()
 
     def deliver(self, envelope: Envelope, payload: orjson.Fragment | None = None) -> None:
-        """Push ``envelope`` to this node's subscribers of its topic;
-        ``payload``, when given, is its payload encoded already."""
+        """Push ``envelope`` to this node's subscriptions of its topic that
+        take it (PROTOCOL.md: one with a key only what that key opens, one
+        without only what is not encrypted; ``from``, ``min_pow``), one
+        event each; ``payload``, when given, is its payload encoded already."""
         subscribers = self.subscribers.get(envelope.topic)
         if not subscribers:
             return
-        frame = codec.encode_event("message", id=envelope.id, topic=envelope.topic,
-                       payload=envelope.payload if payload is None else payload,
-                       origin=envelope.origin, created=envelope.created)
+        if envelope.content is None and payload is None:
+            payload = orjson.Fragment(codec.dumps(envelope.payload))
+        reached = envelope.pow()
+        #: key id (None: no key) -> what it opens of the envelope, or None
+        opened: dict[str | None, Opened | None] = {}
         metrics = self.metrics
-        for conn in list(subscribers):
-            if conn.send_frame(frame, droppable=True):
+        for sub in list(subscribers):
+            if sub.min_pow > reached:
+                continue
+            if sub.key not in opened:
+                opened[sub.key] = self._open(envelope, sub.key, payload)
+            view = opened[sub.key]
+            if view is None or (sub.senders is not None and view.signer not in sub.senders):
+                continue
+            frame = codec.encode_event("message", id=envelope.id, topic=envelope.topic, payload=view.payload,
+                                       origin=envelope.origin, created=envelope.created, subscription=sub.id,
+                                       **{"from": view.signer}, encrypted=view.encrypted, pow=reached)
+            if sub.conn.send_frame(frame, droppable=True):
                 metrics.gossip_delivered.inc()
             else:
                 metrics.send_dropped.labels("subscriber").inc()
+
+    def _open(self, envelope: Envelope, key_id: str | None, payload: orjson.Fragment | None) -> Opened | None:
+        """What a subscription holding ``key_id`` sees of ``envelope``; None:
+        nothing (not for it, or it does not open)."""
+        if envelope.content is None:
+            return Opened(payload, None, None) if key_id is None else None
+        if (key_id is None) != (envelope.encrypted is None):
+            return None
+        try:
+            data = base64.b64decode(envelope.content, validate=True)
+            if envelope.encrypted is not None:
+                key = self.keys.get(key_id) if self.keys is not None and key_id is not None else None
+                if key is None:
+                    return None  # deleted since the subscription was made
+                aad = envelope.topic.encode()
+                if envelope.encrypted == "sym" and key.type == "sym":
+                    data = crypto.open_sym(key.secret, data, aad)
+                elif envelope.encrypted == "asym" and key.pair is not None:
+                    data = crypto.open_from(key.pair, data, aad)
+                else:
+                    return None
+            content = crypto.unpack(data)
+            orjson.loads(content.payload)  # JSON, or it reaches nobody: the frame must stay valid
+        except (binascii.Error, ValueError, crypto.CannotOpen) as e:
+            # orjson.JSONDecodeError is a ValueError; a bad signature is a CannotOpen
+            if isinstance(e, crypto.BadSignature):
+                log.info("envelope {id} from {origin}: a signature that is not its signer's; not delivered",
+                         id=envelope.id[:16], origin=envelope.origin[:12])
+            return None
+        return Opened(orjson.Fragment(content.payload), content.signer.hex() if content.signer else None,
+                      envelope.encrypted)
 
     def on_gossip(self, conn: Any, event: codec.Event) -> None:
         link = self.links.get(conn)
@@ -382,6 +683,13 @@ class Gossip:
             envelope = Envelope.from_json(raw, self.config, self.reactor.seconds())
         except Rejected as e:
             self._reject(conn, message_id, str(e))
+            return
+        if self.config.min_pow and envelope.pow() < self.config.min_pow:
+            # Refused and counted, not forwarded; not held against the peer,
+            # whose own minimum may be lower.
+            self.metrics.gossip_received.labels("pow").inc()
+            log.debug("dropped envelope {id} from {peer}: proof of work below {min_pow:g}",
+                      id=envelope.id[:16], peer=conn.node_id[:12], min_pow=self.config.min_pow)
             return
         self.metrics.gossip_received.labels("accepted").inc()
         # Whoever brought us something new is on the tree.

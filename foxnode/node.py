@@ -378,6 +378,8 @@ class Node:
             "connected": self.live_peers(),
             # For consoles and testers (``.help``): every op this node serves.
             "ops": sorted(self._ops),
+            # Envelopes below it are refused here (--min-pow): what a publisher must reach.
+            "min_pow": self.gossip.config.min_pow if self.gossip is not None else 0.0,
         }
 
     def health(self) -> dict[str, Any]:

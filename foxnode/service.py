@@ -18,9 +18,12 @@ node does over time, each started and stopped by twistd's service tree:
   addresses, each a ``TimerService``;
 - ``GossipService``: the sweep of expired ids and cached envelopes.
 
+The key store (keys.py), when given, serves its ops as operator ops.
+
 Stopping: the children stop (no new connections, dials cancelled), then
 every connection closes (their closes update the store), then the store's
-journal is folded into the peers file, then the file locks are released.
+journal is folded into the peers file and the key store's last write
+waited for, side by side, then the file locks are released.
 
 The clock: every part reads time only through the reactor handed to
 ``build`` (``reactor.seconds()``), so tests hand in a ``Clock``.
@@ -42,9 +45,10 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from zope.interface import implementer
 
 from foxnode import locks, logs
-from foxnode.config import GossipConfig, NodeConfig, PeerConfig, WebConfig
+from foxnode.config import GossipConfig, KeyConfig, NodeConfig, PeerConfig, WebConfig
 from foxnode.gossip import Gossip
 from foxnode.identity import Identity
+from foxnode.keys import KeyStore
 from foxnode.metrics import NodeMetrics
 from foxnode.node import Node
 from foxnode.peers import PeerManager
@@ -63,6 +67,7 @@ class Configs:
     peers: PeerConfig = PeerConfig()
     gossip: GossipConfig = GossipConfig()
     web: WebConfig = WebConfig()
+    keys: KeyConfig = KeyConfig()
 
 
 def _timer(step: float, call: Callable[[], Any], clock: Any, parent: service.MultiService) -> None:
@@ -116,16 +121,21 @@ class GossipService(service.MultiService):
 
 def build(reactor: Any, configs: Configs, store: PeerStore, identity: Identity,
           endpoint: Any, listen: str = "", file_locks: list[locks.FileLock] | None = None,
-          metrics: NodeMetrics | None = None) -> "NodeService":
-    """The node and its parts, connected, as a service ready to start."""
+          metrics: NodeMetrics | None = None, keys: KeyStore | None = None) -> "NodeService":
+    """The node and its parts, connected, as a service ready to start;
+    without ``keys`` (a key store opened on the data directory), the node
+    serves no key ops."""
     node = Node(reactor, configs.node, identity, store, metrics)
-    gossip = Gossip(reactor, identity, node.metrics, configs.gossip)
+    gossip = Gossip(reactor, identity, node.metrics, configs.gossip, keys=keys)
     peers = PeerManager(node, configs.peers, listeners=[gossip])
     node.peers, node.gossip = peers, gossip
     node.serve(peers.ops)
     node.serve(peers.operator_ops, operator=True)
     node.serve(gossip.ops)
     node.hear(gossip.events)
+    if keys is not None:
+        # Keys are secrets: only the node's operator makes, reads or deletes them.
+        node.serve(keys.ops, operator=True)
     c = configs.node
     ws_factory = FoxServerFactory(
         node, reactor, max_message_size=c.max_message_size, send_queue=c.send_queue,
@@ -133,7 +143,8 @@ def build(reactor: Any, configs: Configs, store: PeerStore, identity: Identity,
         open_timeout=c.handshake_timeout, max_connections=c.max_connections,
         max_in_flight=c.max_in_flight, frames=c.frames)
     site = make_site(node, ws_factory, configs.web)
-    node_service = NodeService(reactor, node, endpoint, site, listen=listen, file_locks=file_locks)
+    node_service = NodeService(reactor, node, endpoint, site, listen=listen, file_locks=file_locks,
+                               keys=keys)
     StoreService(store, reactor).setServiceParent(node_service)
     PeerService(peers, reactor).setServiceParent(node_service)
     GossipService(gossip, reactor).setServiceParent(node_service)
@@ -192,11 +203,13 @@ class NodeService(service.MultiService):
     hangup: Any = None
 
     def __init__(self, reactor: Any, node: Node, endpoint: Any, site: Any, listen: str = "",
-                 file_locks: list[locks.FileLock] | None = None) -> None:
+                 file_locks: list[locks.FileLock] | None = None, keys: KeyStore | None = None) -> None:
         super().__init__()
         self.reactor = reactor
         self.node = node
         self.site = site
+        #: closed at stop, beside the peer store
+        self.keys = keys
         self.listen = listen
         #: held until the node has stopped (locks.py)
         self.file_locks = file_locks or []
@@ -260,8 +273,16 @@ class NodeService(service.MultiService):
         # whose closes update the store; then the store's last write.
         stopped = super().stopService()
         d = DeferredList([stopped, self.node.close_connections()], consumeErrors=True)
-        d.addBoth(lambda _: self.node.store.close(timeout=CLOSE_TIMEOUT))
+        d.addBoth(self._close_stores)
         return d.addBoth(self._release)
+
+    def _close_stores(self, _: Any) -> Deferred:
+        # Side by side, each within its timeout: a hung disk holds the
+        # shutdown once, not once per file. Both end before the locks go.
+        closing = [self.node.store.close(timeout=CLOSE_TIMEOUT)]
+        if self.keys is not None:
+            closing.append(self.keys.close(timeout=CLOSE_TIMEOUT))
+        return DeferredList(closing, consumeErrors=True)
 
     def _release(self, _: Any) -> None:
         for lock in self.file_locks:

@@ -407,7 +407,7 @@ def _temp_name(name: str) -> str:
 _TEMP_ATTEMPTS = 16
 
 
-def write_atomically(path: Path, data: bytes | list[bytes], ops: DiskOps = DISK) -> None:
+def write_atomically(path: Path, data: bytes | list[bytes], ops: DiskOps = DISK, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` (bytes, or chunks written in order) so
     that a crash at any moment leaves either the old or the new file, never
     a mix; runs in a thread. A symlink stays a symlink: the file it points
@@ -419,7 +419,7 @@ def write_atomically(path: Path, data: bytes | list[bytes], ops: DiskOps = DISK)
         tmp = directory / _temp_name(target.name)
         try:
             # O_EXCL | O_NOFOLLOW: never write through anything found there.
-            fd = ops.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            fd = ops.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
             break
         except FileExistsError:
             continue

@@ -40,18 +40,20 @@ from foxnode.storefiles import (
 
 class ThreadRunner:
     """The store's own daemon thread, running one job at a time; results
-    come back on the reactor's thread. A daemon, so that a write hung in
-    the kernel does not keep the process from exiting."""
+    (what the job returned, or its failure) come back on the reactor's
+    thread. A daemon, so that a write hung in the kernel does not keep the
+    process from exiting. The key store runs its writes on one too."""
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, name: str = "foxnode-store-writer") -> None:
         self._reactor = reactor
+        self._name = name
         self._jobs: queue.SimpleQueue | None = None
 
-    def run(self, write: Callable[..., None], *args: Any) -> Deferred:
+    def run(self, write: Callable[..., Any], *args: Any) -> Deferred:
         d: Deferred = Deferred()
         if self._jobs is None:
             self._jobs = queue.SimpleQueue()
-            threading.Thread(target=self._work, args=(self._jobs,), name="foxnode-store-writer",
+            threading.Thread(target=self._work, args=(self._jobs,), name=self._name,
                              daemon=True).start()
         self._jobs.put((write, args, d))
         return d
@@ -66,11 +68,11 @@ class ThreadRunner:
         while (job := jobs.get()) is not None:
             write, args, d = job
             try:
-                write(*args)
+                result = write(*args)
             except BaseException:
                 self._reactor.callFromThread(d.errback, Failure())
             else:
-                self._reactor.callFromThread(d.callback, None)
+                self._reactor.callFromThread(d.callback, result)
 
 
 class StoreFiles:

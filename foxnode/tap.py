@@ -18,7 +18,7 @@ from OpenSSL import SSL, crypto
 from twisted.internet.endpoints import serverFromString
 from twisted.python import logfile, usage
 
-from foxnode import address, frames, identity, locks, logs
+from foxnode import address, frames, identity, keys, locks, logs
 from foxnode.client import TrustError, load_trust_root
 from foxnode.config import (DEFAULT_TRUSTED, GossipConfig, NodeConfig, PeerConfig, StoreConfig,
                             WebConfig, default)
@@ -142,6 +142,10 @@ class Options(usage.Options):
                 float, 1, DAY),
         _number("max-payload", default(GossipConfig, "max_payload"), "Largest gossip message payload, in bytes.", int, 1, 1 << 26),
         _number("max-ttl", default(GossipConfig, "max_ttl"), "Longest time-to-live of a gossip message, in seconds.", int, 1, DAY),
+        _number("min-pow", default(GossipConfig, "min_pow"),
+                "Least proof of work (Whisper's: 2**leading zero bits of the work hash / (bytes * TTL)) "
+                "of the envelopes this node takes and forwards; others are refused and counted.",
+                float, 0, 1e12),
         _number("send-queue", default(NodeConfig, "send_queue"),
                 "Bytes a connection may hold back for a slow reader before pushes are dropped "
                 "(subscribers, peers) or the connection closes (unread replies).", int, 1024, 1 << 30),
@@ -279,7 +283,7 @@ class Options(usage.Options):
 
     def gossip_config(self) -> GossipConfig:
         return GossipConfig(max_payload=self["max-payload"], max_ttl=self["max-ttl"],
-                            default_ttl=min(60, self["max-ttl"]))
+                            default_ttl=min(60, self["max-ttl"]), min_pow=self["min-pow"])
 
     def node_config(self) -> NodeConfig:
         return NodeConfig(
@@ -356,7 +360,7 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
     # A bad endpoint (syntax, TLS files) is refused before anything is locked or read.
     endpoint = _server_endpoint(reactor, config["listen"])
     metrics = NodeMetrics()
-    file_locks, store, node_identity = _open_files(reactor, config, metrics)
+    file_locks, store, node_identity, key_store = _open_files(reactor, config, configs, metrics)
     named = configs.node.bootstrap + configs.peers.static
     if named:
         # Dialed whatever the disk does: the operator named them, so a
@@ -366,7 +370,7 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
         store.add(named, BOOTSTRAP, durable=False, revive=True)
         store.commit().addErrback(lambda _: None)  # a failure is logged by the store
     node_service = build(reactor, configs, store, node_identity, endpoint, listen=config["listen"],
-                         file_locks=file_locks, metrics=metrics)
+                         file_locks=file_locks, metrics=metrics, keys=key_store)
     from autobahn.websocket import USES_NVX
 
     log.info("foxnode {node_id}: peers file {path} ({n} known), data dir {dir}, "
@@ -380,10 +384,11 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
     return node_service
 
 
-def _open_files(reactor: Any, config: Options,
-                metrics: NodeMetrics) -> tuple[list[locks.FileLock], PeerStore, identity.Identity]:
-    """Lock the node's files, then read the peer store and the key; any
-    fault ends the start in one line, with nothing left locked."""
+def _open_files(reactor: Any, config: Options, configs: Configs, metrics: NodeMetrics
+                ) -> tuple[list[locks.FileLock], PeerStore, identity.Identity, keys.KeyStore]:
+    """Lock the node's files, then read the peer store, the key and the key
+    store; any fault ends the start in one line, with nothing left locked
+    and no file written."""
     # Locked before anything is read, so a second node on either file
     # neither shares the key nor overwrites the store.
     try:
@@ -394,12 +399,15 @@ def _open_files(reactor: Any, config: Options,
     try:
         store = PeerStore.open(reactor, config["peers-file"], max_peers=config["max-peers"],
                                on_write=metrics.store_writes.observe)
+        # Read before node.key may be created: a refused start leaves the data directory as it was.
+        key_store = keys.KeyStore.open(reactor, os.path.join(config["data-dir"], keys.KEY_FILE),
+                                       configs.keys)
         node_identity = identity.load_or_create(config["data-dir"])
-    except (StoreError, identity.IdentityError) as e:
+    except (StoreError, identity.IdentityError, keys.KeyStoreError) as e:
         for lock in file_locks:
             lock.release()
         raise SystemExit(f"foxnode: cannot start: {e}") from None
-    return file_locks, store, node_identity
+    return file_locks, store, node_identity, key_store
 
 
 def _server_endpoint(reactor: Any, description: str) -> Any:

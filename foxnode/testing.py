@@ -400,10 +400,10 @@ class InlineWriter:
         from twisted.internet.defer import fail, succeed
 
         try:
-            write(*args)
+            result = write(*args)
         except BaseException:
             return fail()
-        return succeed(None)
+        return succeed(result)
 
     def stop(self) -> None:
         pass
@@ -510,20 +510,23 @@ class MemoryNetwork:
 def memory_node(network: MemoryNetwork, directory: Path, configs: Any = None,
                 ident: Any = None, port: int | None = None) -> Any:
     """A node built by ``service.build`` on ``network``, started and
-    listening at ``port`` (a fresh one by default); its peer store is a
-    real file in ``directory``, written inline."""
+    listening at ``port`` (a fresh one by default); its peer store and its
+    key store are real files in ``directory``, written inline."""
     from foxnode import identity, service
+    from foxnode.keys import KEY_FILE, KeyStore
     from foxnode.store import PeerStore
 
     directory.mkdir(parents=True, exist_ok=True)
     store = PeerStore.open(network.reactor, directory / "peers.json", runner=InlineWriter())
-    port = port or network.port()
     configs = configs or service.Configs()
+    keys = KeyStore.open(network.reactor, directory / KEY_FILE, configs.keys)
+    keys._writer = InlineWriter()
+    port = port or network.port()
     if frames_under_test() != frames.OWN:
         configs = attrs.evolve(configs, node=attrs.evolve(configs.node, frames=frames_under_test()))
     node_service = service.build(network.reactor, configs, store,
                                  ident or identity.Identity.generate(),
-                                 MemoryServerEndpoint(network, port))
+                                 MemoryServerEndpoint(network, port), keys=keys)
     node_service.startService()
     network.pump()
     return node_service

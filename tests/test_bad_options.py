@@ -103,6 +103,8 @@ NODE_BAD: dict[str, list[str]] = {
     "max-backoff": bad_numbers(1, 86_400, whole=False),
     "max-payload": bad_numbers(1, 1 << 26, whole=True),
     "max-ttl": bad_numbers(1, 86_400, whole=True),
+    # from 0: bad_numbers would offer 0/2, which is in range
+    "min-pow": ["nan", "NaN", "inf", "-inf", "1e999", "abc", "", "-1", "-0.5", "2e12"],
     "send-queue": bad_numbers(1024, 1 << 30, whole=True),
     "frames": ["", "fast", "0", "own,autobahn", "auto" + UNDECODABLE],
 }

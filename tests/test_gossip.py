@@ -201,7 +201,8 @@ async def test_subscribe_and_publish_validate_their_args(reactor, tmp_path):
         assert (await conn.request("subscribe", {})).status == 400
         assert (await conn.request("subscribe", {"topics": [1]})).status == 400
         reply = await conn.request("subscribe", {"topics": ["a", "b"]})
-        assert reply.status == 200 and reply.response == {"topics": ["a", "b"]}
+        assert reply.status == 200 and reply.response["topics"] == ["a", "b"]
+        assert isinstance(reply.response["subscription"], str)  # PROTOCOL.md: the reply adds it
         reply = await conn.request("unsubscribe", {"topics": ["a"]})
         assert reply.status == 200 and reply.response == {"topics": ["b"]}
         # An unsubscribed topic is no longer delivered.

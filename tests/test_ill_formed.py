@@ -65,6 +65,30 @@ class Spec:
     refused_to: frozenset = frozenset()
     #: seed: args not an object or without a required field -> this exact 500
     seed_500: str | None = None
+    #: fields that name something the node may not know (a key id): a
+    #: value well-formed by this test but unknown gets a 4xx saying so,
+    #: which names the value, not the field
+    unknown: dict[str, Callable[[Any], bool]] = {}
+
+
+def _password(v: Any) -> bool:
+    try:
+        return isinstance(v, str) and 0 < len(v.encode("utf-8")) <= 1024
+    except UnicodeEncodeError:
+        return False
+
+
+def _hex32(v: Any) -> bool:
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdefABCDEF" for c in v)
+
+
+def _amount(high: float) -> Callable[[Any], bool]:
+    return lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool)
+                      and 0 <= v <= high and v != float("inf"))
+
+
+def _key_id(v: Any) -> bool:
+    return isinstance(v, str) and 0 < len(v) <= 128
 
 
 SPECS: dict[str, Spec] = {
@@ -74,14 +98,27 @@ SPECS: dict[str, Spec] = {
     "time": Spec(ignores_args=True),
     "info": Spec({"detail": lambda v: isinstance(v, bool)}),
     "exchange": Spec(ignores_args=True, refused_to=frozenset({"client"})),
+    # "key", "sign": no variant is a key id of the node's; "to": none is a public key (128 hex)
     "publish": Spec({"topic": _str(128), "payload": lambda v: len(orjson.dumps(v)) <= 64 * 1024,
-                     "ttl": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 3600},
-                    frozenset({"topic", "payload"})),
-    "subscribe": Spec({"topics": lambda v: _topics(v) and len(v if isinstance(v, list) else [v]) <= 64},
-                      frozenset({"topics"})),
-    "unsubscribe": Spec({"topics": _topics}, frozenset({"topics"})),
+                     "ttl": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 3600,
+                     "key": lambda v: False, "to": lambda v: False, "sign": lambda v: False,
+                     "pow": _amount(float("inf")), "pow_time": _amount(10)},
+                    frozenset({"topic", "payload"}), unknown={"key": _key_id, "sign": _key_id}),
+    "subscribe": Spec({"topics": lambda v: _topics(v) and len(v if isinstance(v, list) else [v]) <= 64,
+                       "key": lambda v: False, "from": lambda v: False, "min_pow": _amount(float("inf"))},
+                      frozenset({"topics"}), unknown={"key": _key_id}),
+    # "subscription" beside "topics" is refused, naming it
+    "unsubscribe": Spec({"topics": _topics, "subscription": lambda v: False}, frozenset({"topics"})),
     # an operator op: a client on loopback is the operator by default
     "unregister": Spec({"addr": lambda v: v == "ws://127.3.0.1:9/ws"}, frozenset({"addr"})),
+    # operator ops too; no variant is a key id of the node's (ids are random)
+    "newkey": Spec({"type": lambda v: v == "sym", "password": _password}, frozenset({"type"})),
+    "addkey": Spec({"type": lambda v: v == "sym", "key": _hex32,
+                    "private_key": lambda v: False},  # not with "type": "sym"
+                   frozenset({"type", "key"})),
+    "getkey": Spec({"id": lambda v: False, "secret": lambda v: isinstance(v, bool)}, frozenset({"id"}),
+                   unknown={"id": _key_id}),
+    "delkey": Spec({"id": lambda v: False}, frozenset({"id"}), unknown={"id": _key_id}),
     "hello": Spec({
         "node_id": identity.is_node_id, "network": lambda v: v == "foxchain",
         "version": lambda v: v == PROTOCOL_VERSION and not isinstance(v, bool),
@@ -99,6 +136,9 @@ VALID_ARGS = {
     "publish": {"topic": "t", "payload": {"n": 1}, "ttl": 60},
     "subscribe": {"topics": ["t"]}, "unsubscribe": {"topics": ["t"]},
     "unregister": {"addr": "ws://127.3.0.1:9/ws"},
+    "newkey": {"type": "sym", "password": "pw"},
+    "addkey": {"type": "sym", "key": "ab" * 32},
+    # getkey and delkey: {"id": <a key the walk makes first>}
 }
 
 
@@ -131,6 +171,8 @@ def expected(op: str, role: str, args: Any, varied: str | None, value: Any) -> t
             return ("seed", "") if spec.seed_500 else ("4xx", varied)
         return "2xx", ""
     if varied is not None and not spec.fields[varied](value):
+        if varied in spec.unknown and spec.unknown[varied](value):
+            return "4xx", "is not known"
         return "4xx", varied
     if op == "hello":
         return "4xx", "signature"  # made valid only where a test signs it (below)
@@ -228,6 +270,9 @@ async def test_every_op_every_ill_formed_argument_gets_a_4xx_naming_it(reactor, 
     try:
         ops = sorted(running.node._ops)
         assert set(ops) == set(SPECS), f"ops without a spec here: {set(ops) - set(SPECS)}"
+        made = await client.call(reactor, running.url, "newkey", {"type": "asym"})
+        assert made.status == 200, made
+        valid = {**VALID_ARGS, "getkey": {"id": made.response["id"]}, "delkey": {"id": made.response["id"]}}
         rid = 0
         for role in ("client", "peer"):
             proto, inbox = await session(reactor, running.url, peer=role == "peer")
@@ -237,7 +282,7 @@ async def test_every_op_every_ill_formed_argument_gets_a_4xx_naming_it(reactor, 
                     continue  # each on its own connection, below
                 for what, case in cases(op):
                     rid += 1
-                    args, field, value = build(op, case, VALID_ARGS.get(op, {}))
+                    args, field, value = build(op, case, valid.get(op, {}))
                     want, names = expected(op, role, args, field, value)
                     reply = await ask(reactor, proto, inbox, op, args, rid)
                     check(problems, f"{role} {op}({what})", reply, want, names, op)

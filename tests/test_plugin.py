@@ -74,6 +74,7 @@ DEFAULTS = {
     "max-backoff": 60.0,
     "max-payload": 65536,
     "max-ttl": 3600,
+    "min-pow": 0.0,
     "send-queue": 1 << 20,
     "cafile": None,
     "trusted": [],

@@ -1,0 +1,264 @@
+"""Private, signed and paid-for messages in gossip, without sockets: what
+publish seals, what each subscription receives, what a node refuses."""
+
+from __future__ import annotations
+
+import base64
+
+import attrs
+import orjson
+import pytest
+from twisted.internet.task import Clock
+
+from foxnode import codec, crypto, identity
+from foxnode.config import GossipConfig
+from foxnode.gossip import Envelope, Gossip, Rejected
+from foxnode.keys import KEY_FILE, KeyStore
+from foxnode.metrics import NodeMetrics
+from foxnode.testing import FakeConnection, InlineWriter
+
+OPERATOR = FakeConnection()
+
+
+def setup(tmp_path, **config):
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    keys = KeyStore(clock, tmp_path / KEY_FILE)
+    keys._writer = InlineWriter()
+    gossip = Gossip(clock, identity.Identity.generate(), NodeMetrics(), GossipConfig(**config), keys=keys)
+    return clock, keys, gossip
+
+
+def key(keys, args):
+    reply = keys.ops["newkey"](OPERATOR, args)
+    got = []
+    reply.addCallback(got.append)
+    return got[0].response
+
+
+def subscriber(gossip, **filters):
+    conn = FakeConnection()
+    reply = gossip.op_subscribe(conn, {"topics": ["t"], **filters})
+    assert reply.status == 200, reply
+    return conn, reply.response["subscription"]
+
+
+def messages(conn):
+    return [e.body for e in conn.events() if isinstance(e, codec.Event) and e.name == "message"]
+
+
+def publish(clock, gossip, **args):
+    reply = gossip.op_publish(OPERATOR, {"topic": "t", "payload": {"n": 1}, **args})
+    clock.advance(0)
+    return reply
+
+
+def test_each_subscription_receives_what_its_key_opens(tmp_path):
+    clock, keys, gossip = setup(tmp_path)
+    sym = key(keys, {"type": "sym"})["id"]
+    other = key(keys, {"type": "sym"})["id"]
+    reader = key(keys, {"type": "asym"})
+    signer = key(keys, {"type": "asym"})
+    plain, _ = subscriber(gossip)
+    with_sym, sym_sub = subscriber(gossip, key=sym)
+    with_other, _ = subscriber(gossip, key=other)
+    with_asym, _ = subscriber(gossip, key=reader["id"])
+    only_signer, _ = subscriber(gossip, key=sym, **{"from": [signer["public_key"]]})
+    only_reader, _ = subscriber(gossip, key=sym, **{"from": [reader["public_key"]]})
+
+    assert publish(clock, gossip, key=sym, sign=signer["id"]).status == 202
+    assert publish(clock, gossip, to=reader["public_key"]).status == 202
+    assert publish(clock, gossip, sign=signer["id"]).status == 202  # signed, not sealed
+    assert publish(clock, gossip).status == 202
+
+    [m] = messages(with_sym)
+    assert m["payload"] == {"n": 1} and m["from"] == signer["public_key"] and m["encrypted"] == "sym"
+    assert m["subscription"] == sym_sub and isinstance(m["pow"], float)
+    assert messages(with_other) == []
+    [m] = messages(with_asym)
+    assert m["encrypted"] == "asym" and m["from"] is None
+    assert [m["from"] for m in messages(plain)] == [signer["public_key"], None]
+    assert all(m["encrypted"] is None for m in messages(plain))
+    assert len(messages(only_signer)) == 1 and messages(only_reader) == []
+
+
+def test_what_travels_is_unreadable_without_the_key(tmp_path):
+    clock, keys, gossip = setup(tmp_path)
+    sym = key(keys, {"type": "sym"})["id"]
+    peer = FakeConnection(node_id="ab" * 32)
+    gossip.peer_up(peer)
+    publish(clock, gossip, key=sym, payload={"password": "hunter2"})
+    [frame] = peer.sent
+    envelope = orjson.loads(frame)["envelope"]
+    assert envelope["payload"] is None and envelope["encrypted"] == "sym"
+    assert b"hunter2" not in frame and b"password" not in frame
+    assert envelope["topic"] == "t"  # readable, so every node forwards it
+
+
+def test_sealed_content_moved_tampered_or_forged_reaches_nobody(tmp_path):
+    clock, keys, gossip = setup(tmp_path)
+    sym_key = key(keys, {"type": "sym"})
+    signer = key(keys, {"type": "asym"})
+    secret = bytes.fromhex(reply_secret(keys, sym_key["id"]))
+    sub, _ = subscriber(gossip, key=sym_key["id"])
+    me = identity.Identity.generate()
+    now = clock.seconds()
+
+    def deliver(content, topic="t"):
+        gossip.deliver(Envelope.create(me, topic, None, 60, now, "sym", base64.b64encode(content).decode()))
+
+    good = crypto.seal_sym(secret, crypto.pack(b'{"n":1}', None), b"t")
+    deliver(good)
+    assert len(messages(sub)) == 1
+    # sealed for another topic (the topic is the associated data)
+    deliver(crypto.seal_sym(secret, crypto.pack(b'{"n":1}'), b"u"))
+    tampered = bytearray(good)
+    tampered[20] ^= 1
+    deliver(bytes(tampered))
+    # signed by one key, naming another as the signer
+    pair = keys.get(signer["id"]).pair
+    forged = bytearray(crypto.pack(b'{"n":1}', crypto.KeyPair.generate()))
+    forged[1:65] = pair.public_key
+    deliver(crypto.seal_sym(secret, bytes(forged), b"t"))
+    # not JSON inside
+    deliver(crypto.seal_sym(secret, crypto.pack(b"{not json"), b"t"))
+    assert len(messages(sub)) == 1
+    # the key deleted: nothing opens any more
+    keys.ops["delkey"](OPERATOR, {"id": sym_key["id"]})
+    deliver(good)
+    assert len(messages(sub)) == 1
+
+
+def reply_secret(keys, key_id):
+    return keys.ops["getkey"](OPERATOR, {"id": key_id, "secret": True}).response["key"]
+
+
+def test_publish_refuses_bad_sealing_arguments_naming_them(tmp_path):
+    clock, keys, gossip = setup(tmp_path)
+    sym = key(keys, {"type": "sym"})["id"]
+    asym = key(keys, {"type": "asym"})
+    cases = [
+        ({"key": "ab" * 32}, 404, "is not known"), ({"key": 5}, 400, '"key"'),
+        ({"key": asym["id"]}, 400, '"key"'), ({"key": sym, "to": asym["public_key"]}, 400, '"to"'),
+        ({"to": "ab" * 32}, 400, '"to"'), ({"to": 7}, 400, '"to"'),
+        ({"sign": sym}, 400, '"sign"'), ({"sign": "x"}, 404, "is not known"),
+        ({"pow": -1}, 400, '"pow"'), ({"pow": "1"}, 400, '"pow"'), ({"pow": True}, 400, '"pow"'),
+        ({"pow_time": 11}, 400, '"pow_time"'), ({"pow_time": -1}, 400, '"pow_time"'),
+    ]
+    for args, status, named in cases:
+        reply = publish(clock, gossip, **args)
+        assert reply.status == status and named in reply.error, (args, reply)
+    assert gossip.seen == {}
+
+
+def test_subscribe_and_unsubscribe_arguments(tmp_path):
+    clock, keys, gossip = setup(tmp_path)
+    sym = key(keys, {"type": "sym"})["id"]
+    conn = FakeConnection()
+    for args, status, named in [
+        ({"key": "nope"}, 404, "is not known"), ({"key": 1}, 400, '"key"'),
+        ({"from": []}, 400, '"from"'), ({"from": ["ab"]}, 400, '"from"'), ({"from": "ab"}, 400, '"from"'),
+        ({"min_pow": -1}, 400, '"min_pow"'), ({"min_pow": None}, 400, '"min_pow"'),
+    ]:
+        reply = gossip.op_subscribe(conn, {"topics": ["t"], **args})
+        assert reply.status == status and named in reply.error, (args, reply)
+    one = gossip.op_subscribe(conn, {"topics": ["t", "u"], "key": sym}).response["subscription"]
+    two = gossip.op_subscribe(conn, {"topics": ["t"]}).response["subscription"]
+    assert gossip.op_unsubscribe(conn, {"subscription": "zz"}).status == 404
+    assert gossip.op_unsubscribe(conn, {"subscription": 3}).status == 400
+    assert gossip.op_unsubscribe(conn, {"subscription": one, "topics": ["t"]}).status == 400
+    assert gossip.op_unsubscribe(conn, {}).status == 400
+    reply = gossip.op_unsubscribe(conn, {"subscription": one})
+    assert reply.response == {"subscription": one, "topics": ["t"]}
+    assert {s.id for s in gossip.subscribers["t"]} == {two} and "u" not in gossip.subscribers
+    assert gossip.op_unsubscribe(conn, {"topics": ["t"]}).response == {"topics": []}
+    assert gossip.subscribers == {} and conn.fox_state["subscriptions"] == {}
+    # bounded per connection
+    small = setup(tmp_path / "s", max_subscriptions_per_connection=2)[2]
+    for _ in range(2):
+        assert small.op_subscribe(conn, {"topics": ["t"]}).status == 200
+    assert small.op_subscribe(conn, {"topics": ["t"]}).status == 400
+    small.connection_closed(conn)
+    assert small.subscribers == {}
+
+
+def test_pow_is_reached_checked_and_refused_below_the_minimum(tmp_path):
+    # 4.0 needs some 16 leading zero bits here: a chance envelope has 1 in 65,536
+    clock, keys, gossip = setup(tmp_path, min_pow=4.0)
+    me = identity.Identity.generate()
+    now = clock.seconds()
+    peer = FakeConnection(node_id=me.node_id)
+    gossip.peer_up(peer)
+    body_args = (me.node_id, "t", {"n": 1}, now, 60)
+    cheap = Envelope.create(me, "t", {"n": 1}, 60, now)
+    assert cheap.pow() < 4.0
+    gossip.on_gossip(peer, codec.Event("gossip", {"envelope": cheap.to_json()}))
+    assert cheap.id not in gossip.seen
+    assert gossip.metrics.gossip_received.labels("pow")._value.get() == 1
+    assert peer.closed == [] and peer.sent == []  # not held against the peer
+    # worked for: taken
+    from foxnode.gossip import _body
+    nonce = "00" * 8
+    body = _body(*body_args[:3], round(now, 3), 60, nonce)
+    found = crypto.work(body, 60, target=4.0, max_seconds=60)
+    paid = Envelope.create(me, "t", {"n": 1}, 60, now, work=found.nonce, nonce=nonce)
+    assert paid.pow() == found.pow >= 4.0
+    gossip.on_gossip(peer, codec.Event("gossip", {"envelope": paid.to_json()}))
+    assert paid.id in gossip.seen
+    # the work nonce is covered by the id, and so by the origin's signature
+    raw = dict(paid.to_json(), work=paid.work + 1)
+    with pytest.raises(Rejected, match="tampered"):
+        Envelope.from_json(raw, gossip.config, now)
+    # a plain publish below this node's own minimum is refused, naming "pow"
+    reply = gossip.op_publish(OPERATOR, {"topic": "t", "payload": 1})
+    assert reply.status == 400 and '"pow"' in reply.error
+
+
+def test_a_plain_envelope_goes_as_before_and_sealed_fields_are_checked(tmp_path):
+    clock, keys, gossip = setup(tmp_path)
+    me = identity.Identity.generate()
+    now = clock.seconds()
+    plain = Envelope.create(me, "t", {"n": 1}, 60, now)
+    assert set(plain.to_json()) == {"id", "origin", "topic", "payload", "created", "ttl", "nonce", "sig"}
+    assert Envelope.from_json(plain.to_json(), gossip.config, now) == plain
+    sealed = Envelope.create(me, "t", None, 60, now, "sym", base64.b64encode(b"x" * 40).decode())
+    assert Envelope.from_json(sealed.to_json(), gossip.config, now) == sealed
+    for change, why in [({"encrypted": "rsa"}, "encrypted"), ({"encrypted": 1}, "encrypted"),
+                        ({"content": 5}, "content"), ({"content": None}, "content"),
+                        ({"payload": 1}, "content"), ({"work": -1}, "work"), ({"work": 1.5}, "work"),
+                        ({"work": True}, "work"), ({"content": "x" * 200_000}, "content")]:
+        with pytest.raises(Rejected, match=why):
+            Envelope.from_json(dict(sealed.to_json(), **change), gossip.config, now)
+    assert attrs.fields_dict(Envelope)["work"].default == 0
+
+
+def test_proof_of_work_searches_are_bounded_and_their_slot_comes_back(tmp_path, monkeypatch):
+    from twisted.internet.defer import Deferred
+
+    clock, keys, gossip = setup(tmp_path, max_works=2)
+    searches: list[tuple] = []
+
+    def held(reactor, body, ttl, target, seconds, size=None):
+        d = Deferred()
+        searches.append((body, ttl, target, seconds, d))
+        return d
+
+    monkeypatch.setattr(crypto, "work_in_thread", held)
+    first = publish(clock, gossip, pow=0.5, pow_time=1)
+    second = publish(clock, gossip, pow=0.5)
+    assert [s[3] for s in searches] == [1, gossip.config.pow_time]
+    refused = publish(clock, gossip, pow=0.5)
+    assert refused.status == 429 and "proof-of-work" in refused.error
+    body, ttl, target, _, d = searches[0]
+    d.callback(crypto.work(body, ttl, target, 30))
+    got = []
+    first.addCallback(got.append)
+    assert got[0].status == 202 and got[0].response["pow"] >= 0.5
+    clock.advance(0)
+    assert got[0].response["id"] in gossip.seen
+    # its slot is free again; a failed search frees its slot too
+    third = publish(clock, gossip, pow=0.5)
+    searches[1][4].errback(RuntimeError("thread pool stopped"))
+    second.addErrback(lambda f: None)
+    assert len(searches) == 3 and not isinstance(third, codec.Reply)
+    assert not isinstance(publish(clock, gossip, pow=0.5), codec.Reply)  # a search, not a 429
