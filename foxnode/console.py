@@ -32,6 +32,7 @@ from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
 from prompt_toolkit.history import FileHistory, InMemoryHistory
 from prompt_toolkit.patch_stdout import patch_stdout
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.threads import blockingCallFromThread
 
 from foxnode import codec
@@ -39,20 +40,26 @@ from foxnode import codec
 DEFAULT_HISTORY = "~/.foxnode_history"
 PROMPT = "foxnode> "
 
-#: The argument keys of the ops PROTOCOL.md names, for completion. Ops the
-#: node serves beyond these (a plugin's) complete by name only.
+#: The argument keys of the ops PROTOCOL.md names, for completion, as
+#: PROTOCOL.md spells them (tests/test_console.py holds them to it); ``peers``'
+#: ``cursor`` and ``info``'s ``detail`` are the README's. Ops the node serves
+#: beyond these (a plugin's) complete by name only.
 ARG_KEYS: dict[str, tuple[str, ...]] = {
     "register": ("addr",),
     "unregister": ("addr",),
     "peers": ("cursor",),
     "info": ("detail",),
-    "publish": ("topic", "payload", "ttl", "key", "to", "sign", "pow"),
-    "subscribe": ("topics", "key", "from", "min_pow"),
-    "unsubscribe": ("topics",),
-    "newkey": ("kind", "password"),
-    "addkey": ("kind", "key"),
-    "getkey": ("id",),
+    "publish": ("topic", "payload", "ttl", "key", "to", "sign", "pow", "pow_time"),
+    "subscribe": ("topics", "key", "from", "min_pow", "since"),
+    "unsubscribe": ("topics", "subscription"),
+    "newkey": ("type", "password"),
+    "addkey": ("type", "key", "private_key"),
+    "getkey": ("id", "secret"),
     "delkey": ("id",),
+    "filter": ("topics", "key", "from", "min_pow", "since"),
+    "poll": ("filter", "limit"),
+    "unfilter": ("filter",),
+    "history": ("topics", "since", "until", "limit", "cursor", "key", "from", "min_pow"),
 }
 COMMANDS = (".help", ".peers", ".info", ".exit")
 
@@ -164,31 +171,45 @@ class Console:
     def ops(self) -> list[str]:
         return self._ops
 
-    def _learn_ops(self) -> dict[str, Any] | None:
-        reply = self.ask("info")
-        if reply.ok() and isinstance(reply.response, dict):
-            self._ops = [o for o in reply.response.get("ops") or [] if isinstance(o, str)]
-            return reply.response
+    def _try_ask(self, op: str, args: Any = None) -> codec.Reply | None:
+        """``ask``, or None once one line said why no reply came (a timeout,
+        the connection gone): nothing the node does ends the session with
+        a traceback."""
+        if not self.conn.fox_open:
+            self._print("no reply: the connection is closed")
+            return None
+        try:
+            return self.ask(op, args)
+        except DeferredTimeout:
+            self._print(f"no reply: the node did not answer {op!r} within {self.timeout:g} s")
+        except Exception as e:
+            self._print(f"no reply: {type(e).__name__}: {e}")
         return None
 
+    def _learn_ops(self, reply: codec.Reply) -> bool:
+        """Keep the ops an ``info`` reply lists; whether it listed them."""
+        if reply.ok() and isinstance(reply.response, dict):
+            self._ops = [o for o in reply.response.get("ops") or [] if isinstance(o, str)]
+            return True
+        return False
+
     def handle(self, line: str) -> bool:
-        """Do one typed line; False: the user leaves."""
+        """Do one typed line; False: the user leaves (or the connection is gone)."""
         text = line.strip()
         if not text:
             return True
         if text in (".exit", ".quit"):
             return False
-        if text == ".help":
-            info = self._learn_ops()
-            self._print("ops of this node: " + " ".join(sorted(self._ops)) if info else "the node did not say")
-            self._print("type: op {json args}, or a request object {\"op\": ...}; "
-                        ".peers, .info, .exit (or Ctrl-D)")
-            return True
-        if text in (".peers", ".info"):
-            reply = self.ask("info")
-            if not reply.ok() or not isinstance(reply.response, dict):
-                self._print(show_reply(reply))
-            elif text == ".peers":
+        if text in (".help", ".peers", ".info"):
+            reply = self._try_ask("info")
+            if reply is None:
+                return self.conn.fox_open
+            if text == ".help":
+                self._print("ops of this node: " + " ".join(sorted(self._ops))
+                            if self._learn_ops(reply) else "the node did not say its ops: " + show_reply(reply))
+                self._print("type: op {json args}, or a request object {\"op\": ...}; "
+                            ".peers, .info, .exit (or Ctrl-D)")
+            elif text == ".peers" and reply.ok() and isinstance(reply.response, dict):
                 self._print(show_peers(reply.response))
             else:
                 self._print(show_reply(reply))
@@ -201,17 +222,17 @@ class Console:
         except BadLine as e:
             self._print(f"not sent: {e}")
             return True
-        try:
-            reply = self.ask(op, args)
-        except Exception as e:  # a timeout, the connection gone
-            self._print(f"no reply: {type(e).__name__}: {e}")
+        reply = self._try_ask(op, args)
+        if reply is None:
             return self.conn.fox_open
         self._print(show_reply(reply))
         return True
 
     def run(self, prompt_input: Any = None, prompt_output: Any = None) -> None:
         """The read-eval-print loop, in the calling (not the reactor's) thread."""
-        self._learn_ops()
+        reply = self._try_ask("info")
+        if reply is not None:
+            self._learn_ops(reply)
         session: PromptSession = PromptSession(
             history=self.history, completer=RequestCompleter(self.ops), complete_while_typing=False,
             input=prompt_input, output=prompt_output)

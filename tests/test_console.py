@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from foxnode import client
-from foxnode.console import BadLine, RequestCompleter, parse_line, show_peers
+from foxnode.console import ARG_KEYS, BadLine, Console, RequestCompleter, parse_line, show_peers
 from foxnode.testing import start_node
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|\x1b[=>]|\r")
@@ -108,6 +109,111 @@ def test_completion_offers_ops_then_their_argument_keys():
     assert offered("register {") == ['"addr": ']
     assert offered('register {"addr": "x"}') == []
     assert offered(".he") == [".help"]
+
+
+#: The argument keys of each op, as PROTOCOL.md names them (its node ops and
+#: "Additions of the second round"); peers' cursor and info's detail are the
+#: README's.
+PROTOCOL_ARG_KEYS = {
+    "register": ("addr",),
+    "unregister": ("addr",),
+    "peers": ("cursor",),
+    "info": ("detail",),
+    "publish": ("topic", "payload", "ttl", "key", "to", "sign", "pow", "pow_time"),
+    "subscribe": ("topics", "key", "from", "min_pow", "since"),
+    "unsubscribe": ("topics", "subscription"),
+    "newkey": ("type", "password"),
+    "addkey": ("type", "key", "private_key"),
+    "getkey": ("id", "secret"),
+    "delkey": ("id",),
+    "filter": ("topics", "key", "from", "min_pow", "since"),
+    "poll": ("filter", "limit"),
+    "unfilter": ("filter",),
+    "history": ("topics", "since", "until", "limit", "cursor", "key", "from", "min_pow"),
+}
+
+
+def test_completion_offers_the_argument_keys_protocol_names():
+    assert ARG_KEYS == PROTOCOL_ARG_KEYS
+    protocol = Path(__file__).resolve().parents[2] / "shared" / "PROTOCOL.md"
+    if not protocol.exists():
+        pytest.skip(f"{protocol} is not here to check the keys against")
+    text = protocol.read_text()
+    readme_only = {("peers", "cursor"), ("info", "detail")}
+    for op, keys in ARG_KEYS.items():
+        assert f"`{op}`" in text, op
+        for key in keys:
+            if (op, key) not in readme_only:
+                assert f'"{key}"' in text or f"`{key}`" in text, (op, key)
+
+
+class SilentConnection:
+    """A connection whose node never answers: every request times out."""
+
+    fox_open = True
+
+    def __init__(self, reactor) -> None:
+        self.reactor = reactor
+
+    def request(self, op, args=None, timeout=None):
+        return Deferred().addTimeout(timeout, self.reactor)
+
+
+@pytest.mark.timeout(30)
+@pytest_twisted.ensureDeferred
+async def test_console_commands_without_a_reply_say_one_line_and_go_on(reactor):
+    shown: list[str] = []
+    console = Console(reactor, SilentConnection(reactor), "ws://127.0.0.1:9/ws", history=None,
+                      timeout=0.1, output=shown.append)
+    for line in (".help", ".peers", ".info", "peers"):
+        shown.clear()
+        assert await deferToThread(console.handle, line) is True, line
+        assert len(shown) == 1 and shown[0].startswith("no reply: the node did not answer"), (line, shown)
+
+
+class ClosingConnection:
+    """A connection the node closes while a request is under way."""
+
+    fox_open = True
+
+    def request(self, op, args=None, timeout=None):
+        from twisted.internet.defer import fail
+
+        from foxnode.protocol import RequestFailed
+
+        self.fox_open = False
+        return fail(RequestFailed("connection closed (4000: node shutting down)"))
+
+
+@pytest.mark.timeout(30)
+@pytest_twisted.ensureDeferred
+async def test_console_commands_whose_connection_closes_under_way_leave_cleanly(reactor):
+    for line in (".help", ".peers", ".info", "peers"):
+        shown: list[str] = []
+        console = Console(reactor, ClosingConnection(), "ws://127.0.0.1:9/ws", history=None,
+                          output=shown.append)
+        assert await deferToThread(console.handle, line) is False, line
+        assert shown == ["no reply: RequestFailed: connection closed (4000: node shutting down)"], (line, shown)
+
+
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_console_commands_after_the_node_stopped_leave_cleanly(reactor, tmp_path):
+    node = await start_node(reactor, tmp_path / "node")
+    proto = await client.connect(reactor, node.url)
+    shown: list[str] = []
+    console = Console(reactor, proto, node.url, history=None, timeout=5, output=shown.append)
+    try:
+        assert await deferToThread(console.handle, ".peers") is True
+        assert shown == ["no peers connected"]
+    finally:
+        await node.stop()
+    await proto.when_closed()
+    for line in (".peers", ".info", ".help", "peers"):
+        shown.clear()
+        # One line, and the session ends (False), as it does for a request.
+        assert await deferToThread(console.handle, line) is False, line
+        assert shown == ["no reply: the connection is closed"], (line, shown)
 
 
 def test_peers_read_like_admin_peers():
