@@ -136,6 +136,22 @@ def parse(url: object) -> PeerAddress:
     return PeerAddress(url, secure, host, port, path or "/", pinned)
 
 
+def endpoint(url: str) -> str:
+    """What ``url`` reaches, one spelling for all of its spellings: the
+    scheme, the host in lower case without a trailing dot (an IPv6 one
+    compressed), the port, the path; no query (the node's web server does
+    not look at it) and no pinned node id. Raises ``InvalidAddress``."""
+    parsed = parse(url)
+    host = parsed.host.rstrip(".")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        host = f"[{ip.compressed}]" if ip.version == 6 else ip.compressed
+    return f"{'wss' if parsed.secure else 'ws'}://{host}:{parsed.port}{parsed.path}"
+
+
 def pinned(url: str, node_id: str) -> str:
     """``url`` pinned to ``node_id`` (any pin it had replaced)."""
     return f"{url.split('#', 1)[0]}#{node_id}"

@@ -160,7 +160,20 @@ class PeerManager:
         return sum(1 for c in self.peers.values() if c.direction == "out" and not self._is_static(c))
 
     def _is_static(self, conn: Any) -> bool:
-        return conn.fox_state.get("dial_addr") in self._static
+        """Whether ``conn`` is a link to a static peer, whichever side
+        dialed it: of the two links of a simultaneous dial, the one kept
+        may be the peer's own (its node id tells)."""
+        if conn.fox_state.get("dial_addr") in self._static:
+            return True
+        return conn.node_id is not None and conn.node_id in self._static_ids()
+
+    def _static_ids(self) -> set[str]:
+        ids = set()
+        for addr in self._static:
+            record = self.store.get(addr)
+            pinned = address.parse(addr).node_id
+            ids.update(i for i in (pinned, record.node_id if record else None) if i)
+        return ids
 
     def kind(self, conn: Any) -> str | None:
         """``static`` (``--static-peer``), ``trusted`` (``--trusted-peer``) or None."""
@@ -171,7 +184,9 @@ class PeerManager:
         return None
 
     def inbound(self) -> int:
-        return sum(1 for c in self.peers.values() if c.direction == "in")
+        """Inbound links that take a slot of ``--max-inbound`` (a static
+        peer's takes none, as its outbound one takes none of the outbound)."""
+        return sum(1 for c in self.peers.values() if c.direction == "in" and not self._is_static(c))
 
     def peer_states(self, limit: int = 500) -> list[dict[str, Any]]:
         """Known addresses with their dial state, for ``info`` (the page)."""
@@ -485,7 +500,8 @@ class PeerManager:
             raise HandshakeRefused(DUPLICATE, "already connected to this node",
                                    retry_after=self.config.backoff_max)
         if (existing is None and self.inbound() >= self.config.max_inbound
-                and remote["node_id"] not in self.config.trusted_peers):
+                and remote["node_id"] not in self.config.trusted_peers
+                and remote["node_id"] not in self._static_ids()):
             raise HandshakeRefused(TOO_MANY_PEERS, "this node has all the inbound peers it takes",
                                    retry_after=self.config.backoff_max)
 
@@ -596,16 +612,23 @@ class PeerManager:
             return codec.bad_args("unregister", '"addr" is an empty list')
         if len(given) > self.node.config.max_register_addrs:
             return codec.bad_args("unregister", f'"addr": more than {self.node.config.max_register_addrs} addresses')
-        addrs = []
+        wanted: dict[str, str] = {}  # what each given address reaches -> as given
         for value in given:
             try:
-                addrs.append(address.parse(value).url)
+                wanted.setdefault(address.endpoint(value), value)
             except address.InvalidAddress as e:
                 shown = value if isinstance(value, str) else type(value).__name__
                 return codec.bad_args("unregister", f'"addr": {str(shown)[:100]!r} is not an address ({e}); '
                                                     "nothing was unregistered")
-        removed = [a for a in dict.fromkeys(addrs) if a in self.store]
-        unknown = [a for a in dict.fromkeys(addrs) if a not in self.store]
+        # Every stored spelling of what is named goes: pinned or not, any
+        # case of the host, with a query or without.
+        removed, found = [], set()
+        for stored in self.store.addresses():
+            key = address.endpoint(stored)
+            if key in wanted:
+                removed.append(stored)
+                found.add(key)
+        unknown = [addr for key, addr in wanted.items() if key not in found]
         for addr in removed:
             self._forget_address(addr)
         response = {"removed": removed, "unknown": unknown}

@@ -32,7 +32,7 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from foxnode import logs
+from foxnode import address, logs
 from foxnode.config import MAX_PEERS, StoreConfig, default
 from foxnode.peerindex import PeerIndex
 from foxnode.storefiles import (
@@ -120,7 +120,7 @@ class PeerStore:
         self._index = PeerIndex(max_peers, contents.records.values())
         #: addresses the operator unregistered, oldest first: not taken
         #: back from peers until registered again (kept in the files too)
-        self._unregistered: dict[str, None] = dict(contents.unregistered)
+        self._unregistered: dict[str, str] = dict(contents.unregistered)
         self._files = StoreFiles(self.path, contents.epoch, contents.journal_size, ops)
         self._writer = GroupWriter(reactor, self._take, runner=runner, on_write=on_write,
                                    on_failure=self._write_failed)
@@ -201,15 +201,28 @@ class PeerStore:
         a durable add: the operator's ``register``), which ends its
         unregistration; otherwise it is left out, unsaid."""
         now = self._reactor.seconds() if now is None else now
-        if not (durable if revive is None else revive):
-            addrs = [a for a in addrs if a not in self._unregistered]
+        if self._unregistered and not (durable if revive is None else revive):
+            addrs = [a for a in addrs if not self.is_unregistered(a)]
         added = self._index.add(addrs, source, now, hold=durable)
+        if source == BOOTSTRAP:
+            # Named on the command line (--peer, --static-peer): kept as a
+            # bootstrap address (never evicted or forgotten) even when it
+            # was known before from a register or a peer.
+            for addr in added.accepted:
+                record = self._index.get(addr)
+                if record is not None and record.source != BOOTSTRAP:
+                    self.update(addr, source=BOOTSTRAP)
         for victim in added.evicted:
             self._changed(victim.addr, dropped=True)
         if added.evicted:
             self._say_evicted(len(added.evicted))
+        revived: dict[str, str] = {}
         for addr in added.fresh:
-            self._unregistered.pop(addr, None)  # the put line says so in the journal
+            if self._unregistered:
+                key = address.endpoint(addr)
+                if key in self._unregistered:
+                    # (the put line says so in the journal)
+                    revived[addr] = self._unregistered.pop(key)
             self._changed(addr, fresh=True)
         if added.changed:
             self.generation += 1
@@ -217,7 +230,7 @@ class PeerStore:
             self.mark_dirty()
             done = _succeed()
         elif added.changed:
-            done = self.commit().addBoth(self._settle, added.fresh, source, added.accepted)
+            done = self.commit().addBoth(self._settle, added.fresh, source, added.accepted, revived)
         elif added.accepted and durable:
             # Already known; but maybe not yet on disk if another request's
             # commit is still in flight, so wait for the disk all the same.
@@ -228,9 +241,11 @@ class PeerStore:
             done = _succeed()
         return AddResult(added.accepted, added.rejected, done)
 
-    def _settle(self, result: Any, fresh: list[str], source: str, accepted: list[str]) -> Any:
+    def _settle(self, result: Any, fresh: list[str], source: str, accepted: list[str],
+                revived: dict[str, str] | None = None) -> Any:
         """A register's write is over: on failure roll its new addresses
-        back, on success check they are all still there."""
+        back (an address it revived is unregistered again: the next write,
+        a fold, says so), on success check they are all still there."""
         if isinstance(result, Failure) and not result.check(StoreDurabilityError):
             # (After a failed directory sync the file holds them: kept, so
             # that memory stays what the files hold.) Forgotten, so that no
@@ -241,6 +256,8 @@ class PeerStore:
                     self._index.drop(addr)
                     self._changed(addr, dropped=True)
                     self.generation += 1
+                    if revived and addr in revived:
+                        self._unregistered[address.endpoint(addr)] = revived[addr]
         self._index.release(fresh)
         if isinstance(result, Failure):
             return result
@@ -265,8 +282,9 @@ class PeerStore:
         Fires once the files say so."""
         for addr in addrs:
             self._index.drop(addr)
-            self._unregistered.pop(addr, None)
-            self._unregistered[addr] = None
+            key = address.endpoint(addr)
+            self._unregistered.pop(key, None)
+            self._unregistered[key] = addr
             if len(self._unregistered) > MAX_UNREGISTERED:
                 del self._unregistered[next(iter(self._unregistered))]
             self._changed(addr, dropped=True)
@@ -275,11 +293,16 @@ class PeerStore:
         return self.commit()
 
     def is_unregistered(self, addr: str) -> bool:
-        return addr in self._unregistered
+        """Whether the operator unregistered what ``addr`` reaches, in any
+        spelling (``address.endpoint``: pinned or not, any case, ...)."""
+        try:
+            return address.endpoint(addr) in self._unregistered
+        except address.InvalidAddress:
+            return False
 
     def unregistered(self) -> list[str]:
-        """Unregistered addresses, oldest first."""
-        return list(self._unregistered)
+        """Unregistered addresses, oldest first, as they were unregistered."""
+        return list(self._unregistered.values())
 
     def update(self, addr: str, **fields: Any) -> PeerRecord | None:
         """Change bookkeeping fields of a record; written lazily."""
@@ -346,7 +369,7 @@ class PeerStore:
     def snapshot(self) -> bytes:
         """The peers file's content as a fold would write it now."""
         return b"".join(peers_file_chunks(peers_file_body(self._index.records()), self._files.epoch,
-                                          self._unregistered))
+                                          self._unregistered.values()))
 
     def _take(self, failed: bool) -> Batch:
         """The next batch: every change since the last one, as journal
@@ -359,14 +382,15 @@ class PeerStore:
             self._pending.clear()
             self._journal_lines = 0
             body = peers_file_body(self._index.records())
-            return Batch(partial(self._files.fold, body, tuple(self._unregistered)), changes)
+            return Batch(partial(self._files.fold, body, tuple(self._unregistered.values())), changes)
         if not self._pending:
             return Batch(None, changes)
         lines = []
         for addr, dropped in self._pending.items():
             record = self._index.get(addr)
             if dropped:
-                lines.append(unregister_line(addr) if addr in self._unregistered else del_line(addr))
+                withdrawn = self._unregistered and self._unregistered.get(address.endpoint(addr)) == addr
+                lines.append(unregister_line(addr) if withdrawn else del_line(addr))
             if record is not None:
                 lines.append(put_line(record))
         self._pending.clear()

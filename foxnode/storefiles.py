@@ -188,8 +188,9 @@ class StoreContents:
     journal_size: int
     #: lines in the journal (its header not counted)
     journal_lines: int
-    #: addresses the operator unregistered, oldest first
-    unregistered: dict[str, None] = attrs.field(factory=dict)
+    #: addresses the operator unregistered, oldest first, by what they
+    #: reach (``address.endpoint``): their spelling as unregistered
+    unregistered: dict[str, str] = attrs.field(factory=dict)
 
 
 def _read(path: Path, what: str) -> bytes | None:
@@ -201,8 +202,15 @@ def _read(path: Path, what: str) -> bytes | None:
         raise StoreError(f"{what} {path}: cannot read ({e.strerror})") from None
 
 
+def _endpoint(addr: str, where: str) -> str:
+    try:
+        return address.endpoint(addr)
+    except address.InvalidAddress as e:
+        raise StoreError(f"{where}: unregistered address {addr[:100]!r} is invalid ({e})") from None
+
+
 def read_peers_file(path: Path, max_peers: int
-                    ) -> tuple[dict[str, PeerRecord], Epoch | None, bool, dict[str, None]]:
+                    ) -> tuple[dict[str, PeerRecord], Epoch | None, bool, dict[str, str]]:
     """The peers file's records and epoch (None in a file written before
     the journal), whether the file exists, and its unregistered addresses."""
     data = _read(path, "peers file")
@@ -235,7 +243,7 @@ def read_peers_file(path: Path, max_peers: int
                          f"{MAX_UNREGISTERED} addresses")
     where = f"peers file {path}"
     records = {a: _record_from_json(a, raw, where) for a, raw in peers.items()}
-    return records, epoch, True, {a: None for a in unregistered if a not in records}
+    return records, epoch, True, {_endpoint(a, where): a for a in unregistered}
 
 
 def read_store(path: str | os.PathLike, max_peers: int) -> StoreContents:
@@ -282,13 +290,14 @@ def read_store(path: str | os.PathLike, max_peers: int) -> StoreContents:
             # An update keeps its place, a new address goes last, as in
             # memory (a removed and re-added one has its "del" first).
             records[addr] = _record_from_json(addr, change.get("record"), where)
-            unregistered.pop(addr, None)  # registered again
+            unregistered.pop(address.endpoint(addr), None)  # registered again
         elif op == "del" and isinstance(addr, str):
             records.pop(addr, None)
         elif op == "unregister" and isinstance(addr, str):
             records.pop(addr, None)
-            unregistered.pop(addr, None)
-            unregistered[addr] = None
+            key = _endpoint(addr, where)
+            unregistered.pop(key, None)
+            unregistered[key] = addr
             if len(unregistered) > MAX_UNREGISTERED:
                 del unregistered[next(iter(unregistered))]
         else:

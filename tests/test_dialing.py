@@ -337,6 +337,52 @@ def test_a_static_peer_is_kept_connected_outside_max_outbound(tmp_path):
             n.stopService()
 
 
+def test_a_static_address_known_before_becomes_a_bootstrap_one(tmp_path):
+    from foxnode.store import BOOTSTRAP, load
+
+    net = MemoryNetwork()
+    a = memory_node(net, tmp_path / "a")
+    url = "ws://127.3.0.1:9/ws"
+    try:
+        a.node.store.add([url], "register")
+        # What tap.makeService does with --peer and --static-peer at start.
+        a.node.store.add([url], BOOTSTRAP, durable=False, revive=True)
+        assert a.node.store.get(url).source == BOOTSTRAP
+        a.node.store.commit()
+        assert {r.addr: r.source for r in load(tmp_path / "a" / "peers.json")} == {url: BOOTSTRAP}
+    finally:
+        a.stopService()
+
+
+def test_a_static_peer_is_static_whichever_side_dialed_the_link_kept(tmp_path):
+    from foxnode import address
+
+    net = MemoryNetwork()
+    b_id, c_id = identity.Identity.generate(), identity.Identity.generate()
+    url = "ws://127.3.0.1:9/ws"
+    pinned = address.pinned("ws://127.3.0.2:9/ws", c_id.node_id)
+    a = memory_node(net, tmp_path / "a", configs(max_inbound=0, static=(url, pinned)))
+    try:
+        a.node.store.add([url, pinned], "bootstrap")
+        a.node.store.update(url, node_id=b_id.node_id)  # as a handshake once showed
+        # Of two links dialed at once both sides keep the one the greater
+        # id dialed: it may be the static peer's own, coming in. Still a
+        # static peer, taking no inbound slot, and admitted with none free;
+        # so is the node a static address pins, never seen before.
+        for ident in (b_id, c_id):
+            conn = FakeConnection(direction="in", node_id=ident.node_id)
+            a.node.peers._check_admission(conn, {"node_id": ident.node_id})
+            a.node.peers.peers[ident.node_id] = conn
+            assert a.node.peers.kind(conn) == "static"
+        assert a.node.peers.inbound() == 0
+        stranger = identity.Identity.generate().node_id
+        with pytest.raises(Exception, match="inbound peers"):
+            a.node.peers._check_admission(FakeConnection(direction="in", node_id=stranger), {"node_id": stranger})
+    finally:
+        a.node.peers.peers.clear()
+        a.stopService()
+
+
 def test_a_trusted_peer_is_admitted_when_the_node_is_full(tmp_path):
     from foxnode.handshake import TOO_MANY_PEERS
 
@@ -414,6 +460,35 @@ def test_unregister_forgets_closes_and_never_takes_it_back_from_peers(tmp_path):
         assert _call(a.node, "register", {"addr": url}).status == 202
         net.advance(1)
         assert [p["node_id"] for p in a.node.live_peers()] == [b.node.node_id]
+    finally:
+        a.stopService()
+        b.stopService()
+
+
+def test_unregister_takes_every_spelling_and_no_spelling_comes_back(tmp_path):
+    from foxnode import address
+
+    net = MemoryNetwork()
+    a = memory_node(net, tmp_path / "a")
+    b = memory_node(net, tmp_path / "b")
+    url = net.url(b.node.listen_port)
+    try:
+        pinned = address.pinned(url, b.node.node_id)
+        for spelling in (pinned, url + "?from=exchange"):
+            a.node.store.add([spelling], "register")
+        # The operator names it plainly (and pinned to someone else): both
+        # stored spellings go.
+        reply = _call(a.node, "unregister", {"addr": [url, url + "#" + "cd" * 32]})
+        assert reply.status == 200 and reply.response == {"removed": [pinned, url + "?from=exchange"],
+                                                          "unknown": []}, reply
+        # Handed back in any spelling, by exchange or by hello: not taken.
+        peer = FakeConnection(remote_host="127.0.0.1")
+        a.node.peers._learn(peer, [url, pinned, url + "?x", url + "#" + "ef" * 32], "a peer")
+        assert a.node.store.addresses() == []
+        net.advance(60)
+        # Never dialed again (b, which a dialed, may dial in: its own choice).
+        assert a.node.store.addresses() == []
+        assert all(p["direction"] == "in" for p in a.node.live_peers())
     finally:
         a.stopService()
         b.stopService()

@@ -22,6 +22,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 
 import foxnode.store
 from foxnode import client
@@ -382,6 +383,52 @@ def test_an_unregistered_address_stays_so_in_the_journal_and_after_a_fold(tmp_pa
         assert addr(1) in again and again.unregistered() == [], state
         store.fold()
     assert "unregistered" not in json.loads(path.read_text()), "the lab's file grows no empty key"
+
+
+class FailingFsync(DiskOps):
+    """A disk whose fsyncs fail while ``failing`` is set."""
+
+    failing = False
+
+    def fsync(self, fd: int) -> None:
+        if self.failing:
+            raise OSError(5, "Input/output error")
+        super().fsync(fd)
+
+
+def test_a_failed_register_leaves_an_unregistered_address_unregistered(tmp_path):
+    path = tmp_path / "peers.json"
+    ops = FailingFsync()
+    store = PeerStore.open(Clock(), path, runner=InlineWriter(), ops=ops)
+    store.add([addr(1)], REGISTER)
+    store.unregister([addr(1)])
+    ops.failing = True
+    outcome: list = []
+    store.add([addr(1)], REGISTER).durable.addBoth(outcome.append)
+    assert outcome and isinstance(outcome[0], Failure), outcome
+    # Rolled back, the unregistration with it: in memory, and in the next
+    # write (a fold, the journal's state being unknown after a failure).
+    assert addr(1) not in store and store.is_unregistered(addr(1))
+    ops.failing = False
+    store.commit()
+    again = _reopened(path)
+    assert addr(1) not in again and again.unregistered() == [addr(1)]
+
+
+def test_an_unregistration_covers_every_spelling_of_the_address(tmp_path):
+    store = _store_with_journal(tmp_path, addr(1), "ws://localhost:9/ws", "ws://[::1]:9/ws")
+    store.unregister([addr(1), "ws://localhost:9/ws", "ws://[::1]:9/ws"])
+    pin = "ab" * 32
+    for spelling in (addr(1) + "#" + pin, addr(1) + "?x", "ws://127.3.0.1:9/ws", "ws://LocalHost:9/ws",
+                     "ws://localhost.:9/ws?y", "ws://[0:0::1]:9/ws", "ws://[0000::0001]:9/ws#" + pin):
+        assert store.is_unregistered(spelling), spelling
+        assert store.add([spelling], EXCHANGE, durable=False).accepted == [], spelling
+    assert not store.is_unregistered(addr(2)) and not store.is_unregistered("wss://127.3.0.1:9/ws")
+    assert not store.is_unregistered("not an address")
+    # The operator registering any spelling of it ends the unregistration.
+    assert store.add([addr(1) + "#" + pin], REGISTER).accepted == [addr(1) + "#" + pin]
+    left = ["ws://localhost:9/ws", "ws://[::1]:9/ws"]
+    assert store.unregistered() == left and _reopened(tmp_path / "peers.json").unregistered() == left
 
 
 def test_the_command_line_revives_an_unregistered_bootstrap_address(tmp_path):
