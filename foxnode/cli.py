@@ -34,6 +34,7 @@ from twisted.internet.defer import (
 from twisted.internet.task import deferLater, react
 
 from foxnode import __version__, address, client, codec
+from foxnode.config import NodeConfig, default
 from foxnode.protocol import CLOSE_NORMAL, FoxClientFactory, FoxClientProtocol, RequestFailed
 
 EXIT_OK = 0
@@ -138,7 +139,7 @@ class _OneCallProtocol(FoxClientProtocol):
 
 
 def open_connection(reactor: Any, url: str, handler: Any, *, cafile: str | None = None,
-                    timeout: float = 10.0, protocol: type | None = None,
+                    timeout: float = client.TIMEOUT, protocol: type | None = None,
                     max_message_size: int = client.CLIENT_MAX_MESSAGE) -> tuple[Any, Deferred]:
     """Dial ``url``; returns the factory and a Deferred firing with the open protocol."""
     factory = FoxClientFactory(url, handler, reactor, open_timeout=timeout,
@@ -434,7 +435,7 @@ def parser() -> argparse.ArgumentParser:
                              "'' keeps none)")
 
     for p in (call, watch, attach):
-        p.add_argument("--timeout", type=_seconds(0.1), default=10.0, metavar="SECONDS",
+        p.add_argument("--timeout", type=_seconds(0.1), default=client.TIMEOUT, metavar="SECONDS",
                        help="give up connecting (and, for call, waiting for the reply) after this long "
                             "(default: %(default)s)")
         p.add_argument("--max-message-size", type=_count(1 << 30, low=1024), default=client.CLIENT_MAX_MESSAGE,
@@ -459,7 +460,8 @@ def parser() -> argparse.ArgumentParser:
                         help="node i listens on P+i (default: %(default)s)")
     devnet.add_argument("--dir", type=directory, default="devnet", metavar="DIR",
                         help="where the nodes keep their data (default: ./%(default)s)")
-    devnet.add_argument("--network", type=text("network name", 64), default="foxchain", metavar="NAME",
+    devnet.add_argument("--network", type=text("network name", 64), default=default(NodeConfig, "network"),
+                        metavar="NAME",
                         help="the network name every node is given (default: %(default)s)")
     devnet.add_argument("--start-timeout", type=_seconds(1), default=30.0, metavar="SECONDS",
                         help="how long nodes may take to come up (default: %(default)s)")

@@ -22,6 +22,8 @@ from foxnode.protocol import FoxClientFactory, FoxClientProtocol
 #: The largest message a client reads by default: far above what a node
 #: sends (its --max-message-size, 1 MiB by default), so that a client never
 #: fails a connection on a reply its node was allowed to send.
+#: Seconds a client waits to connect (and for a reply) unless told otherwise.
+TIMEOUT = 10.0
 CLIENT_MAX_MESSAGE = 64 << 20
 
 
@@ -59,7 +61,7 @@ _PEM_MARKER = b"-----BEGIN CERTIFICATE-----"
 
 
 def endpoint_for(reactor: Any, addr: address.PeerAddress, trust_roots: str | None = None,
-                 timeout: float = 10.0, bind_address: str | None = None) -> Any:
+                 timeout: float = TIMEOUT, bind_address: str | None = None) -> Any:
     """A client endpoint reaching ``addr``: TCP for ws://; for wss://, TLS
     verifying the server's certificate and host name against the system's
     trust store, or against the CA certificates of ``trust_roots``."""
@@ -106,7 +108,7 @@ class Listener:
 
 
 def connect(reactor: Any, url: str, on_event: Callable[[codec.Event], None] | None = None,
-            trust_roots: str | None = None, timeout: float = 10.0,
+            trust_roots: str | None = None, timeout: float = TIMEOUT,
             max_message_size: int = CLIENT_MAX_MESSAGE) -> Deferred:
     """Open a WebSocket connection; fires with the open ``FoxClientProtocol``
     (use ``.request(op, args)`` and ``.close()`` on it). ``max_message_size``
@@ -119,7 +121,7 @@ def connect(reactor: Any, url: str, on_event: Callable[[codec.Event], None] | No
     return d
 
 
-def call(reactor: Any, url: str, op: str, args: Any = None, timeout: float = 10.0,
+def call(reactor: Any, url: str, op: str, args: Any = None, timeout: float = TIMEOUT,
          trust_roots: str | None = None, max_message_size: int = CLIENT_MAX_MESSAGE) -> Deferred:
     """Connect, send one request, close; fires with the ``codec.Reply``."""
     d = connect(reactor, url, trust_roots=trust_roots, timeout=timeout,

@@ -21,8 +21,6 @@ from foxnode.config import MAX_DEPTH
 CANNOT_PARSE = "Cannot parse request message."
 NOT_SUPPORTED = "Message body is not supported."
 
-#: Deepest JSON nesting a request may have; deeper ones cost memory and
-#: recursion for nothing a node needs.
 
 
 class CodecError(Exception):

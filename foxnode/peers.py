@@ -117,8 +117,6 @@ class PeerManager:
         self.ops = {"hello": self.op_hello, "exchange": self.op_exchange}
         #: ``--static-peer`` addresses: dialed apart from the others
         self._static = set(self.config.static)
-        #: addresses the operator unregistered: not taken again from peers
-        #: (exchange, hello) until registered again; the oldest go first
         self.operator_ops = {"unregister": self.op_unregister}
 
     # -- lifecycle (service.py's PeerService) -------------------------------------
@@ -319,9 +317,7 @@ class PeerManager:
 
         def opened(proto: Any) -> Deferred:
             proto.fox_state["dial_addr"] = addr
-            if probe:
-                proto.fox_state["probe"] = True
-            else:
+            if not probe:
                 dial.conn = proto
             return proto.when_opened().addCallback(self._say_hello, addr, probe, parsed.node_id)
 
@@ -527,7 +523,6 @@ class PeerManager:
                 raise HandshakeRefused(DUPLICATE, "already connected to this node",
                                        retry_after=self.config.backoff_max)
             log.info("replacing connection to {peer} by the one both sides keep", peer=remote_id[:12])
-            existing.fox_state["replaced"] = True
             existing.close(CLOSE_CODES[DUPLICATE], DUPLICATE)
             self._drop_peer(existing)
             self._addresses_closed(existing, DUPLICATE)

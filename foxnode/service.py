@@ -45,7 +45,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from zope.interface import implementer
 
 from foxnode import locks, logs
-from foxnode.config import GossipConfig, KeyConfig, NodeConfig, PeerConfig, WebConfig
+from foxnode.config import GossipConfig, KeyConfig, NodeConfig, PeerConfig, StoreConfig, WebConfig
 from foxnode.gossip import Gossip
 from foxnode.identity import Identity
 from foxnode.keys import KeyStore
@@ -68,6 +68,7 @@ class Configs:
     gossip: GossipConfig = GossipConfig()
     web: WebConfig = WebConfig()
     keys: KeyConfig = KeyConfig()
+    store: StoreConfig = StoreConfig()
 
 
 def _timer(step: float, call: Callable[[], Any], clock: Any, parent: service.MultiService) -> None:

@@ -254,7 +254,8 @@ class Options(usage.Options):
 
     def configs(self) -> Configs:
         return Configs(node=self.node_config(), peers=self.peer_config(),
-                       gossip=self.gossip_config(), web=self.web_config())
+                       gossip=self.gossip_config(), web=self.web_config(),
+                       store=StoreConfig(max_peers=self["max-peers"]))
 
     def peer_config(self) -> PeerConfig:
         return PeerConfig(
@@ -283,7 +284,7 @@ class Options(usage.Options):
 
     def gossip_config(self) -> GossipConfig:
         return GossipConfig(max_payload=self["max-payload"], max_ttl=self["max-ttl"],
-                            default_ttl=min(60, self["max-ttl"]), min_pow=self["min-pow"])
+                            default_ttl=min(default(GossipConfig, "default_ttl"), self["max-ttl"]), min_pow=self["min-pow"])
 
     def node_config(self) -> NodeConfig:
         return NodeConfig(
@@ -397,8 +398,8 @@ def _open_files(reactor: Any, config: Options, configs: Configs, metrics: NodeMe
         raise SystemExit(f"foxnode: cannot start: {e}") from None
     # The store first: a node refused for its peers file leaves nothing behind.
     try:
-        store = PeerStore.open(reactor, config["peers-file"], max_peers=config["max-peers"],
-                               on_write=metrics.store_writes.observe)
+        store = PeerStore.open(reactor, config["peers-file"], max_peers=configs.store.max_peers,
+                               flush_delay=configs.store.flush_delay, on_write=metrics.store_writes.observe)
         # Read before node.key may be created: a refused start leaves the data directory as it was.
         key_store = keys.KeyStore.open(reactor, os.path.join(config["data-dir"], keys.KEY_FILE),
                                        configs.keys)

@@ -1,5 +1,11 @@
-"""Test doubles and helpers others can reuse: start real nodes in this
-process on loopback, or as ``twistd`` processes, and wait for conditions.
+"""Test doubles and helpers others can reuse.
+
+Socket-free: ``MemoryNetwork`` (Twisted's memory reactor with a clock, nodes
+joined by in-memory transports; ``advance`` moves time), ``memory_node``,
+``connected_pair``, ``FakeConnection`` and ``InlineWriter``: node logic
+tested with no socket, no thread and no wall clock. With sockets: real nodes
+in this process on loopback (``start_node``) or as ``twistd`` processes
+(``spawn_node``, on launch.py), and waiting for conditions.
 
 Every address these helpers use is on 127.0.0.0/8.
 """
@@ -18,6 +24,7 @@ import attrs
 from twisted.internet.defer import Deferred, inlineCallbacks
 
 from foxnode import frames, launch, tap
+from foxnode.config import NodeConfig, default
 
 LOOPBACK = "127.0.0.1"
 #: ``FOXNODE_FRAMES=autobahn pytest`` runs the suite with every node and
@@ -241,7 +248,7 @@ def stop_all(nodes: Iterable[NodeProcess]) -> None:
 
 
 @inlineCallbacks
-def connect_as_peer(reactor: Any, url: str, ident: Any = None, network: str = "foxchain",
+def connect_as_peer(reactor: Any, url: str, ident: Any = None, network: str = default(NodeConfig, "network"),
                     on_event: Callable[[Any], None] | None = None, port: int | None = None,
                     nonce: str | None = None, advertise: str | None = None) -> Any:
     """Connect to a node and complete a real ``hello`` as a peer with

@@ -50,6 +50,26 @@ def test_node_logic_never_reads_the_wall_clock(module):
     assert not found, found
 
 
+@pytest.mark.parametrize("module", LOGIC)
+def test_node_logic_never_takes_the_clock_another_way(module):
+    """Nor by importing a clock function by name, nor by importing the
+    global reactor (whose ``seconds()`` is the wall clock): the reactor the
+    part was given is its only clock."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            names = {a.name for a in node.names}
+            if node.module in ("time", "datetime") and names & {"time", "time_ns", "localtime", "gmtime",
+                                                                 "datetime", "date"}:
+                found.append(f"{module}.py:{node.lineno}: from {node.module} import {sorted(names)}")
+            if node.module == "twisted.internet" and "reactor" in names:
+                found.append(f"{module}.py:{node.lineno}: imports the global reactor")
+        elif isinstance(node, ast.Import) and any(a.name == "twisted.internet.reactor" for a in node.names):
+            found.append(f"{module}.py:{node.lineno}: imports the global reactor")
+    assert not found, found
+
+
 def test_the_parts_do_not_wire_themselves(tmp_path):
     clock = Clock()
     store = PeerStore(clock, tmp_path / "peers.json")
@@ -110,7 +130,8 @@ def test_every_option_default_is_the_configs_own():
     assert made.peers == config.PeerConfig()
     assert made.gossip == config.GossipConfig()
     assert made.web == config.WebConfig()
-    assert options["max-peers"] == config.StoreConfig().max_peers
+    assert made.store == config.StoreConfig()
+    assert made.keys == config.KeyConfig()
 
 
 def test_no_config_class_is_defined_outside_config_py():
