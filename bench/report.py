@@ -32,6 +32,8 @@ RATIO_GOALS = [
     ("2_peers1000_rps_foxnode_vs_labnode", "2", "``peers`` throughput with 1,000 addresses, foxnode / labnode",
      ">=", 5.0),
     ("3_register_rps_foxnode_vs_labnode", "3", "durable ``register`` throughput, foxnode / labnode", ">=", 10.0),
+    ("3b_register_16x4_rps_foxnode_vs_labnode", "3b",
+     "durable ``register`` at 16 connections x 4 in flight (issue 12), foxnode / labnode", ">=", 10.0),
     ("4_time_p99_same_load_foxnode_vs_bare", "4", "``time`` p99 latency at the same offered load, foxnode / bare",
      "<=", 1.25),
     ("5_mem_per_idle_conn_foxnode_vs_bare", "5", "memory per idle connection at 5,000 connections, foxnode / bare",
