@@ -173,6 +173,22 @@ class GossipConfig:
     max_works: int = 2
     #: subscriptions one connection may hold
     max_subscriptions_per_connection: int = 64
+    #: polled filters (filters.py, PROTOCOL.md "Filters (polling)"): a
+    #: filter ends this many seconds after its last poll (or its making)
+    filter_timeout: float = 300.0
+    #: filters a node holds at most, and one client address (an IPv6
+    #: client's /64) may make (the node's operator is held to the total only)
+    max_filters: int = 256
+    max_filters_per_ip: int = 16
+    #: messages one filter holds for its next poll, and their bytes: over
+    #: either, the oldest are dropped (and counted)
+    filter_messages: int = 1000
+    filter_bytes: int = 256 * 1024
+    #: the bytes of messages one poll reply carries at most (at least one
+    #: message whatever its size; "more" says the rest waits)
+    poll_bytes: int = 256 * 1024
+    #: seconds between sweeps of filters not polled for ``filter_timeout``
+    filter_sweep_interval: float = 10.0
 
 
 @attrs.frozen

@@ -519,13 +519,22 @@ class Gossip:
         if len(subscriptions) >= self.config.max_subscriptions_per_connection:
             return codec.bad_args("subscribe", f'"topics": at most {self.config.max_subscriptions_per_connection} '
                                                'subscriptions per connection; unsubscribe one first')
-        key, senders, min_pow = wanted
+        sub = self.add_subscription(conn, topics, *wanted)
+        return codec.ok({"topics": sorted(mine), "subscription": sub.id})
+
+    def add_subscription(self, conn: Any, topics: list[str], key: str | None,
+                         senders: frozenset[str] | None, min_pow: float) -> Subscription:
+        """A subscription of ``conn`` (checked already: what ``_topics_arg``
+        and ``_filter_args`` return), delivered to from now on. ``conn`` is
+        anything with ``fox_state`` and ``send_frame``: a connection, or a
+        polled filter (filters.py)."""
         sub = Subscription(secrets.token_hex(16), conn, set(topics), key, senders, min_pow)
-        subscriptions[sub.id] = sub
+        self._subscriptions(conn)[sub.id] = sub
+        mine = conn.fox_state.setdefault("topics", set())
         for topic in topics:
             mine.add(topic)
             self.subscribers.setdefault(topic, set()).add(sub)
-        return codec.ok({"topics": sorted(mine), "subscription": sub.id})
+        return sub
 
     def op_unsubscribe(self, conn: Any, args: Any) -> codec.Reply:
         subscriptions = self._subscriptions(conn)

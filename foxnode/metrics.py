@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 #: inventing op names cannot grow the label set without bound.
 KNOWN_OPS = frozenset({
     "register", "peers", "time", "info", "hello", "exchange",
-    "publish", "subscribe", "unsubscribe",
+    "publish", "subscribe", "unsubscribe", "filter", "poll", "unfilter",
 })
 
 
@@ -59,6 +59,12 @@ class NodeMetrics:
             ["kind"], registry=r)
         self.rate_limited = Counter(
             "foxnode_rate_limited", "Requests refused by a rate limit", registry=r)
+        self.filters = Gauge(
+            "foxnode_filters", "Polled filters held (filters.py)", registry=r)
+        self.filter_dropped = Counter(
+            "foxnode_filter_messages_dropped",
+            "Messages a filter dropped, the oldest, over its bounds before a poll collected them",
+            registry=r)
         self.peer_events_dropped = Counter(
             "foxnode_peer_events_rate_limited",
             "Events pushed by peers (gossip, ihave, ...) dropped over their budget", registry=r)

@@ -16,7 +16,8 @@ node does over time, each started and stopped by twistd's service tree:
 - ``PeerService``: the dial rounds (every ``tick``), the peer exchanges
   (every ``--exchange-interval``) and the sweep that forgets failing
   addresses, each a ``TimerService``;
-- ``GossipService``: the sweep of expired ids and cached envelopes.
+- ``GossipService``: the sweep of expired ids and cached envelopes, and
+  the sweep of polled filters not polled for ``filter_timeout`` (filters.py).
 
 The key store (keys.py), when given, serves its ops as operator ops.
 
@@ -46,6 +47,7 @@ from zope.interface import implementer
 
 from foxnode import locks, logs
 from foxnode.config import GossipConfig, KeyConfig, NodeConfig, PeerConfig, StoreConfig, WebConfig
+from foxnode.filters import Filters
 from foxnode.gossip import Gossip
 from foxnode.identity import Identity
 from foxnode.keys import KeyStore
@@ -108,15 +110,21 @@ class StoreService(TimerService):
 
 
 class GossipService(service.MultiService):
-    """Gossip's sweeps; at stop, its graft timers are cancelled."""
+    """Gossip's sweeps and the filters'; at stop, its graft timers are
+    cancelled and the filters ended."""
 
-    def __init__(self, gossip: Gossip, clock: Any) -> None:
+    def __init__(self, gossip: Gossip, clock: Any, filters: Filters | None = None) -> None:
         super().__init__()
         self.gossip = gossip
+        self.filters = filters
         _timer(gossip.config.sweep_interval, gossip.sweep, clock, self)
+        if filters is not None:
+            _timer(filters.config.filter_sweep_interval, filters.sweep, clock, self)
 
     def stopService(self) -> Deferred:
         self.gossip.stop()
+        if self.filters is not None:
+            self.filters.stop()
         return super().stopService()
 
 
@@ -133,6 +141,8 @@ def build(reactor: Any, configs: Configs, store: PeerStore, identity: Identity,
     node.serve(peers.ops)
     node.serve(peers.operator_ops, operator=True)
     node.serve(gossip.ops)
+    filters = Filters(reactor, gossip, node.metrics, configs.gossip)
+    node.serve(filters.ops)
     node.hear(gossip.events)
     if keys is not None:
         # Keys are secrets: only the node's operator makes, reads or deletes them.
@@ -148,7 +158,7 @@ def build(reactor: Any, configs: Configs, store: PeerStore, identity: Identity,
                                keys=keys)
     StoreService(store, reactor).setServiceParent(node_service)
     PeerService(peers, reactor).setServiceParent(node_service)
-    GossipService(gossip, reactor).setServiceParent(node_service)
+    GossipService(gossip, reactor, filters).setServiceParent(node_service)
     return node_service
 
 

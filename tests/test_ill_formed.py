@@ -109,6 +109,15 @@ SPECS: dict[str, Spec] = {
                       frozenset({"topics"}), unknown={"key": _key_id}),
     # "subscription" beside "topics" is refused, naming it
     "unsubscribe": Spec({"topics": _topics, "subscription": lambda v: False}, frozenset({"topics"})),
+    # what subscribe takes; "poll" and "unfilter" take the id it replies with
+    "filter": Spec({"topics": lambda v: _topics(v) and len(v if isinstance(v, list) else [v]) <= 64,
+                    "key": lambda v: False, "from": lambda v: False, "min_pow": _amount(float("inf"))},
+                   frozenset({"topics"}), unknown={"key": _key_id}),
+    "poll": Spec({"filter": lambda v: False,
+                  "limit": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1},
+                 frozenset({"filter"}), unknown={"filter": lambda v: isinstance(v, str)}),
+    "unfilter": Spec({"filter": lambda v: False}, frozenset({"filter"}),
+                     unknown={"filter": lambda v: isinstance(v, str)}),
     # an operator op: a client on loopback is the operator by default
     "unregister": Spec({"addr": lambda v: v == "ws://127.3.0.1:9/ws"}, frozenset({"addr"})),
     # operator ops too; no variant is a key id of the node's (ids are random)
@@ -135,6 +144,8 @@ VALID_ARGS = {
     "peers": {}, "time": {}, "info": {}, "exchange": {},
     "publish": {"topic": "t", "payload": {"n": 1}, "ttl": 60},
     "subscribe": {"topics": ["t"]}, "unsubscribe": {"topics": ["t"]},
+    "filter": {"topics": ["t"]},
+    # poll: {"filter": <a filter the walk makes first>}
     "unregister": {"addr": "ws://127.3.0.1:9/ws"},
     "newkey": {"type": "sym", "password": "pw"},
     "addkey": {"type": "sym", "key": "ab" * 32},
@@ -272,7 +283,10 @@ async def test_every_op_every_ill_formed_argument_gets_a_4xx_naming_it(reactor, 
         assert set(ops) == set(SPECS), f"ops without a spec here: {set(ops) - set(SPECS)}"
         made = await client.call(reactor, running.url, "newkey", {"type": "asym"})
         assert made.status == 200, made
-        valid = {**VALID_ARGS, "getkey": {"id": made.response["id"]}, "delkey": {"id": made.response["id"]}}
+        filtered = await client.call(reactor, running.url, "filter", {"topics": ["t"]})
+        assert filtered.status == 200, filtered
+        valid = {**VALID_ARGS, "getkey": {"id": made.response["id"]}, "delkey": {"id": made.response["id"]},
+                 "poll": {"filter": filtered.response["filter"]}}
         rid = 0
         for role in ("client", "peer"):
             proto, inbox = await session(reactor, running.url, peer=role == "peer")
