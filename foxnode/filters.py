@@ -4,7 +4,8 @@ held by the node for a client that cannot keep a connection open.
 ``filter`` takes what ``subscribe`` takes and makes a gossip subscription
 whose "connection" is the filter itself: gossip matches, opens and encodes
 each message exactly as it would for a subscriber (``Gossip.deliver``), and
-the filter keeps the event frame until ``poll`` collects it. A filter
+the filter keeps the event frame until ``poll`` collects it (its
+``"subscription"`` is the filter's id). A filter
 outlives the connection that made it and ends ``filter_timeout`` seconds
 [300] after its last poll; the sweep that ends them is a timer of the
 service tree (service.py ``GossipService``).
@@ -103,7 +104,7 @@ class Filters:
             return codec.too_many(f"Too many filters from {client} (at most {self.config.max_filters_per_ip} "
                                   "per client address); unfilter one, or let one expire.")
         made = Filter(secrets.token_hex(16), self, client, self.reactor.seconds())
-        made.sub = gossip.add_subscription(made, topics, *wanted)
+        made.sub = gossip.add_subscription(made, topics, *wanted, sub_id=made.id)
         self.filters[made.id] = made
         if client is not None:
             self.per_ip[client] = self.per_ip.get(client, 0) + 1

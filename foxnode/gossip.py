@@ -523,12 +523,13 @@ class Gossip:
         return codec.ok({"topics": sorted(mine), "subscription": sub.id})
 
     def add_subscription(self, conn: Any, topics: list[str], key: str | None,
-                         senders: frozenset[str] | None, min_pow: float) -> Subscription:
+                         senders: frozenset[str] | None, min_pow: float,
+                         sub_id: str | None = None) -> Subscription:
         """A subscription of ``conn`` (checked already: what ``_topics_arg``
         and ``_filter_args`` return), delivered to from now on. ``conn`` is
         anything with ``fox_state`` and ``send_frame``: a connection, or a
-        polled filter (filters.py)."""
-        sub = Subscription(secrets.token_hex(16), conn, set(topics), key, senders, min_pow)
+        polled filter (filters.py), whose id its events carry (``sub_id``)."""
+        sub = Subscription(sub_id or secrets.token_hex(16), conn, set(topics), key, senders, min_pow)
         self._subscriptions(conn)[sub.id] = sub
         mine = conn.fox_state.setdefault("topics", set())
         for topic in topics:
