@@ -4,6 +4,8 @@ a whole network of nodes on this machine.
     foxnode call ws://127.0.0.1:9000/ws peers
     foxnode call ws://127.0.0.1:9000/ws register '{"addr": "ws://127.0.0.1:9001/ws"}'
     foxnode watch ws://127.0.0.1:9000/ws news blocks
+    foxnode call ws://127.0.0.1:9000/ws publish '{"topic": "t", "payload": 1}' --key KEYID
+    foxnode watch ws://127.0.0.1:9000/ws t --key KEYID
     foxnode devnet --nodes 3
 
 Exit codes are the same for every subcommand: 0 success, 1 the node said
@@ -33,7 +35,7 @@ from twisted.internet.defer import (
 )
 from twisted.internet.task import deferLater, react
 
-from foxnode import __version__, address, client, codec
+from foxnode import __version__, address, client, codec, crypto
 from foxnode.config import NodeConfig, default
 from foxnode.protocol import CLOSE_NORMAL, FoxClientFactory, FoxClientProtocol, RequestFailed
 
@@ -275,7 +277,10 @@ async def run_watch(reactor: Any, opts: argparse.Namespace) -> None:
                                     timeout=timeout, max_message_size=opts.max_message_size)
         opened.addTimeout(timeout, reactor)
         proto = state["proto"] = await opened
-        reply = await proto.request("subscribe", {"topics": opts.topics}, timeout=timeout)
+        subscribe: dict[str, Any] = {"topics": opts.topics}
+        if opts.key is not None:
+            subscribe["key"] = opts.key
+        reply = await proto.request("subscribe", subscribe, timeout=timeout)
     except Failed:
         raise
     except Exception as e:
@@ -349,6 +354,46 @@ def text(what: str, longest: int = 256) -> Callable[[str], str]:
     return parse
 
 
+def public_key(value: str) -> str:
+    """``--to``: a public key as ``newkey``/``getkey`` show it."""
+    if crypto.parse_public_key(value) is None:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a public key: give the {2 * crypto.PUBLIC_KEY_SIZE} hex digits of an asym "
+            'key\'s "public_key"')
+    return value
+
+
+def _not_for_watch(option: str, why: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        raise argparse.ArgumentTypeError(f"not for watch: {why}; {option} is for foxnode call URL publish")
+
+    return parse
+
+
+#: call's options that set a field of the request's args (PROTOCOL.md
+#: "Private, signed and paid-for messages"): option -> (dest, field)
+ARGS_OPTIONS = {"--key": ("key", "key"), "--to": ("to", "to"), "--sign": ("sign", "sign")}
+
+
+def args_with_options(opts: argparse.Namespace) -> tuple[str, str] | None:
+    """``call``'s ``--key``/``--to``/``--sign`` put into its args (absent:
+    ``{}``); (option, why) when they cannot be."""
+    given = {option: getattr(opts, dest) for option, (dest, _) in ARGS_OPTIONS.items()
+             if getattr(opts, dest) is not None}
+    if not given:
+        return None
+    args = {} if opts.args is None else opts.args
+    for option, value in given.items():
+        field = ARGS_OPTIONS[option][1]
+        if not isinstance(args, dict):
+            return option, f"ARGS-JSON must be an object to take \"{field}\", not {orjson.dumps(args).decode()[:60]}"
+        if field in args and args[field] != value:
+            return option, (f"ARGS-JSON gives \"{field}\" another value ({orjson.dumps(args[field]).decode()[:60]}); "
+                            "give it once")
+    opts.args = dict(args, **{ARGS_OPTIONS[o][1]: v for o, v in given.items()})
+    return None
+
+
 def ca_path(value: str) -> str:
     if not value or not os.path.exists(value):
         raise argparse.ArgumentTypeError(f"{value!r}: no such file or directory")
@@ -412,6 +457,13 @@ def parser() -> argparse.ArgumentParser:
                       help="send the request with this id (a number if it reads as one, else a string; "
                            "'\"7\"' for the string 7); the reply echoes it")
     call.add_argument("--pretty", action="store_true", help="indent the JSON")
+    call.add_argument("--key", type=text("key id", 128), metavar="KEYID",
+                      help='set the args\' "key": for publish, encrypt with this sym key of the node\'s; '
+                           "for subscribe, filter, history, receive what this key opens")
+    call.add_argument("--to", type=public_key, metavar="PUBKEY",
+                      help='set the args\' "to": for publish, encrypt to this public key (hex)')
+    call.add_argument("--sign", type=text("key id", 128), metavar="KEYID",
+                      help='set the args\' "sign": for publish, sign with this asym key of the node\'s')
 
     watch = sub.add_parser(
         "watch", help="print the gossip messages of some topics as they arrive",
@@ -421,6 +473,13 @@ def parser() -> argparse.ArgumentParser:
     )
     watch.add_argument("url", type=node_url, metavar="URL", help="the node's WebSocket address")
     watch.add_argument("topics", nargs="+", type=text("topic"), metavar="TOPIC", help="a topic to receive")
+    watch.add_argument("--key", type=text("key id", 128), metavar="KEYID",
+                       help="receive only the messages this key of the node's opens (a sym key, or an asym "
+                            "key for messages sent to it), decrypted; without it, only unencrypted ones")
+    watch.add_argument("--to", type=_not_for_watch("--to", "a subscription sends nothing"), metavar="PUBKEY",
+                       help="refused: a subscription encrypts nothing (use foxnode call URL publish ... --to)")
+    watch.add_argument("--sign", type=_not_for_watch("--sign", "a subscription signs nothing"), metavar="KEYID",
+                       help="refused: a subscription signs nothing (use foxnode call URL publish ... --sign)")
 
     attach = sub.add_parser(
         "attach", help="an interactive console on a node",
@@ -516,6 +575,10 @@ def _begin_logging(debug: bool) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     opts = parser().parse_args(argv)
+    if opts.command == "call":
+        wrong = args_with_options(opts)
+        if wrong is not None:
+            parser().exit(EXIT_USAGE, f"foxnode call: argument {wrong[0]}: {wrong[1]} (see foxnode call --help)\n")
     _begin_logging(opts.debug_log)
     if opts.command == "devnet" and opts.base_port + opts.nodes - 1 > 65535:
         parser().exit(EXIT_USAGE, f"foxnode devnet: ports {opts.base_port}..{opts.base_port + opts.nodes - 1} "

@@ -31,7 +31,7 @@ from twisted.internet.protocol import ProcessProtocol
 
 from foxnode import cli, launch
 from foxnode import devnet as fox_devnet
-from foxnode.testing import LOOPBACK, free_port, start_node, wait_for
+from foxnode.testing import LOOPBACK, free_port, sleep, start_node, wait_for
 
 FOXNODE = [sys.executable, "-m", "foxnode.cli"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -175,6 +175,71 @@ async def test_call_prints_the_reply_and_exit_codes(reactor, node_dir):
         code, out, err = await run(reactor, "call", node.url, "register")
         assert code == 1 and json.loads(out)["status"] == 500
     finally:
+        await node.stop()
+
+
+def test_key_to_and_sign_set_the_args_of_call():
+    def parsed(*argv):
+        opts = cli.parser().parse_args(["call", "ws://127.0.0.1:9/ws", *argv])
+        return cli.args_with_options(opts), opts.args
+
+    pub = "ab" * 64
+    assert cli.public_key(pub) == pub
+    assert parsed("publish", "--key", "k1") == (None, {"key": "k1"})
+    assert parsed("publish", '{"topic": "t", "payload": 1}', "--to", pub, "--sign", "s") == (
+        None, {"topic": "t", "payload": 1, "to": pub, "sign": "s"})
+    assert parsed("publish", '{"key": "k1"}', "--key", "k1") == (None, {"key": "k1"})  # the same: fine
+    (option, why), _ = parsed("publish", '{"key": "k2"}', "--key", "k1")
+    assert option == "--key" and '"key" another value' in why
+    (option, why), _ = parsed("publish", "[1]", "--sign", "s")
+    assert option == "--sign" and "must be an object" in why
+    assert parsed("time") == (None, None)  # no option: args as given
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["call", "ws://127.0.0.1:9/ws", "publish", '{"key": "a"}', "--key", "b"],
+     'foxnode call: argument --key: ARGS-JSON gives "key" another value'),
+    (["call", "ws://127.0.0.1:9/ws", "publish", "7", "--to", "ab" * 64],
+     "foxnode call: argument --to: ARGS-JSON must be an object"),
+    (["watch", "ws://127.0.0.1:9/ws", "t", "--to", "ab" * 64], "foxnode watch: argument --to: not for watch"),
+    (["watch", "ws://127.0.0.1:9/ws", "t", "--sign", "k"], "foxnode watch: argument --sign: not for watch"),
+])
+def test_key_options_that_cannot_apply_exit_2_naming_the_option(argv, says, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(argv)
+    assert exit.value.code == 2
+    assert one_line(capsys.readouterr().err).startswith(says)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_published_with_key_reaches_watch_with_key_decrypted(reactor, node_dir):
+    node = await start_node(reactor, node_dir)
+    watches = []
+    try:
+        code, out, err = await run(reactor, "call", node.url, "newkey", '{"type": "sym"}')
+        assert code == 0, err
+        key = json.loads(out)["response"]["id"]
+        keyed = spawn(reactor, "watch", node.url, "t", "--key", key)
+        plain = spawn(reactor, "watch", node.url, "t")
+        watches += [keyed, plain]
+        for w in watches:
+            await wait_for(reactor, lambda w=w: b"subscribed" in w.err, what="watch to subscribe")
+        code, out, err = await run(reactor, "call", node.url, "publish", '{"topic":"t","payload":1}', "--key", key)
+        assert code == 0, err
+        assert json.loads(out)["status"] == 202
+        code, out, err = await run(reactor, "call", node.url, "publish", '{"topic":"t","payload":2}')
+        assert code == 0, err
+        await wait_for(reactor, lambda: keyed.lines and plain.lines, what="the messages")
+        await sleep(reactor, 0.5)  # room for anything that should not come
+        [line] = keyed.lines
+        m = json.loads(line)
+        assert m["payload"] == 1 and m["encrypted"] == "sym" and m["topic"] == "t"
+        assert [json.loads(line)["payload"] for line in plain.lines] == [2]
+    finally:
+        for w in watches:
+            if w.code is None:
+                w.transport.signalProcess("INT")
+                await w.ended
         await node.stop()
 
 
