@@ -15,7 +15,7 @@ filters per node and ``max_filters_per_ip`` [16] per client address (an
 IPv6 client's /64; the node's operator is held to the total only); each
 holds at most ``filter_messages`` [1000] messages and ``filter_bytes``
 [256 KiB] of frames, the oldest dropped beyond: the next poll says how many
-(``"dropped"``) and ``foxnode_filter_messages_dropped`` counts them all. So
+(``"dropped"``) and ``foxnode_filter_messages_dropped_total`` counts them all. So
 filters hold at most ``max_filters`` x ``filter_bytes`` [64 MiB] of frames,
 plus what a subscription costs (gossip.py) each.
 """

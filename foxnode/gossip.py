@@ -54,6 +54,9 @@ on CPython 3.11, 64-bit; defaults in brackets):
   1 KiB each, in at most ``max_subscriptions_per_connection`` [64]
   subscriptions, each with at most 64 ``from`` keys (about 10 KiB): under
   1 MiB per connection, released when it closes.
+- polled filters (filters.py): each a subscription of its own and at
+  most ``filter_bytes`` [256 KiB] of held frames, at most ``max_filters``
+  [256] of them: 64 MiB of frames when full, released when they expire.
 
 Frames queued for a slow reader are its connection's, bounded by
 ``--send-queue`` per connection (one frame object per message, shared by

@@ -6,6 +6,8 @@ from __future__ import annotations
 import ipaddress
 import os
 
+from prometheus_client import generate_latest
+
 from foxnode import codec, service
 from foxnode.config import GossipConfig, NodeConfig
 from foxnode.testing import FakeConnection, MemoryNetwork, memory_node
@@ -135,7 +137,9 @@ def test_held_messages_are_bounded_the_oldest_dropped_and_counted(tmp_path):
         assert [m["id"] for m in body["messages"]] == ids[2:]
         assert body["dropped"] == 2
         assert poll(node, fid).response["dropped"] == 0
-        assert node.node.metrics.filter_dropped._value.get() == 2
+        scraped = generate_latest(node.node.metrics.registry).decode()
+        assert "foxnode_filter_messages_dropped_total 2.0" in scraped
+        assert "foxnode_filters 1.0" in scraped
     finally:
         node.stopService()
 
