@@ -4,7 +4,9 @@ Playwright, against three ``twistd foxnode`` processes on 127.0.0.1.
 The page is loaded from node 0 while the network forms; the test sees the
 two other nodes appear as connected peers and in the network picture, sends
 an op from the form, subscribes to a topic in the page, and sees a message
-published on another node arrive in the feed.
+published on another node arrive in the feed. Others make keys in the
+page's op console and send private and signed messages from its form, and
+put a hostile event into the page's WebSocket.
 
 This test keeps clear of the Twisted reactor: the nodes are child processes,
 Playwright's sync API drives the browser, and the message is published with
@@ -211,7 +213,8 @@ def test_private_messages_from_the_page(tmp_path: Path) -> None:
     a sym key made from a password in the op console, a subscription with
     it, a message published with it and a proof-of-work target from the
     private-message form, shown decrypted with "sym" and its pow; a signed
-    clear message shown with its signer, an unsigned one as "unsigned"."""
+    clear message shown with its signer, an unsigned one as "unsigned"; one
+    sent "to" a public key, opened by a subscription with its key pair."""
     node = spawn_node(tmp_path / "node")
     errors: list[str] = []
     try:
@@ -288,6 +291,25 @@ def test_private_messages_from_the_page(tmp_path: Path) -> None:
                 expect(second).to_have_attribute("data-encrypted", "sym")
                 expect(second).to_have_attribute("data-from", signer_key)
                 expect(second.locator(".payload")).to_have_text("second")
+
+                # To a public key: a subscription with the asym key's id opens it.
+                page.fill("#topic", "inbox")
+                page.fill("#subscribe-key", signer_id)
+                page.click("#subscribe-form button[type=submit]")
+                expect(page.locator(f'#topics li[data-topic=inbox][data-keyid="{signer_id}"]')).to_have_attribute(
+                    "data-state", "subscribed", timeout=WAIT_MS)
+                page.fill("#publish-topic", "inbox")
+                page.fill("#payload", "for the key holder")
+                page.fill("#publish-key", "")
+                page.fill("#publish-sign", "")
+                page.fill("#publish-to", signer_key)
+                page.click("#publish-form button[type=submit]")
+                expect(result).to_contain_text("asym", timeout=WAIT_MS)
+                sealed = page.locator("#feed li.message[data-topic=inbox]")
+                expect(sealed).to_have_count(1, timeout=WAIT_MS)
+                expect(sealed).to_have_attribute("data-encrypted", "asym")
+                expect(sealed.locator(".payload")).to_have_text("for the key holder")
+                expect(sealed.locator(".signer")).to_have_text("unsigned")
                 page.screenshot(path=str(tmp_path / "private.png"), full_page=True)
             finally:
                 browser.close()
