@@ -4,7 +4,9 @@ Playwright, against three ``twistd foxnode`` processes on 127.0.0.1.
 The page is loaded from node 0 while the network forms; the test sees the
 two other nodes appear as connected peers and in the network picture, sends
 an op from the form, subscribes to a topic in the page, and sees a message
-published on another node arrive in the feed.
+published on another node arrive in the feed. Others make keys in the
+page's op console and send private and signed messages from its form, and
+put a hostile event into the page's WebSocket.
 
 This test keeps clear of the Twisted reactor: the nodes are child processes,
 Playwright's sync API drives the browser, and the message is published with
@@ -16,6 +18,7 @@ missing (.ci/run installs both).
 from __future__ import annotations
 
 import json
+import re
 import os
 import time
 import urllib.request
@@ -186,6 +189,171 @@ def test_node_page_reconnects_after_a_restart(tmp_path: Path) -> None:
                 expect(item).to_have_count(1, timeout=WAIT_MS)
                 expect(item).to_have_class("message own")
                 expect(item.locator(".payload")).to_have_text('{"after":"restart"}')
+            finally:
+                browser.close()
+    finally:
+        stop_all([node])
+    assert not errors, errors
+
+
+def console(page, request: dict) -> dict:
+    """Send ``request`` from the page's op console; its reply, shown."""
+    reply = page.locator("#reply")
+    page.evaluate("() => document.getElementById('reply').removeAttribute('data-status')")
+    page.fill("#request", json.dumps(request))
+    page.click("#send")
+    expect(reply).not_to_have_attribute("data-status", "", timeout=WAIT_MS)
+    expect(reply).to_have_attribute("data-status", re.compile(r"\d+"), timeout=WAIT_MS)
+    return json.loads(reply.text_content())
+
+
+@pytest.mark.timeout(120)
+def test_private_messages_from_the_page(tmp_path: Path) -> None:
+    """PROTOCOL.md "Private, signed and paid-for messages" from the page:
+    a sym key made from a password in the op console, a subscription with
+    it, a message published with it and a proof-of-work target from the
+    private-message form, shown decrypted with "sym" and its pow; a signed
+    clear message shown with its signer, an unsigned one as "unsigned"; one
+    sent "to" a public key, opened by a subscription with its key pair."""
+    node = spawn_node(tmp_path / "node")
+    errors: list[str] = []
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 1000})
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.goto(node.http + "/")
+                expect(page.locator("#ws-state")).to_have_attribute("data-state", "live", timeout=WAIT_MS)
+
+                # Keys, made through the console: the page is on loopback, the operator.
+                sym = console(page, {"op": "newkey", "args": {"type": "sym", "password": "fox and hound"}})
+                assert sym["status"] == 200 and sym["response"]["type"] == "sym", sym
+                sym_id = sym["response"]["id"]
+                signer = console(page, {"op": "newkey", "args": {"type": "asym"}})
+                assert signer["status"] == 200, signer
+                signer_id, signer_key = signer["response"]["id"], signer["response"]["public_key"]
+
+                # Subscribe with the sym key; the chip says so.
+                page.fill("#topic", "secret")
+                page.fill("#subscribe-key", sym_id)
+                page.click("#subscribe-form button[type=submit]")
+                chip = page.locator(f'#topics li[data-topic=secret][data-keyid="{sym_id}"]')
+                expect(chip).to_have_attribute("data-state", "subscribed", timeout=WAIT_MS)
+
+                # Publish with it from the private-message form, with a PoW target.
+                text = "meet at <b>dawn</b>"
+                page.fill("#publish-topic", "secret")
+                page.fill("#payload", text)
+                page.fill("#publish-key", sym_id)
+                page.fill("#publish-pow", "0.01")
+                page.click("#publish-form button[type=submit]")
+                result = page.locator("#publish-result")
+                expect(result).to_have_attribute("data-status", "202", timeout=WAIT_MS)
+                expect(result).to_contain_text("sym")
+                item = page.locator("#feed li.message[data-topic=secret]")
+                expect(item).to_have_count(1, timeout=WAIT_MS)
+                expect(item).to_have_attribute("data-encrypted", "sym")
+                expect(item.locator(".payload")).to_have_text(text)
+                expect(item.locator(".encrypted")).to_have_text("sym")
+                expect(item.locator(".signer")).to_have_text("unsigned")
+                pow_reached = float(item.get_attribute("data-pow"))
+                assert pow_reached >= 0.01, pow_reached
+                expect(item.locator(".pow")).to_contain_text("pow ")
+                assert page.locator("#feed b").count() == 0
+
+                # A signed clear message to "chat" (subscribed by default): its signer shows.
+                page.fill("#publish-topic", "chat")
+                page.fill("#payload", '{"signed": true}')
+                page.fill("#publish-key", "")
+                page.fill("#publish-pow", "")
+                page.fill("#publish-sign", signer_id)
+                page.click("#publish-form button[type=submit]")
+                expect(result).to_contain_text("signed", timeout=WAIT_MS)
+                signed = page.locator("#feed li.message[data-topic=chat]")
+                expect(signed).to_have_count(1, timeout=WAIT_MS)
+                expect(signed).to_have_attribute("data-from", signer_key)
+                expect(signed).to_have_attribute("data-encrypted", "none")
+                expect(signed.locator(".encrypted")).to_have_text("clear")
+                expect(signed.locator(".signer")).to_have_text("signed by " + signer_key[:12] + "…")
+                expect(signed.locator(".signer")).to_have_attribute("title", signer_key)
+
+                # The same form, sent through the console: the decrypted copy
+                # needs the key, so the sym subscription shows it, the clear one does not.
+                page.fill("#publish-topic", "secret")
+                page.fill("#payload", "second")
+                page.fill("#publish-key", sym_id)
+                page.click("#publish-to-console")
+                sent = console(page, json.loads(page.input_value("#request")))
+                assert sent["status"] == 202, sent
+                second = page.locator(f'#feed li.message[data-id="{sent["response"]["id"]}"]')
+                expect(second).to_have_count(1, timeout=WAIT_MS)
+                expect(second).to_have_attribute("data-encrypted", "sym")
+                expect(second).to_have_attribute("data-from", signer_key)
+                expect(second.locator(".payload")).to_have_text("second")
+
+                # To a public key: a subscription with the asym key's id opens it.
+                page.fill("#topic", "inbox")
+                page.fill("#subscribe-key", signer_id)
+                page.click("#subscribe-form button[type=submit]")
+                expect(page.locator(f'#topics li[data-topic=inbox][data-keyid="{signer_id}"]')).to_have_attribute(
+                    "data-state", "subscribed", timeout=WAIT_MS)
+                page.fill("#publish-topic", "inbox")
+                page.fill("#payload", "for the key holder")
+                page.fill("#publish-key", "")
+                page.fill("#publish-sign", "")
+                page.fill("#publish-to", signer_key)
+                page.click("#publish-form button[type=submit]")
+                expect(result).to_contain_text("asym", timeout=WAIT_MS)
+                sealed = page.locator("#feed li.message[data-topic=inbox]")
+                expect(sealed).to_have_count(1, timeout=WAIT_MS)
+                expect(sealed).to_have_attribute("data-encrypted", "asym")
+                expect(sealed.locator(".payload")).to_have_text("for the key holder")
+                expect(sealed.locator(".signer")).to_have_text("unsigned")
+                page.screenshot(path=str(tmp_path / "private.png"), full_page=True)
+            finally:
+                browser.close()
+    finally:
+        stop_all([node])
+    assert not errors, errors
+
+
+@pytest.mark.timeout(120)
+def test_feed_escapes_what_the_network_sent(tmp_path: Path) -> None:
+    """A hostile event (markup in "from", "encrypted", "pow", the topic, the
+    payload), put into the page's own WebSocket, stays text: nothing of it
+    becomes an element or runs."""
+    node = spawn_node(tmp_path / "node")
+    errors: list[str] = []
+    hostile = '<img src=x onerror="window.pwned=1">'
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                routes: list = []
+
+                def handler(ws) -> None:
+                    ws.connect_to_server()
+                    routes.append(ws)
+
+                page.route_web_socket(re.compile(r".*/ws$"), handler)
+                page.goto(node.http + "/")
+                expect(page.locator("#ws-state")).to_have_attribute("data-state", "live", timeout=WAIT_MS)
+                expect(page.locator("#topics li[data-topic=chat]")).to_have_attribute(
+                    "data-state", "subscribed", timeout=WAIT_MS)
+                event = {"event": "message", "id": "x" + hostile, "topic": "chat" + hostile,
+                         "payload": hostile, "origin": hostile, "created": 1, "subscription": hostile,
+                         "from": hostile, "encrypted": hostile, "pow": hostile}
+                routes[0].send(json.dumps(event))
+                item = page.locator("#feed li.message")
+                expect(item).to_have_count(1, timeout=WAIT_MS)
+                expect(item.locator(".payload")).to_have_text(hostile)
+                expect(item.locator(".signer")).to_have_attribute("title", hostile)
+                expect(item).to_have_attribute("data-encrypted", "none")
+                assert page.locator("#feed img").count() == 0
+                assert page.evaluate("() => window.pwned") is None
             finally:
                 browser.close()
     finally:

@@ -2,8 +2,12 @@
 // WebSocket, with the same ops any client uses:
 //   - `info` with {"detail": true} every REFRESH_MS: identity, live
 //     connections, known peers with their dial state, and the topology;
-//   - `subscribe` for the topics chosen in the page: gossip messages arrive
-//     as {"event": "message", ...} pushes;
+//   - `subscribe` for the topics chosen in the page, one subscription each,
+//     with a key id and a signer when given: gossip messages arrive as
+//     {"event": "message", ...} pushes, decrypted by the node for a
+//     subscription with a key, and the feed shows how each was sealed
+//     ("encrypted"), who signed it ("from") and its proof of work ("pow");
+//   - `publish`, with the private-message fields (key, to, sign, pow) filled in;
 //   - the "Send an op" console uses a WebSocket of its own and sends exactly
 //     what was typed, as the lab did with an online WebSocket tester.
 // Everything that comes from the network is put on the page as text
@@ -181,7 +185,8 @@
 
   let selfId = $("node-id").textContent.trim();
   let uptime = null;             // [seconds at the last info, performance.now() then]
-  const topics = new Set(["chat"]);  // what the page wants to be subscribed to
+  //: subscription key (topic, key id, signer) -> {topic, key, from, sid, state}
+  const wanted = new Map();
   const seenMessages = new Set();
   let feedCount = 0;
 
@@ -192,7 +197,7 @@
     setAttr(node, "data-state", state);
     document.body.dataset.ws = state;
     // Subscriptions live on the connection: they are made again on reopening.
-    if (state !== "live") markTopics(Array.from(topics), "pending");
+    if (state !== "live") { for (const s of wanted.values()) { s.state = "pending"; s.sid = null; } renderTopics(); }
     if (state === "live") setText(node, "live");
     else if (state === "connecting") setText(node, "connecting…");
     else {
@@ -502,32 +507,68 @@
 
   // -- messages --------------------------------------------------------------
 
+  // What the page wants to be subscribed to: one subscription each, made
+  // again on every reopened connection. A subscription may hold a key id
+  // (it then receives only what that key opens, decrypted) and a signer's
+  // public key (only messages signed by it).
+  function subKey(s) { return s.topic + "\n" + (s.key || "") + "\n" + (s.from || ""); }
+
+  function wantSub(s) {
+    const k = subKey(s);
+    if (!wanted.has(k)) wanted.set(k, { topic: s.topic, key: s.key || "", from: s.from || "", sid: null, state: "pending" });
+    return wanted.get(k);
+  }
+
+  function wantsTopic(topic) {
+    for (const s of wanted.values()) if (s.topic === topic) return true;
+    return false;
+  }
+
   function renderTopics() {
-    syncList($("topics"), Array.from(topics).sort(), (t) => t,
-      (t) => el("li", { class: "chip" }, el("span", { class: "name" }),
+    const list = Array.from(wanted.entries()).sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
+    syncList($("topics"), list, ([k]) => k,
+      () => el("li", { class: "chip" }, el("span", { class: "name" }), el("span", { class: "filter small muted" }),
         el("button", { type: "button", class: "remove", "aria-label": "unsubscribe" }, "×")),
-      (li, t) => {
-        setAttr(li, "data-topic", t);
-        setAttr(li, "data-state", li.dataset.state || "pending");
-        setText(li.firstChild, t);
-        setAttr(li.lastChild, "title", "unsubscribe from " + t);
+      (li, [k, s]) => {
+        const [name, filter, remove] = li.children;
+        setAttr(li, "data-topic", s.topic);
+        setAttr(li, "data-keyid", s.key);
+        setAttr(li, "data-from", s.from);
+        setAttr(li, "data-state", s.state);
+        setAttr(li, "data-subscription", s.sid || "");
+        setText(name, s.topic);
+        const bits = [];
+        if (s.key) bits.push("key " + short(s.key, 8));
+        if (s.from) bits.push("from " + short(s.from, 8));
+        setText(filter, bits.join(" · "));
+        setAttr(filter, "title", (s.key ? "key id " + s.key : "clear messages only") + (s.from ? "\nsigned by " + s.from : ""));
+        setAttr(remove, "title", "unsubscribe from " + s.topic);
       });
   }
 
-  function markTopics(list, state) {
-    for (const li of $("topics").children) {
-      if (list.includes(li.dataset.topic)) li.dataset.state = state;
-    }
-  }
-
-  async function subscribe(list) {
-    if (!list.length) return;
-    markTopics(list, "pending");
+  async function subscribe(s) {
+    s.state = "pending";
+    s.sid = null;
+    renderTopics();
+    const args = { topics: [s.topic] };
+    if (s.key) args.key = s.key;
+    if (s.from) args.from = [s.from];
     try {
-      const r = await link.call("subscribe", { topics: list });
-      markTopics(list, r.status === 200 ? "subscribed" : "refused");
+      const r = await link.call("subscribe", args);
+      if (wanted.get(subKey(s)) !== s) {
+        // removed while the request was out
+        if (r.status === 200) link.call("unsubscribe", { subscription: r.response.subscription }).catch(() => {});
+        return;
+      }
+      s.state = r.status === 200 ? "subscribed" : "refused";
+      s.sid = r.status === 200 && r.response ? r.response.subscription : null;
+      renderTopics();
       if (r.status !== 200) setText($("publish-result"), "subscribe refused: " + r.status + " " + r.error);
     } catch (e) { /* resubscribed on reconnect */ }
+  }
+
+  function signerText(from) {
+    return typeof from === "string" && from ? "signed by " + short(from, 12) : "unsigned";
   }
 
   function addToFeed(ev) {
@@ -540,55 +581,98 @@
     for (const e of feed.querySelectorAll(".empty")) e.remove();
     const text = typeof ev.payload === "string" ? ev.payload : asJson(ev.payload, false);
     const fromSelf = ev.origin === selfId;
+    const sealing = ev.encrypted === "sym" || ev.encrypted === "asym" ? ev.encrypted : "none";
+    const signer = typeof ev.from === "string" && ev.from ? ev.from : null;
+    const pow = typeof ev.pow === "number" && isFinite(ev.pow) ? ev.pow : null;
     const li = el("li", {
       class: "message" + (fromSelf ? " own" : ""),
       "data-id": ev.id, "data-topic": ev.topic, "data-origin": ev.origin,
+      "data-encrypted": sealing, "data-from": signer || "", "data-pow": pow === null ? "" : pow,
     },
     el("div", { class: "head small" },
       el("time", {}, clock(ev.created)),
       el("span", { class: "topic" }, "#" + String(ev.topic)),
       el("span", { class: "origin muted", title: ev.origin }, fromSelf ? "from this node" : "from " + short(ev.origin, 12))),
+    el("div", { class: "seal small" },
+      el("span", { class: "encrypted enc-" + sealing, title: sealing === "sym" ? "opened with a symmetric key"
+        : sealing === "asym" ? "sent to one of this node's public keys, opened with its private key"
+          : "not encrypted: every node can read it" }, sealing === "none" ? "clear" : sealing),
+      el("span", { class: signer ? "signer" : "signer unsigned", title: signer || "no sender signature" }, signerText(signer)),
+      el("span", { class: "pow muted", title: "proof of work reached" }, "pow " + (pow === null ? "?" : formatPow(pow)))),
     el("div", { class: typeof ev.payload === "string" ? "payload text" : "payload json" }, text));
     feed.prepend(li);
     feedCount++;
     while (feed.children.length > FEED_MAX) feed.lastElementChild.remove();
   }
 
+  function formatPow(pow) {
+    if (pow === 0) return "0";
+    return pow >= 0.01 && pow < 1e6 ? String(Number(pow.toPrecision(3))) : pow.toExponential(2);
+  }
+
   $("subscribe-form").addEventListener("submit", (e) => {
     e.preventDefault();
     const topic = $("topic").value.trim();
     if (!topic) return;
-    topics.add(topic);
-    renderTopics();
-    subscribe([topic]);
+    const s = wantSub({ topic: topic, key: $("subscribe-key").value.trim(), from: $("subscribe-from").value.trim() });
+    subscribe(s);
     $("publish-topic").value = topic;
   });
 
   $("topics").addEventListener("click", async (e) => {
     const button = e.target.closest("button.remove");
     if (!button) return;
-    const topic = button.parentElement.dataset.topic;
-    topics.delete(topic);
+    const k = button.parentElement.dataset.key;
+    const s = wanted.get(k);
+    if (!s) return;
+    wanted.delete(k);
     renderTopics();
-    try { await link.call("unsubscribe", { topics: [topic] }); } catch (err) { /* gone with the connection */ }
+    if (!s.sid) return;
+    try { await link.call("unsubscribe", { subscription: s.sid }); } catch (err) { /* gone with the connection */ }
   });
 
-  $("publish-form").addEventListener("submit", async (e) => {
-    e.preventDefault();
+  // publish's args from the form: the payload as JSON when it parses, and
+  // the private-message fields that are filled in.
+  function publishArgs() {
     const topic = $("publish-topic").value.trim();
     const raw = $("payload").value;
     let payload;
     try { payload = JSON.parse(raw); } catch (err) { payload = raw; }
+    const args = { topic: topic, payload: payload };
+    const key = $("publish-key").value.trim();
+    const to = $("publish-to").value.trim();
+    const sign = $("publish-sign").value.trim();
+    const pow = $("publish-pow").value.trim();
+    if (key) args.key = key;
+    if (to) args.to = to;
+    if (sign) args.sign = sign;
+    if (pow) args.pow = Number.isFinite(Number(pow)) ? Number(pow) : pow;
+    return args;
+  }
+
+  $("publish-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const args = publishArgs();
     const out = $("publish-result");
     try {
-      const r = await link.call("publish", { topic: topic, payload: payload });
+      const r = await link.call("publish", args);
       setAttr(out, "data-status", r.status);
+      const how = [args.key ? "sym" : args.to ? "asym" : "clear"];
+      if (args.sign) how.push("signed");
       setText(out, r.status === 202 && r.response
-        ? "published to #" + topic + " as " + short(r.response.id, 16) + (topics.has(topic) ? "" : " (subscribe to see it in the feed)")
+        ? "published to #" + args.topic + " as " + short(r.response.id, 16) + " (" + how.join(", ") +
+          (typeof r.response.pow === "number" ? ", pow " + formatPow(r.response.pow) : "") + ")" +
+          (wantsTopic(args.topic) ? "" : " (subscribe to see it in the feed)")
         : "not published: " + r.status + " " + r.error);
     } catch (err) {
       setText(out, "not published: " + err.message);
     }
+  });
+
+  // The same publish, typed out in the console: to see or edit it there.
+  $("publish-to-console").addEventListener("click", () => {
+    $("request").value = asJson({ op: "publish", args: publishArgs() }, false);
+    $("request").focus();
   });
 
   // -- the console -----------------------------------------------------------
@@ -678,10 +762,11 @@
   // -- start -----------------------------------------------------------------
 
   setText($("ws-url"), WS_URL);
+  wantSub({ topic: "chat" });
   renderTopics();
   const link = new NodeLink(WS_URL, {
     onState: showConnectionState,
-    onOpen: () => { subscribe(Array.from(topics)); refresh(); },
+    onOpen: () => { for (const s of wanted.values()) subscribe(s); refresh(); },
     onEvent: (ev) => { if (ev.event === "message") addToFeed(ev); },
   });
   setTimeout(refreshLoop, REFRESH_MS);
