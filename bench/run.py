@@ -3,6 +3,7 @@
     python bench/run.py            # full run (~5-8 minutes on 2 cores)
     python bench/run.py --quick    # seconds; what CI's smoke test runs
     python bench/run.py --report   # full run + gossip at 10,20,35,50 nodes
+    python bench/run.py --only 7   # sealed messages (figure 7) alone
                                    # + bench/gossip-propagation.png + BENCHMARKS.rst
 
 It starts every server itself (foxnode through twistd, the lab's node
@@ -69,6 +70,8 @@ FIGURES = [
     # issue 12: durable register at a lighter load, where fsync latency,
     # not the reactor, used to set the pace
     "3b_register_16x4_rps_foxnode_vs_labnode",
+    # issue 13: clear, sym, asym and signed messages over the gossip network
+    "7_sealed_gossip",
 ]
 #: The load of figure 3b: connections, requests in flight on each.
 REGISTER_LIGHT_LOAD = (16, 4)
@@ -573,6 +576,32 @@ def _gossip_line(r: dict) -> str:
             f"p99 {_fmt(r.get('time_to_last_node_ms_p99'), 2)} ms")
 
 
+def fig_sealed(sv: Servers, cfg: argparse.Namespace) -> dict:
+    """Figure (7): clear, sym, asym and signed messages over one gossip
+    network of ``--sealing-nodes``; see gossip.py."""
+    def start_node(peer: str | None) -> Server:
+        return sv.start("foxnode", peer=peer, check=False, extra=cfg.gossip_args)
+
+    r = gossip.run_sealed(start_node, sv.stop_many, cfg.sealing_nodes, cfg.sealing_messages,
+                          topology=cfg.gossip_topology, connect_timeout=cfg.gossip_timeout,
+                          per_message_timeout=min(5.0, cfg.gossip_timeout / 4), machine_busy=machine_busy_seconds,
+                          log=log)
+    r.setdefault("nodes", cfg.sealing_nodes)
+    if r.get("other_cpu") is not None:
+        r["noisy"] = r["other_cpu"] > NOISY_OTHER_CPU
+    if not r.get("available"):
+        log(f"  [7] not available: {r.get('reason')}")
+    for row in r.get("rows") or []:
+        log(f"  [7] {row['mode']:6s} delivered {_fmt(_pct(row['delivered_fraction']), 1)}%  "
+            f"last node p50 {_fmt(row['time_to_last_node_ms_p50'], 2)} ms  p99 {_fmt(row['time_to_last_node_ms_p99'], 2)} ms  "
+            f"cpu/msg {_fmt(row['cpu_ms_per_message_net'], 2)} ms (raw {_fmt(row['cpu_ms_per_message'], 2)})")
+    return r
+
+
+def _pct(frac: float | None) -> float | None:
+    return frac * 100 if frac is not None else None
+
+
 def fig_gossip(sv: Servers, cfg: argparse.Namespace) -> dict:
     # ---- HOOK: figure (6), gossip; see gossip.py ----
     def start_node(peer: str | None) -> Server:
@@ -641,6 +670,15 @@ def table(figures: dict) -> str:
                              "last node ms p99", _fmt(f.get("time_to_last_node_ms_p99"), 2),
                              "", f"last delivered ms (median) {_fmt(f.get('time_to_last_delivered_ms_median'), 2)}"))
             continue
+        if key == "7_sealed_gossip":
+            if f.get("skipped"):
+                rows.append((key, "skipped", "", "", "", "", "", f.get("reason", "")))
+            elif not f.get("available"):
+                rows.append((key, "not available", "", "", "", "", "", str(f.get("reason", ""))[:60]))
+            else:
+                rows.append((key, f"{f['nodes']} nodes, {f['messages_per_mode']} msgs per mode: see below",
+                             "", "", "", "", "", ""))
+            continue
         if f.get("skipped"):
             rows.append((key, "skipped", "", "", "", "", "", f.get("reason", "")))
             continue
@@ -674,6 +712,22 @@ def sizes_table(sizes: list[dict]) -> str:
                      _fmt(r.get("time_to_last_node_ms_p99"), 2), _fmt(r.get("time_to_last_node_ms_max"), 2),
                      _fmt((r.get("connectivity") or {}).get("mean_degree"), 1),
                      "" if r.get("available") else str(r.get("reason", ""))[:60]))
+    return _text_table(rows)
+
+
+def sealed_table(fig: dict) -> str:
+    rows = [("mode", "messages", "delivered %", "last node p50 ms", "p99 ms", "p50 / clear", "cpu ms/msg",
+             "cpu / clear", "cpu ms/msg (raw)", "note")]
+    for r in fig.get("rows") or []:
+        note = []
+        if r.get("wrong_view"):
+            note.append(f"{r['wrong_view']} deliveries not as sent")
+        if r.get("publish_refused"):
+            note.append(f"{r['publish_refused']} publishes refused")
+        rows.append((r["mode"], str(r["messages"]), _fmt(_pct(r.get("delivered_fraction")), 1),
+                     _fmt(r.get("time_to_last_node_ms_p50"), 2), _fmt(r.get("time_to_last_node_ms_p99"), 2),
+                     _fmt(r.get("time_p50_vs_clear"), 3), _fmt(r.get("cpu_ms_per_message_net"), 2),
+                     _fmt(r.get("cpu_vs_clear"), 3), _fmt(r.get("cpu_ms_per_message"), 2), "; ".join(note)))
     return _text_table(rows)
 
 
@@ -798,6 +852,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated network sizes, e.g. 10,20,35,50: run the gossip figure at each "
                         "(figure 6 is the run at --gossip-nodes, made once more if not in the list); "
                         "default none, with --report 10,20,35,50 (quick 3,5)")
+    p.add_argument("--sealing-nodes", type=int,
+                   help="nodes in the network of figure 7, sealed messages (default 50; quick 3)")
+    p.add_argument("--sealing-messages", type=int,
+                   help="messages of each mode (clear, sym, asym, signed) in figure 7 (default 40, with --report "
+                        "100; quick 3)")
     p.add_argument("--gossip-topology", choices=("random-tree", "chain"), default="random-tree",
                    help="node i > 0 gets --peer of a random earlier node (default) or of node i-1")
     p.add_argument("--gossip-timeout", type=float,
@@ -819,19 +878,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cfg = p.parse_args(argv)
     full = dict(pairs=3, duration=4.0, warmup=1.0, connections=96, depth=4, workers=3,
                 mem_connections=5000, mem_workers=4, settle=1.0, gossip_nodes=50, gossip_messages=10,
-                register_total=5000, gossip_timeout=30.0)
+                register_total=5000, gossip_timeout=30.0, sealing_nodes=50, sealing_messages=40)
     quick = dict(pairs=1, duration=0.5, warmup=0.3, connections=8, depth=2, workers=2,
                  mem_connections=100, mem_workers=2, settle=0.3, gossip_nodes=3, gossip_messages=2,
-                 register_total=300, gossip_timeout=12.0)
+                 register_total=300, gossip_timeout=12.0, sealing_nodes=3, sealing_messages=3)
     if cfg.report:
         # 10 messages would make p99 the maximum: more samples per size
         full["gossip_messages"] = 100
+        full["sealing_messages"] = 100
         quick["gossip_messages"] = 4
     for k, v in (quick if cfg.quick else full).items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
     if cfg.pairs < 1:
         p.error("--pairs must be at least 1")
+    if cfg.sealing_nodes < 1 or cfg.sealing_messages < 1:
+        p.error("--sealing-nodes and --sealing-messages must be at least 1")
     if cfg.gossip_sizes:
         try:
             cfg.gossip_sizes = sorted({int(x) for x in cfg.gossip_sizes.split(",") if x.strip()})
@@ -843,7 +905,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         cfg.gossip_sizes = list(QUICK_REPORT_GOSSIP_SIZES if cfg.quick else REPORT_GOSSIP_SIZES)
     else:
         cfg.gossip_sizes = []
-    cfg.figures = {int(x) for x in cfg.only.split(",")} if cfg.only else {1, 2, 3, 4, 5, 6}
+    cfg.figures = {int(x) for x in cfg.only.split(",")} if cfg.only else {1, 2, 3, 4, 5, 6, 7}
     return cfg
 
 
@@ -924,6 +986,8 @@ def main(argv: list[str] | None = None) -> int:
             for r in (figures[FIGURES[6]] or {}).get("sizes", []):
                 if r.get("error"):
                     errors[f"6 ({r['nodes']} nodes)"] = r["error"]
+        if 7 in cfg.figures:
+            figures["7_sealed_gossip"] = attempt("7", lambda: fig_sealed(sv, cfg))
     finally:
         sv.stop_all()
         if not cfg.keep:
@@ -972,6 +1036,14 @@ def main(argv: list[str] | None = None) -> int:
         log("")
         log("gossip by network size:")
         log(sizes_table(sizes))
+    sealed = result["figures"]["7_sealed_gossip"] or {}
+    if sealed.get("available"):
+        log("")
+        log(f"sealed messages, {sealed['nodes']} nodes, {sealed['messages_per_mode']} per mode from node "
+            f"{sealed['publisher']} (cpu: all nodes, less their idle rate of {_fmt(sealed.get('idle_cpu_cores'), 3)} "
+            f"core; other work on the machine {_fmt(sealed.get('other_cpu'), 2)} core"
+            + (", NOISY" if sealed.get("noisy") else "") + "):")
+        log(sealed_table(sealed))
     log("")
     log(f"wrote {cfg.out} in {result['meta']['elapsed_s']}s" + (f"; errors: {errors}" if errors else ""))
     if cfg.report:
