@@ -286,6 +286,49 @@ def gossip_table(result: dict) -> str:
                        "last node p50 (ms)", "p99 (ms)", "max (ms)", "note"], rows)
 
 
+SEALED_KEY = "7_sealed_gossip"
+
+
+def sealed_section(result: dict) -> list[str]:
+    """Figure 7 (issue 13): one row per mode, clear the reference; no goal."""
+    f = (result.get("figures") or {}).get(SEALED_KEY) or {"skipped": True, "reason": "not in the result"}
+    out = [heading("Sealed messages over the gossip network"), ""]
+    intro = (f"``{SEALED_KEY}`` (issue 13): clear, sym (``key``: a key from a shared password on every node), "
+             "asym (``to`` a public key whose private key every node holds) and signed (``sign``, subscribed "
+             "with ``from``) messages, published one at a time at one node of the figure-6 network, the modes "
+             "in turn, every node with one subscription per mode. Time is from sending ``publish`` to the "
+             "delivery at the last node's subscriber; CPU per message is every node's CPU time in the "
+             "message's window (from ``publish`` to 0.2 s after the last delivery), less what the nodes use "
+             "in as long an idle window; *raw* is without that subtraction. No goal: the ratios are to clear.")
+    if f.get("skipped") or not f.get("available"):
+        return out + [intro, "", f"Not measured in this run: {esc(f.get('reason', 'skipped'))}.", ""]
+    notes = [f"{f.get('nodes')} nodes, {f.get('messages_per_mode')} messages of each mode from node "
+             f"{f.get('publisher')}; the nodes use {num(f.get('idle_cpu_cores'), 3)} core when idle; CPU "
+             f"from {esc(f.get('cpu_source', '?'))}"]
+    if f.get("other_cpu") is not None:
+        notes.append(f"other work on the machine: {num(f.get('other_cpu'))} core"
+                     + (" (**NOISY**)" if f.get("noisy") else ""))
+    if (result.get("meta") or {}).get("quick"):
+        notes.append("quick run")
+    rows = []
+    for r in f.get("rows") or []:
+        frac = r.get("delivered_fraction")
+        note = []
+        if r.get("wrong_view"):
+            note.append(f"{r['wrong_view']} deliveries not as sent")
+        if r.get("publish_refused"):
+            note.append(f"{r['publish_refused']} publishes refused")
+        if r.get("duplicates"):
+            note.append(f"{r['duplicates']} duplicates")
+        rows.append([esc(r.get("mode")), str(r.get("messages")), num(frac * 100 if frac is not None else None, 1),
+                     num(r.get("time_to_last_node_ms_p50")), num(r.get("time_to_last_node_ms_p99")),
+                     num(r.get("time_p50_vs_clear"), 3), num(r.get("cpu_ms_per_message_net")),
+                     num(r.get("cpu_vs_clear"), 3), num(r.get("cpu_ms_per_message")), esc("; ".join(note)) or "-"])
+    table = list_table(["mode", "messages", "delivered %", "last node p50 (ms)", "p99 (ms)", "p50 / clear",
+                        "CPU per message (ms)", "CPU / clear", "CPU raw (ms)", "note"], rows)
+    return out + [intro, "", esc("; ".join(notes)) + ".", "", table, ""]
+
+
 def details_section(result: dict) -> str:
     figures = result.get("figures") or {}
     out = []
@@ -369,6 +412,7 @@ def render(result: dict, png_rel: str | None, kept: str | None = None) -> str:
                 "per message against network size", ""]
     else:
         out += ["(No plot: it could not be drawn for this run.)", ""]
+    out += sealed_section(result)
     details = details_section(result)
     out += [heading("Details"), ""] + ([details, ""] if details else []) + [
             f"foxnode ran with {lit(' '.join(meta.get('foxnode_args') or []) or '(its defaults)')} for "
