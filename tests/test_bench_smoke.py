@@ -34,7 +34,10 @@ FIGURES = [
     "6_gossip",
     # issue 12's durable register at 16 connections x 4 in flight
     "3b_register_16x4_rps_foxnode_vs_labnode",
+    # issue 13's clear, sym, asym and signed messages over the gossip network
+    "7_sealed_gossip",
 ]
+SEALING_MODES = ["clear", "sym", "asym", "signed"]
 
 
 def _importable(mod):
@@ -89,7 +92,7 @@ def test_bench_quick_writes_every_figure(tmp_path):
     # every measured figure really ran (the gossip hook may say "not available")
     assert result["errors"] == {}, f"figures failed: {result['errors']}\n{output}"
     for key in FIGURES:
-        if key == "6_gossip":
+        if key in ("6_gossip", "7_sealed_gossip"):
             continue
         fig = figures[key]
         assert not fig.get("skipped"), f"{key}: {fig}"
@@ -101,6 +104,17 @@ def test_bench_quick_writes_every_figure(tmp_path):
     else:
         assert gossip["copies_per_node_per_message"] is not None, gossip
         assert gossip["time_to_last_node_ms_p99"] is not None, gossip
+    sealed = figures["7_sealed_gossip"]
+    assert sealed.get("available"), sealed
+    assert sealed["nodes"] == 3, sealed
+    assert [r["mode"] for r in sealed["rows"]] == SEALING_MODES, sealed["rows"]
+    for row in sealed["rows"]:
+        assert row["delivered_fraction"] == 1.0 and row["wrong_view"] == 0, row
+        assert row["publish_refused"] == 0 and row["duplicates"] == 0, row
+        for field in ("time_to_last_node_ms_p50", "time_to_last_node_ms_p99", "cpu_ms_per_message",
+                      "cpu_ms_per_message_net"):
+            assert row[field] is not None, (field, row)
+    assert sealed["rows"][0]["cpu_vs_clear"] == 1.0, sealed["rows"][0]
     machine = result["meta"]["machine"]
     assert machine["cpus"] and "uses" in machine["nvx"], machine
     assert proc.returncode == 0, output
@@ -148,6 +162,15 @@ def _synthetic_result():
             "4_time_p99_same_load_foxnode_vs_bare": fig("foxnode", "bare", 1.2, unit="ms", better="lower"),
             "5_mem_per_idle_conn_foxnode_vs_bare": fig("foxnode", "bare", 1.4, unit="KiB", better="lower"),
             "6_gossip": dict(sizes[1], sizes=sizes),
+            "7_sealed_gossip": {
+                "available": True, "nodes": 50, "messages_per_mode": 10, "publisher": 3, "idle_cpu_cores": 0.05,
+                "cpu_source": "schedstat", "other_cpu": 0.01, "noisy": False,
+                "rows": [{"mode": m, "messages": 10, "delivered_fraction": 1.0, "time_to_last_node_ms_p50": 40.0 * k,
+                          "time_to_last_node_ms_p99": 60.0 * k, "time_p50_vs_clear": k,
+                          "cpu_ms_per_message_net": 20.0 * k, "cpu_vs_clear": k, "cpu_ms_per_message": 25.0 * k,
+                          "wrong_view": 0, "publish_refused": 0, "duplicates": 0}
+                         for m, k in (("clear", 1.0), ("sym", 1.1), ("asym", 1.3), ("signed", 1.2))],
+            },
         },
         "errors": {"3": "RuntimeError: [boom]_"},
         "meta": {"quick": False, "report": True, "settings": {"stored_peers": 1000, "mem_connections": 5000},
@@ -174,6 +197,9 @@ def test_report_goals_from_a_result(tmp_path):
     text = out.read_text()
     assert ".. image:: bench/g.png" in text
     assert "Problems in this run" in text and "2026-01-02" in text
+    assert "Sealed messages over the gossip network" in text and "7_sealed_gossip" in text
+    for mode in ("clear", "sym", "asym", "signed"):
+        assert f"* - {mode}" in text, text
     # the lead's text in "Where the time goes" survives a new rendering
     out.write_text(text.replace(report.PLACEHOLDER, "The codec, mostly."))
     report.write_report(_synthetic_result(), str(out), png=None)
