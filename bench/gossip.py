@@ -1,4 +1,6 @@
-"""Figure (6), the gossip hook: how a message spreads through N foxnodes.
+"""Figure (6), the gossip hook: how a message spreads through N foxnodes;
+and figure (7), the same network carrying sealed messages (clear, sym, asym,
+signed: ``run_sealed``, at the end of this file).
 
 ##########################################################################
 #  HOOK FOR FIGURE (6). Written against PROTOCOL.md ("Node ops"):        #

@@ -593,7 +593,8 @@ def fig_sealed(sv: Servers, cfg: argparse.Namespace) -> dict:
         log(f"  [7] not available: {r.get('reason')}")
     for row in r.get("rows") or []:
         log(f"  [7] {row['mode']:6s} delivered {_fmt(_pct(row['delivered_fraction']), 1)}%  "
-            f"last node p50 {_fmt(row['time_to_last_node_ms_p50'], 2)} ms  p99 {_fmt(row['time_to_last_node_ms_p99'], 2)} ms  "
+            f"last node p50 {_fmt(row['time_to_last_node_ms_p50'], 2)} ms  "
+            f"p99 {_fmt(row['time_to_last_node_ms_p99'], 2)} ms  "
             f"cpu/msg {_fmt(row['cpu_ms_per_message_net'], 2)} ms (raw {_fmt(row['cpu_ms_per_message'], 2)})")
     return r
 
