@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 
 from foxnode import codec, crypto, logs
 from foxnode.config import KeyConfig
-from foxnode.storefiles import DirectorySyncError, write_atomically
+from foxnode.storefiles import DirectorySyncError, read_document, write_atomically
 from foxnode.storewriter import ThreadRunner  # the peer store's kind of writer thread
 
 FORMAT = "foxnode/keys"
@@ -149,27 +149,10 @@ def _key_from_json(key_id: Any, raw: Any, path: Path) -> StoredKey:
 def load(path: str | os.PathLike, max_keys: int = KeyConfig().max_keys) -> list[StoredKey]:
     """Read and validate the keys file; a missing file is an empty store."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+    doc = read_document(path, "keys file", FORMAT, VERSION, "keys", max_keys, KeyStoreError)
+    if doc is None:
         return []
-    except OSError as e:
-        raise KeyStoreError(f"keys file {path}: cannot read ({e.strerror})") from None
-    try:
-        doc = orjson.loads(data)
-    except orjson.JSONDecodeError as e:
-        raise KeyStoreError(f"keys file {path}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict):
-        raise KeyStoreError(f"keys file {path}: top level is not an object")
-    if doc.get("format") != FORMAT:
-        raise KeyStoreError(f"keys file {path}: 'format' is not {FORMAT!r}")
-    if doc.get("version") != VERSION:
-        raise KeyStoreError(f"keys file {path}: unsupported version {str(doc.get('version'))[:20]!r}")
-    keys = doc.get("keys")
-    if not isinstance(keys, dict):
-        raise KeyStoreError(f"keys file {path}: 'keys' is not an object")
-    if len(keys) > max_keys:
-        raise KeyStoreError(f"keys file {path}: {len(keys)} keys, more than the limit {max_keys}")
+    keys = doc["keys"]
     try:
         if path.stat().st_mode & 0o077:
             # Rewritten with 0600 at the next change; said now, as node.key's is.

@@ -193,13 +193,41 @@ class StoreContents:
     unregistered: dict[str, str] = attrs.field(factory=dict)
 
 
-def _read(path: Path, what: str) -> bytes | None:
+def _read(path: Path, what: str, error: type[Exception] = StoreError) -> bytes | None:
     try:
         return path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise StoreError(f"{what} {path}: cannot read ({e.strerror})") from None
+        raise error(f"{what} {path}: cannot read ({e.strerror})") from None
+
+
+def read_document(path: Path, what: str, form: str, version: int, part: str, most: int,
+                  error: type[Exception] = StoreError) -> dict[str, Any] | None:
+    """A node's versioned JSON file (the peers file, the key store): the
+    whole document, checked to be an object of this ``form`` and
+    ``version`` whose ``part`` is an object of at most ``most`` entries;
+    None if there is no file. Anything else raises ``error``, one line
+    naming the file and the fault."""
+    data = _read(path, what, error)
+    if data is None:
+        return None
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise error(f"{what} {path}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise error(f"{what} {path}: top level is not an object")
+    if doc.get("format") != form:
+        raise error(f"{what} {path}: 'format' is not {form!r}")
+    if doc.get("version") != version:
+        raise error(f"{what} {path}: unsupported version {str(doc.get('version'))[:20]!r}")
+    entries = doc.get(part)
+    if not isinstance(entries, dict):
+        raise error(f"{what} {path}: {part!r} is not an object")
+    if len(entries) > most:
+        raise error(f"{what} {path}: {len(entries)} {part}, more than the limit {most}")
+    return doc
 
 
 def _endpoint(addr: str, where: str) -> str:
@@ -213,24 +241,10 @@ def read_peers_file(path: Path, max_peers: int
                     ) -> tuple[dict[str, PeerRecord], Epoch | None, bool, dict[str, str]]:
     """The peers file's records and epoch (None in a file written before
     the journal), whether the file exists, and its unregistered addresses."""
-    data = _read(path, "peers file")
-    if data is None:
+    doc = read_document(path, "peers file", FORMAT, VERSION, "peers", max_peers)
+    if doc is None:
         return {}, None, False, {}
-    try:
-        doc = orjson.loads(data)
-    except orjson.JSONDecodeError as e:
-        raise StoreError(f"peers file {path}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict):
-        raise StoreError(f"peers file {path}: top level is not an object")
-    if doc.get("format") != FORMAT:
-        raise StoreError(f"peers file {path}: 'format' is not {FORMAT!r}")
-    if doc.get("version") != VERSION:
-        raise StoreError(f"peers file {path}: unsupported version {doc.get('version')!r}")
-    peers = doc.get("peers")
-    if not isinstance(peers, dict):
-        raise StoreError(f"peers file {path}: 'peers' is not an object")
-    if len(peers) > max_peers:
-        raise StoreError(f"peers file {path}: {len(peers)} peers, more than the limit {max_peers}")
+    peers = doc["peers"]
     epoch = None
     if "journal" in doc:
         epoch = _epoch_from_json(doc["journal"])
