@@ -118,6 +118,8 @@ class PeerManager:
         #: ``--static-peer`` addresses: dialed apart from the others
         self._static = set(self.config.static)
         self.operator_ops = {"unregister": self.op_unregister}
+        #: (the store's generation, endpoint -> the node ids its pinned records name)
+        self._pins: tuple[int, dict[str, frozenset[str]]] = (-1, {})
 
     # -- lifecycle (service.py's PeerService) -------------------------------------
 
@@ -287,6 +289,31 @@ class PeerManager:
             self._unproven[addr] = None
             self.tick_soon()
 
+    def pins_of(self, addr: str) -> frozenset[str]:
+        """The node ids a dial of ``addr`` may meet (empty: any): its own
+        pin, or, when it has none, the pin of every stored record of the
+        same endpoint (``address.endpoint``). A pin guards what it names,
+        not only its own record: an unpinned twin of a pinned address,
+        learned from peers or registered by a stranger, is held to the
+        operator's pin too, or it would reach whatever node answers there."""
+        parsed = address.parse(addr)
+        if parsed.node_id:
+            return frozenset([parsed.node_id])
+        generation, pins = self._pins
+        if generation != self.store.generation:
+            # Rebuilt once per change of the address set; only pinned
+            # addresses (a '#', a cheap test) are parsed for it.
+            found: dict[str, set[str]] = {}
+            for stored in self.store.addresses():
+                if "#" in stored:
+                    try:
+                        found.setdefault(address.endpoint(stored), set()).add(address.parse(stored).node_id)
+                    except address.InvalidAddress:
+                        continue
+            pins = {key: frozenset(ids) for key, ids in found.items()}
+            self._pins = (self.store.generation, pins)
+        return pins.get(address.endpoint(addr), frozenset())
+
     def dial(self, addr: str, probe: bool = False) -> Deferred:
         """Connect to ``addr`` and say hello; fires with the connection or
         fails with the reason. Bookkeeping (the dial record, the store) is
@@ -306,6 +333,7 @@ class PeerManager:
                                    max_in_flight=c.max_in_flight,
                                    max_depth=c.max_depth, ping_interval=c.ping_interval,
                                    ping_timeout=c.ping_timeout, open_timeout=self.config.dial_timeout)
+        pins = self.pins_of(addr)
         endpoint = endpoint_for(self.reactor, parsed, self.config.trust_roots, self.config.dial_timeout)
         log.debug("dialing {addr}", addr=addr)
         d = endpoint.connect(factory)
@@ -319,7 +347,7 @@ class PeerManager:
             proto.fox_state["dial_addr"] = addr
             if not probe:
                 dial.conn = proto
-            return proto.when_opened().addCallback(self._say_hello, addr, probe, parsed.node_id)
+            return proto.when_opened().addCallback(self._say_hello, addr, probe, pins)
 
         d.addCallback(opened)
         d.addTimeout(self.config.dial_timeout * 3, self.reactor)
@@ -333,7 +361,7 @@ class PeerManager:
         self.tick_soon()
         return result
 
-    def _say_hello(self, proto: Any, addr: str, probe: bool, pinned: str | None) -> Deferred:
+    def _say_hello(self, proto: Any, addr: str, probe: bool, pins: frozenset[str]) -> Deferred:
         if not probe:
             self.book.on(addr, Event.OPENED, self.reactor.seconds())
         listener_nonce, listener_id = proto.server_nonce, proto.server_node_id
@@ -341,11 +369,12 @@ class PeerManager:
             proto.close(CLOSE_CODES[BAD_HELLO], BAD_HELLO)
             raise HandshakeRefused(BAD_HELLO, "the upgrade response lacks a nonce or node id "
                                               f"(a node older than protocol {PROTOCOL_VERSION}?)")
-        if pinned is not None and listener_id != pinned:
+        if pins and listener_id not in pins:
             # The hello's proof binds the listener to the id it named here,
             # so this one check holds for the whole handshake.
             proto.close(CLOSE_CODES[WRONG_NODE], WRONG_NODE)
-            raise HandshakeRefused(WRONG_NODE, f"{addr} pins node {pinned[:12]}, "
+            named = ", ".join(sorted(p[:12] for p in pins))
+            raise HandshakeRefused(WRONG_NODE, f"{addr}: its endpoint is pinned to node {named}, "
                                                f"but node {listener_id[:12]} answered")
         nonce = os.urandom(16).hex()
         args = dialer_hello(self.node.identity, self.node.config.network, listener_nonce, listener_id,

@@ -278,6 +278,57 @@ def test_a_pinned_address_connects_only_to_the_node_it_names(tmp_path):
         b.stopService()
 
 
+@pytest.mark.parametrize("source", ["exchange", "register"])
+def test_a_pin_guards_its_endpoint_not_only_its_own_record(tmp_path, source):
+    # The operator pinned b's endpoint to another node; a stranger (peer
+    # exchange, or a register) brings the same endpoint unpinned. Its dial
+    # must meet the pin's check too, not reach whichever node answers.
+    from foxnode import address
+    from foxnode.handshake import WRONG_NODE
+
+    net = MemoryNetwork()
+    a = memory_node(net, tmp_path / "a")
+    b = memory_node(net, tmp_path / "b")
+    try:
+        url = net.url(b.node.listen_port)
+        expected = identity.Identity.generate().node_id
+        a.node.store.add([address.pinned(url, expected)], "register")
+        a.node.store.add([url], source)
+        a.node.peers.tick_soon()
+        net.advance(0.5)
+        assert a.node.live_peers() == [] and b.node.live_peers() == []
+        twin = a.node.store.get(url)
+        assert twin.failures == 1 and twin.last_error == WRONG_NODE
+        assert a.node.peers.book.state(url) is S.BACKOFF
+        # Pinned to the node that is there: the twin reaches it.
+        a.node.store.add([address.pinned(url, b.node.node_id)], "register")
+        a.node.peers.book.retry_due(a.node.reactor.seconds() + 3600)
+        a.node.peers.tick_soon()
+        net.advance(0.5)
+        assert [p["node_id"] for p in a.node.live_peers()] == [b.node.node_id]
+    finally:
+        a.stopService()
+        b.stopService()
+
+
+def test_a_pin_guards_every_spelling_of_its_endpoint(tmp_path):
+    from foxnode import address
+
+    net = MemoryNetwork()
+    a = memory_node(net, tmp_path / "a")
+    try:
+        expected = identity.Identity.generate().node_id
+        a.node.store.add([address.pinned("ws://127.0.0.1:80/ws", expected)], "register")
+        for twin in ("ws://127.0.0.1/ws", "ws://127.0.0.1:80/ws?x=1"):
+            assert a.node.peers.pins_of(twin) == {expected}
+        # Another endpoint, and an address with a pin of its own, are held to theirs.
+        assert a.node.peers.pins_of("ws://127.0.0.1:81/ws") == frozenset()
+        other = identity.Identity.generate().node_id
+        assert a.node.peers.pins_of(address.pinned("ws://127.0.0.1/ws", other)) == {other}
+    finally:
+        a.stopService()
+
+
 def test_info_gives_the_node_its_own_pinned_address(tmp_path):
     from foxnode import address
 
