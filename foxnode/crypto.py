@@ -145,6 +145,23 @@ def parse_public_key(value: Any) -> bytes | None:
     return raw
 
 
+#: a throwaway key, to try a public key's X25519 half with
+_PROBE = X25519PrivateKey.generate()
+
+
+def can_seal_to(public_key: bytes) -> bool:
+    """Whether anything can be sealed to ``public_key`` (what
+    ``parse_public_key`` returned): not when its X25519 half is a point of
+    small order, whose shared secret with every key is all zeros (OpenSSL
+    refuses it). Such a key has no private key behind it: what ``to``
+    names must be refused, not met with an exception mid-seal."""
+    try:
+        _PROBE.exchange(X25519PublicKey.from_public_bytes(public_key[:32]))
+    except ValueError:
+        return False
+    return True
+
+
 # -- sealing ---------------------------------------------------------------------------
 
 def seal_sym(key: bytes, plaintext: bytes, aad: bytes = b"") -> bytes:

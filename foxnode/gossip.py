@@ -459,6 +459,9 @@ class Gossip:
             if public is None:
                 return codec.bad_args(op, f'"to" must be a public key: {2 * crypto.PUBLIC_KEY_SIZE} hex digits '
                                           '(the "public_key" of an asym key)')
+            if not crypto.can_seal_to(public):
+                return codec.bad_args(op, '"to" is no one\'s public key: its X25519 half is a point of '
+                                          'small order, to which nothing can be sealed')
             encrypted = "asym"
             seal = lambda data, aad: crypto.seal_to(public, data, aad)  # noqa: E731
         signing = self._key_arg(op, args, "sign", ("asym",))

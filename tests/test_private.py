@@ -151,6 +151,25 @@ def test_publish_refuses_bad_sealing_arguments_naming_them(tmp_path):
     assert gossip.seen == {}
 
 
+#: X25519 points of small order (RFC 7748 section 7, libsodium's blacklist):
+#: every shared secret with them is all zeros, so nothing can be sealed to them
+LOW_ORDER = [bytes(32), (1).to_bytes(32, "little"),
+             bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
+             bytes.fromhex("5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"),
+             bytes.fromhex("ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f")]
+
+
+@pytest.mark.parametrize("point", LOW_ORDER)
+def test_publish_to_a_low_order_point_is_a_400_not_an_exception(tmp_path, point):
+    # A "to" whose X25519 half has no shared secret with anyone made
+    # seal_to raise ValueError inside the op: a 500 for a stranger's input.
+    clock, keys, gossip = setup(tmp_path)
+    signing_half = key(keys, {"type": "asym"})["public_key"][64:]
+    reply = publish(clock, gossip, to=point.hex() + signing_half)
+    assert reply.status == 400 and '"to"' in reply.error, reply
+    assert gossip.seen == {}
+
+
 def test_subscribe_and_unsubscribe_arguments(tmp_path):
     clock, keys, gossip = setup(tmp_path)
     sym = key(keys, {"type": "sym"})["id"]
