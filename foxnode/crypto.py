@@ -29,7 +29,14 @@ nothing of our own invention beyond how they are framed.
   then Ed25519 (64 bytes, 128 hex digits): what ``to`` and ``from`` name.
 - **Signatures**: Ed25519 over the content *inside* the encryption, so the
   signer is as private as the payload; the signed content carries the
-  signer's whole public key, and the signature covers that too.
+  signer's whole public key, and the signature covers that too, and a
+  *context* its caller gives (gossip.py: the envelope's origin, topic,
+  times, sealing and reader), which is not sent but known to the verifier.
+  Sign-then-encrypt signs only the words unless the signature names where
+  they go (Davis, "Defective Sign & Encrypt", 2001): without the context,
+  whoever could read a signed content could send it on under another
+  topic, to another reader, under another key or later, and it would still
+  say "from" its signer.
 - **Proof of work**: Whisper's (EIP-627), with SHA-256 for Keccak-256 (see
   ``work_hash`` and ``pow_value``).
 
@@ -74,11 +81,13 @@ MAX_PASSWORD_BYTES = 4096
 _X25519_INFO = b"foxnode asym key v1: x25519"
 _ED25519_INFO = b"foxnode asym key v1: ed25519"
 _SEAL_INFO = b"foxnode sealed to v1"
-_SIGNED_DOMAIN = b"foxnode signed content v1\x00"
+_SIGNED_DOMAIN = b"foxnode signed content v2\x00"
+_SYM_KEY_INFO = b"foxnode signed under sym key v1\x00"
 
-#: the first byte of content (what is sealed): unsigned or signed
+#: the first byte of content (what is sealed): unsigned or signed (2: signed
+#: over a context; 1, signed over the payload alone, is no longer taken)
 _UNSIGNED = 0
-_SIGNED = 1
+_SIGNED = 2
 
 
 class CannotOpen(Exception):
@@ -220,19 +229,31 @@ class Content(NamedTuple):
     signer: bytes | None
 
 
-def pack(payload: bytes, signer: KeyPair | None = None) -> bytes:
-    """The content to seal: ``0 || payload``, or ``1 || signer's public key
+def sym_key_binding(key: bytes) -> bytes:
+    """What a signature under sym key ``key`` names of it: a hash, so that
+    the signed bytes (never sent) commit to the key without holding it."""
+    return hashlib.sha256(_SYM_KEY_INFO + key).digest()
+
+
+def _signed_bytes(public_key: bytes, context: bytes, payload: bytes) -> bytes:
+    return _SIGNED_DOMAIN + public_key + len(context).to_bytes(4, "big") + context + payload
+
+
+def pack(payload: bytes, signer: KeyPair | None = None, context: bytes = b"") -> bytes:
+    """The content to seal: ``0 || payload``, or ``2 || signer's public key
     (64) || Ed25519 signature (64) || payload``, the signature over a
-    domain tag, the public key and the payload."""
+    domain tag, the public key, ``context`` (not in the content: the
+    verifier must know it, see ``unpack``) and the payload."""
     if signer is None:
         return bytes([_UNSIGNED]) + payload
-    signature = signer.ed25519.sign(_SIGNED_DOMAIN + signer.public_key + payload)
+    signature = signer.ed25519.sign(_signed_bytes(signer.public_key, context, payload))
     return bytes([_SIGNED]) + signer.public_key + signature + payload
 
 
-def unpack(content: bytes) -> Content:
+def unpack(content: bytes, context: bytes = b"") -> Content:
     """The payload and its signer; ``BadSignature`` when the signature is
-    not the named signer's, ``CannotOpen`` when the content is no content."""
+    not the named signer's over ``context`` (the one ``pack`` was given),
+    ``CannotOpen`` when the content is no content."""
     if not content:
         raise CannotOpen("empty content")
     if content[0] == _UNSIGNED:
@@ -244,7 +265,7 @@ def unpack(content: bytes) -> Content:
     payload = content[1 + PUBLIC_KEY_SIZE + SIGNATURE_SIZE:]
     try:
         Ed25519PublicKey.from_public_bytes(public_key[32:]).verify(
-            signature, _SIGNED_DOMAIN + public_key + payload)
+            signature, _signed_bytes(public_key, context, payload))
     except (InvalidSignature, ValueError):
         raise BadSignature("the signature is not the signer's") from None
     return Content(payload, public_key)

@@ -160,6 +160,17 @@ def _canonical(origin: str, topic: str, payload: Any, created: float, ttl: int, 
     return _hashed(_body(origin, topic, payload, created, ttl, nonce, encrypted, content), work)
 
 
+def _signing_context(origin: str, topic: str, created: float, ttl: int, encrypted: str | None,
+                     under: bytes) -> bytes:
+    """What a signed content's signature names besides the payload: the
+    envelope's origin, topic, creation time and TTL, how it is sealed, and
+    for whom (``under``: a sym key's ``crypto.sym_key_binding``, the X25519
+    half of the reader's public key, or nothing). So "from" holds for this
+    message as the reader gets it: the same words sent on by another node,
+    under another topic, key or reader, or later, are not the signer's."""
+    return orjson.dumps([ENVELOPE_VERSION, origin, topic, float(created), ttl, encrypted, under.hex()])
+
+
 def _content_limit(config: GossipConfig) -> int:
     """The longest ``content``: base64 of the largest payload, signed and sealed."""
     return (config.max_payload + 256) * 4 // 3 + 4
@@ -385,13 +396,14 @@ class Gossip:
         how = self._sealing("publish", args)
         if isinstance(how, codec.Reply):
             return how
-        encrypted, seal, signer, target, seconds = how
+        encrypted, seal, under, signer, target, seconds = how
         payload, content = args["payload"], None
+        now = self.reactor.seconds()
         if seal is not None or signer is not None:
-            packed = crypto.pack(text, signer)
+            context = _signing_context(self.signer.node_id, topic, round(now, 3), ttl, encrypted, under)
+            packed = crypto.pack(text, signer, context)
             sealed = seal(packed, aad) if seal is not None else packed
             content, payload = base64.b64encode(sealed).decode("ascii"), None
-        now = self.reactor.seconds()
         nonce = os.urandom(8).hex()
         if target <= 0:
             return self._publish(Envelope.create(self.signer, topic, payload, ttl, now, encrypted, content,
@@ -443,16 +455,17 @@ class Gossip:
 
     def _sealing(self, op: str, args: dict) -> Any:
         """publish's ``key``/``to``/``sign``/``pow``/``pow_time``: (encrypted,
-        a sealing function or None, the signer's KeyPair or None, the pow
-        target, the seconds to work), or the refusal."""
+        a sealing function or None, for whom it seals (``_signing_context``'s
+        ``under``), the signer's KeyPair or None, the pow target, the seconds
+        to work), or the refusal."""
         if "key" in args and "to" in args:
             return codec.bad_args(op, '"key" and "to" exclude each other: give one')
         key = self._key_arg(op, args, "key", ("sym",))
         if isinstance(key, codec.Reply):
             return key
-        encrypted, seal = None, None
+        encrypted, seal, under = None, None, b""
         if key is not None:
-            encrypted = "sym"
+            encrypted, under = "sym", crypto.sym_key_binding(key.secret)
             seal = lambda data, aad: crypto.seal_sym(key.secret, data, aad)  # noqa: E731
         if "to" in args:
             public = crypto.parse_public_key(args["to"])
@@ -462,7 +475,7 @@ class Gossip:
             if not crypto.can_seal_to(public):
                 return codec.bad_args(op, '"to" is no one\'s public key: its X25519 half is a point of '
                                           'small order, to which nothing can be sealed')
-            encrypted = "asym"
+            encrypted, under = "asym", public[:32]
             seal = lambda data, aad: crypto.seal_to(public, data, aad)  # noqa: E731
         signing = self._key_arg(op, args, "sign", ("asym",))
         if isinstance(signing, codec.Reply):
@@ -473,7 +486,7 @@ class Gossip:
         seconds = args.get("pow_time", self.config.pow_time)
         if not _number(seconds) or seconds > self.config.max_pow_time:
             return codec.bad_args(op, f'"pow_time" must be a number of seconds, 0 to {self.config.max_pow_time:g}')
-        return encrypted, seal, signing.pair if signing is not None else None, target, seconds
+        return encrypted, seal, under, signing.pair if signing is not None else None, target, seconds
 
     def _topics_arg(self, op: str, args: Any) -> list[str] | codec.Reply:
         if not isinstance(args, dict):
@@ -660,6 +673,7 @@ class Gossip:
             return None
         try:
             data = base64.b64decode(envelope.content, validate=True)
+            under = b""
             if envelope.encrypted is not None:
                 key = self.keys.get(key_id) if self.keys is not None and key_id is not None else None
                 if key is None:
@@ -667,11 +681,14 @@ class Gossip:
                 aad = envelope.topic.encode()
                 if envelope.encrypted == "sym" and key.type == "sym":
                     data = crypto.open_sym(key.secret, data, aad)
+                    under = crypto.sym_key_binding(key.secret)
                 elif envelope.encrypted == "asym" and key.pair is not None:
                     data = crypto.open_from(key.pair, data, aad)
+                    under = key.pair.public_key[:32]
                 else:
                     return None
-            content = crypto.unpack(data)
+            content = crypto.unpack(data, _signing_context(envelope.origin, envelope.topic, envelope.created,
+                                                           envelope.ttl, envelope.encrypted, under))
             orjson.loads(content.payload)  # JSON, or it reaches nobody: the frame must stay valid
         except (binascii.Error, ValueError, crypto.CannotOpen) as e:
             # orjson.JSONDecodeError is a ValueError; a bad signature is a CannotOpen

@@ -129,6 +129,72 @@ def test_sealed_content_moved_tampered_or_forged_reaches_nobody(tmp_path):
     assert len(messages(sub)) == 1
 
 
+def published(clock, gossip, **args):
+    """The envelope (as JSON) of a publish by the operator."""
+    reply = publish(clock, gossip, **args)
+    assert reply.status == 202, reply
+    return orjson.loads(gossip.cache[reply.response["id"]].frame)["envelope"]
+
+
+def test_a_signature_names_where_and_when_it_was_given(tmp_path):
+    # What "from" says must hold for the message a reader gets, not only
+    # for its payload: someone who can read a signed content (anyone, when
+    # it is only signed; a key holder, when it is sealed) must not make
+    # it say "from" its signer on another topic, to another reader, under
+    # another key, from another node, or later.
+    clock, keys, gossip = setup(tmp_path)
+    alice = key(keys, {"type": "asym"})
+    bob, carol = key(keys, {"type": "asym"}), key(keys, {"type": "asym"})
+    sym, other_sym = key(keys, {"type": "sym"}), key(keys, {"type": "sym"})
+    mallory = identity.Identity.generate()
+    only_alice = {"from": [alice["public_key"]]}
+    now = clock.seconds()
+
+    def reaches(sub, envelope):
+        before = len(messages(sub))
+        gossip.deliver(envelope)
+        return len(messages(sub)) - before
+
+    def rewrapped(env, **change):
+        fields = dict(origin=None, topic=env["topic"], created=env["created"], ttl=env["ttl"],
+                      encrypted=env["encrypted"], content=env["content"])
+        fields.update(change)
+        ident = fields.pop("origin") or mallory
+        return Envelope.create(ident, fields.pop("topic"), None, fields.pop("ttl"), fields.pop("created"),
+                               fields.pop("encrypted"), fields.pop("content"))
+
+    # Signed, not sealed: its content is readable by every node.
+    signed = published(clock, gossip, sign=alice["id"])
+    on_t, _ = subscriber(gossip, **only_alice)
+    admin = FakeConnection()
+    gossip.op_subscribe(admin, {"topics": ["admin"], **only_alice})
+    assert reaches(on_t, Envelope.from_json(signed, gossip.config, clock.seconds())) == 1
+    assert reaches(admin, rewrapped(signed, topic="admin")) == 0, "moved to another topic"
+    assert reaches(on_t, rewrapped(signed)) == 0, "sent on by another node"
+    assert reaches(on_t, rewrapped(signed, created=now + 20)) == 0, "replayed later"
+
+    # Sealed to bob: bob must not pass alice's words on to carol as hers to carol.
+    to_bob = published(clock, gossip, sign=alice["id"], to=bob["public_key"])
+    inner = crypto.open_from(keys.get(bob["id"]).pair, base64.b64decode(to_bob["content"]), b"t")
+    carols, _ = subscriber(gossip, key=carol["id"], **only_alice)
+    to_carol = crypto.seal_to(bytes.fromhex(carol["public_key"]), inner, b"t")
+    assert reaches(carols, rewrapped(to_bob, origin=gossip.signer,
+                                     content=base64.b64encode(to_carol).decode())) == 0
+
+    # Sealed with one sym key: resealed under another by one who holds both.
+    with_sym = published(clock, gossip, sign=alice["id"], key=sym["id"])
+    inner = crypto.open_sym(keys.get(sym["id"]).secret, base64.b64decode(with_sym["content"]), b"t")
+    others, _ = subscriber(gossip, key=other_sym["id"], **only_alice)
+    resealed = crypto.seal_sym(keys.get(other_sym["id"]).secret, inner, b"t")
+    assert reaches(others, rewrapped(with_sym, origin=gossip.signer,
+                                     content=base64.b64encode(resealed).decode())) == 0
+    # Each as it was published reaches its reader.
+    bobs, _ = subscriber(gossip, key=bob["id"], **only_alice)
+    syms, _ = subscriber(gossip, key=sym["id"], **only_alice)
+    assert reaches(bobs, Envelope.from_json(to_bob, gossip.config, clock.seconds())) == 1
+    assert reaches(syms, Envelope.from_json(with_sym, gossip.config, clock.seconds())) == 1
+
+
 def reply_secret(keys, key_id):
     return keys.ops["getkey"](OPERATOR, {"id": key_id, "secret": True}).response["key"]
 
