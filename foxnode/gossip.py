@@ -70,7 +70,9 @@ JSON text, signed or not) and, when ``encrypted`` says ``"sym"`` or
 ``"asym"``, seals; its ``payload`` is then null. The topic stays readable, so
 every node forwards what it cannot open; the topic is bound into the
 sealing as associated data, so a sealed content cannot be moved to another
-topic. ``work`` is the proof-of-work nonce: the envelope's proof of work is
+topic; a signature names the envelope it was given for (origin, topic,
+times, sealing and reader: ``_signing_context``), so whoever can read a
+signed content cannot send it on as its signer's. ``work`` is the proof-of-work nonce: the envelope's proof of work is
 ``crypto.pow_of`` of its body (``_body``: every field but the id, the
 signature and ``work``) and ``work``. Nodes refuse, count and do not
 forward envelopes below their ``--min-pow``; the origin's signature covers
