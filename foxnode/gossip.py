@@ -214,8 +214,16 @@ class Envelope:
         return _body(self.origin, self.topic, self.payload, self.created, self.ttl, self.nonce,
                      self.encrypted, self.content)
 
-    def pow(self) -> float:
-        return crypto.pow_of(self.body(), self.work, self.ttl)
+    def pow(self, now: float | None = None) -> float:
+        """Its proof of work; at ``now``, an envelope created after ``now``
+        pays for the seconds it is early too, as Whisper's (EIP-627) does:
+        created ``max_skew`` ahead, it lives that much beyond its TTL at
+        every node, and priced by its TTL alone it would buy that time
+        free. (Whole seconds, so a clock a moment ahead costs nothing.)"""
+        ttl = self.ttl
+        if now is not None and self.created > now:
+            ttl += int(self.created - now)
+        return crypto.pow_of(self.body(), self.work, ttl)
 
     @property
     def expires(self) -> float:
@@ -646,7 +654,7 @@ class Gossip:
             return
         if envelope.content is None and payload is None:
             payload = orjson.Fragment(codec.dumps(envelope.payload))
-        reached = envelope.pow()
+        reached = envelope.pow(self.reactor.seconds())
         #: key id (None: no key) -> what it opens of the envelope, or None
         opened: dict[str | None, Opened | None] = {}
         metrics = self.metrics
@@ -719,7 +727,7 @@ class Gossip:
         except Rejected as e:
             self._reject(conn, message_id, str(e))
             return
-        if self.config.min_pow and envelope.pow() < self.config.min_pow:
+        if self.config.min_pow and envelope.pow(self.reactor.seconds()) < self.config.min_pow:
             # Refused and counted, not forwarded; not held against the peer,
             # whose own minimum may be lower.
             self.metrics.gossip_received.labels("pow").inc()

@@ -299,6 +299,35 @@ def test_pow_is_reached_checked_and_refused_below_the_minimum(tmp_path):
     assert reply.status == 400 and '"pow"' in reply.error
 
 
+def test_an_envelope_created_early_pays_for_the_time_it_lives_beyond_its_ttl(tmp_path):
+    # Created max_skew (30 s) ahead with a TTL of 1 s, an envelope lives 31 s
+    # at every node; priced for 1 s, it paid a 31st of what an honest one
+    # pays for its lifetime. Whisper (EIP-627) adds the seconds it is early.
+    from foxnode.gossip import _body
+
+    clock, keys, gossip = setup(tmp_path, min_pow=1.0)
+    me = identity.Identity.generate()
+    now = clock.seconds()
+    peer = FakeConnection(node_id=me.node_id)
+    gossip.peer_up(peer)
+    early, nonce = now + 29, "00" * 8
+    body = _body(me.node_id, "t", {"n": 1}, round(early, 3), 1, nonce)
+    # Work enough for a TTL of 1 s, not for the 30 s it lives.
+    work = next(w for w in range(1 << 24)
+                if crypto.pow_of(body, w, 1) >= 1.0 > crypto.pow_of(body, w, 30))
+    cheap = Envelope.create(me, "t", {"n": 1}, 1, early, work=work, nonce=nonce)
+    assert cheap.pow() >= 1.0
+    gossip.on_gossip(peer, codec.Event("gossip", {"envelope": cheap.to_json()}))
+    assert cheap.id not in gossip.seen
+    assert gossip.metrics.gossip_received.labels("pow")._value.get() == 1
+    assert cheap.pow(now) < 1.0
+    # Once its time has come, the same envelope is what it says.
+    clock.advance(29)
+    assert cheap.pow(clock.seconds()) == cheap.pow()
+    gossip.on_gossip(peer, codec.Event("gossip", {"envelope": cheap.to_json()}))
+    assert cheap.id in gossip.seen
+
+
 def test_a_plain_envelope_goes_as_before_and_sealed_fields_are_checked(tmp_path):
     clock, keys, gossip = setup(tmp_path)
     me = identity.Identity.generate()
