@@ -130,7 +130,10 @@ class Node:
         return is_trusted_host(conn.remote_host, self.config.trusted)
 
     def connection_opened(self, conn: Any) -> None:
-        conn.trusted = self.is_trusted(conn)
+        # Only a client that connects to the node is its operator: a node
+        # this one dialed (any address may be registered, one in a trusted
+        # network too) is a peer, whatever its address.
+        conn.trusted = conn.direction == "in" and self.is_trusted(conn)
         # The operator's scripts may pipeline as fast as they like; a peer
         # is budgeted whoever it is, once it said hello.
         if not conn.trusted:

@@ -41,3 +41,31 @@ def test_bad_network_is_one_usage_line():
     options = tap.Options()
     with pytest.raises(usage.UsageError, match="--trusted 300.0.0.0/8"):
         options.parseOptions(["--trusted", "300.0.0.0/8"])
+
+
+@pytest.mark.parametrize("op, args", [("newkey", {"type": "sym"}), ("unregister", {"addr": "ws://127.0.0.9:9/ws"})])
+def test_a_node_this_node_dialed_is_no_operator_of_it(tmp_path, op, args):
+    # The operator is a client that connects to the node from a --trusted
+    # network. A node this node dialed, at an address in such a network
+    # (anyone may register one), is a peer: over the connection this node
+    # opened, it must not reach the operator ops.
+    from foxnode.testing import MemoryNetwork, memory_node
+
+    net = MemoryNetwork()
+    a = memory_node(net, tmp_path / "a")
+    b = memory_node(net, tmp_path / "b")
+    try:
+        a.node.store.add([net.url(b.node.listen_port)], "register")
+        a.node.peers.tick_soon()
+        net.advance(0.5)
+        outbound = a.node.peers.peers[b.node.node_id]
+        assert outbound.direction == "out"
+        replies = []
+        b.node.peers.peers[a.node.node_id].request(op, args).addCallback(replies.append)
+        net.advance(0.1)
+        [reply] = replies
+        assert reply.status == 403 and "only for trusted clients" in reply.error, reply
+        assert len(a.node.gossip.keys) == 0 and not outbound.trusted
+    finally:
+        a.stopService()
+        b.stopService()
