@@ -265,7 +265,9 @@ class Envelope:
             raise Rejected(f"ttl must be 1..{config.max_ttl}")
         if not isinstance(fields["nonce"], str) or len(fields["nonce"]) > 64:
             raise Rejected("malformed nonce")
-        if not isinstance(fields["sig"], str):
+        if not identity.is_signature(fields["sig"]):
+            # Exactly 128 hex digits: outside the body, a signature is in
+            # neither the size check nor the proof of work.
             raise Rejected("malformed signature")
         encrypted, sealed, work = fields["encrypted"], fields["content"], fields["work"]
         if not isinstance(encrypted, (str, type(None))) or encrypted not in SEALINGS:

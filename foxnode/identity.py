@@ -8,6 +8,7 @@ without a separate key exchange.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import attrs
@@ -21,6 +22,11 @@ from foxnode import logs
 
 KEY_FILE = "node.key"
 NODE_ID_LENGTH = 64  # hex characters of a 32-byte key
+SIGNATURE_LENGTH = 128  # hex characters of a 64-byte signature
+# Exactly so many lowercase hex digits: bytes.fromhex alone also takes
+# whitespace between them, so "ab cd ..." of any length would pass.
+_NODE_ID = re.compile(r"[0-9a-f]{%d}" % NODE_ID_LENGTH)
+_SIGNATURE = re.compile(r"[0-9a-f]{%d}" % SIGNATURE_LENGTH)
 
 log = logs.logger(__name__)
 
@@ -50,18 +56,17 @@ class Identity:
 
 
 def is_node_id(value: object) -> bool:
-    if not isinstance(value, str) or len(value) != NODE_ID_LENGTH:
-        return False
-    try:
-        bytes.fromhex(value)
-    except ValueError:
-        return False
-    return value == value.lower()
+    return isinstance(value, str) and _NODE_ID.fullmatch(value) is not None
+
+
+def is_signature(value: object) -> bool:
+    """A signature as ``Identity.sign`` writes them: 128 lowercase hex digits."""
+    return isinstance(value, str) and _SIGNATURE.fullmatch(value) is not None
 
 
 def verify(node_id: str, signature: object, data: bytes) -> bool:
     """True when ``signature`` (hex) is ``node_id``'s signature of ``data``."""
-    if not is_node_id(node_id) or not isinstance(signature, str):
+    if not is_node_id(node_id) or not is_signature(signature):
         return False
     try:
         key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(node_id))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import secrets
 from functools import partial
 from pathlib import Path
@@ -113,14 +114,16 @@ def _is_id(value: Any) -> bool:
             and all(c in "0123456789abcdef" for c in value))
 
 
+_HEX = re.compile(r"[0-9a-fA-F]*")
+
+
 def _secret_hex(value: Any, size: int) -> bytes | None:
-    """The bytes of ``value``, hex of exactly ``size`` bytes, or None."""
-    if not isinstance(value, str) or len(value) != 2 * size:
+    """The bytes of ``value``, hex of exactly ``size`` bytes, or None.
+    Hex digits only: bytes.fromhex skips whitespace, so 64 characters with
+    spaces in them would be fewer than 32 bytes."""
+    if not isinstance(value, str) or len(value) != 2 * size or _HEX.fullmatch(value) is None:
         return None
-    try:
-        return bytes.fromhex(value)
-    except ValueError:
-        return None
+    return bytes.fromhex(value)
 
 
 def _key_from_json(key_id: Any, raw: Any, path: Path) -> StoredKey:

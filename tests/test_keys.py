@@ -112,6 +112,12 @@ BAD = [
     ("addkey", {"type": "sym", "key": 7}, "key"), ("addkey", {"type": "asym"}, "private_key"),
     ("addkey", {"type": "asym", "private_key": "ab" * 33}, "private_key"),
     ("addkey", {"type": "asym", "private_key": "0x" + "ab" * 31}, "private_key"),
+    # 64 characters that bytes.fromhex reads as fewer bytes (it skips
+    # whitespace): a 21-byte sym key was stored, and the node then refused
+    # to start on its own keys file; an asym one raised mid-op (a 500).
+    ("addkey", {"type": "sym", "key": "ab " * 21 + " "}, "key"),
+    ("addkey", {"type": "sym", "key": "ab" * 31 + " a"}, "key"),
+    ("addkey", {"type": "asym", "private_key": "ab " * 21 + " "}, "private_key"),
     ("addkey", {"type": "sym", "key": "ab" * 32, "private_key": "ab" * 32}, "private_key"),
     ("addkey", {"type": "asym", "private_key": "ab" * 32, "key": "ab" * 32}, "key"),
     ("getkey", None, "args"), ("getkey", {}, "id"), ("getkey", {"id": 5}, "id"), ("getkey", {"id": ""}, "id"),

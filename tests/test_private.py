@@ -328,6 +328,27 @@ def test_an_envelope_created_early_pays_for_the_time_it_lives_beyond_its_ttl(tmp
     assert cheap.id in gossip.seen
 
 
+def test_a_signature_padded_with_whitespace_is_refused(tmp_path):
+    # bytes.fromhex skips whitespace: a signature spread out with spaces
+    # verified, and the envelope went on with up to a whole message of
+    # them, outside the size check and the proof of work, which cover the
+    # body only: --min-pow paid for 200 bytes carried a megabyte.
+    clock, keys, gossip = setup(tmp_path)
+    me = identity.Identity.generate()
+    peer = FakeConnection(node_id=me.node_id)
+    gossip.peer_up(peer)
+    good = Envelope.create(me, "t", {"n": 1}, 60, clock.seconds()).to_json()
+    spread = " ".join(good["sig"][i:i + 2] for i in range(0, len(good["sig"]), 2)) + " " * 100_000
+    for sig in (spread, good["sig"] + " ", " " + good["sig"]):
+        gossip.on_gossip(peer, codec.Event("gossip", {"envelope": dict(good, sig=sig)}))
+        assert good["id"] not in gossip.seen
+        with pytest.raises(Rejected, match="malformed signature"):
+            Envelope.from_json(dict(good, sig=sig), gossip.config, clock.seconds())
+    assert not identity.verify(me.node_id, spread, b"x")
+    gossip.on_gossip(peer, codec.Event("gossip", {"envelope": good}))
+    assert good["id"] in gossip.seen
+
+
 def test_a_plain_envelope_goes_as_before_and_sealed_fields_are_checked(tmp_path):
     clock, keys, gossip = setup(tmp_path)
     me = identity.Identity.generate()
