@@ -171,6 +171,9 @@ class GossipConfig:
     #: reactor's pool, up to ``max_pow_time``): more get 429, so publishers
     #: cannot take every thread and core of the node
     max_works: int = 2
+    #: of ``max_works``, how many only the operator may take (when there
+    #: is more than one): other clients cannot hold every search slot
+    operator_works: int = 1
     #: subscriptions one connection may hold
     max_subscriptions_per_connection: int = 64
     #: polled filters (filters.py, PROTOCOL.md "Filters (polling)"): a
@@ -180,6 +183,10 @@ class GossipConfig:
     #: client's /64) may make (the node's operator is held to the total only)
     max_filters: int = 256
     max_filters_per_ip: int = 16
+    #: of ``max_filters``, how many only the operator may take: clients
+    #: from many addresses (an IPv6 /48 holds 65,536 /64s) fill the rest at
+    #: most, and the operator can still make filters
+    operator_filters: int = 32
     #: messages one filter holds for its next poll, and their bytes: over
     #: either, the oldest are dropped (and counted)
     filter_messages: int = 1000

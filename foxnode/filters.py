@@ -12,7 +12,9 @@ service tree (service.py ``GossipService``).
 
 Bounds (GossipConfig; defaults in brackets): at most ``max_filters`` [256]
 filters per node and ``max_filters_per_ip`` [16] per client address (an
-IPv6 client's /64; the node's operator is held to the total only); each
+IPv6 client's /64; the node's operator is held to the total only), and
+clients together at most ``max_filters`` less ``operator_filters`` [32],
+so that many addresses cannot take the operator's filters too; each
 holds at most ``filter_messages`` [1000] messages and ``filter_bytes``
 [256 KiB] of frames, the oldest dropped beyond: the next poll says how many
 (``"dropped"``) and ``foxnode_filter_messages_dropped_total`` counts them all. So
@@ -100,6 +102,10 @@ class Filters:
             return codec.too_many(f"Too many filters on this node (at most {self.config.max_filters}); "
                                   "unfilter one, or let one expire.")
         client = None if getattr(conn, "trusted", False) else client_key(conn.remote_host)
+        others = self.config.max_filters - self.config.operator_filters
+        if client is not None and sum(self.per_ip.values()) >= others:
+            return codec.too_many(f"Too many filters from clients on this node (at most {others}; the rest "
+                                  "are kept for its operator); unfilter one, or let one expire.")
         if client is not None and self.per_ip.get(client, 0) >= self.config.max_filters_per_ip:
             return codec.too_many(f"Too many filters from {client} (at most {self.config.max_filters_per_ip} "
                                   "per client address); unfilter one, or let one expire.")

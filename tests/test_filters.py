@@ -160,7 +160,7 @@ def test_held_bytes_are_bounded_too(tmp_path):
 def test_filters_are_bounded_per_node_and_per_client_address(tmp_path):
     # The operator is 127.0.0.1 alone: other loopback addresses are clients.
     only_me = NodeConfig(trusted=(ipaddress.ip_network("127.0.0.1/32"),))
-    net, node = one_node(tmp_path, only_me, max_filters=5, max_filters_per_ip=2)
+    net, node = one_node(tmp_path, only_me, max_filters=5, max_filters_per_ip=2, operator_filters=2)
     try:
         stranger = FakeConnection(remote_host="127.9.9.9")
         made = [made_filter(node, stranger) for _ in range(2)]
@@ -175,6 +175,31 @@ def test_filters_are_bounded_per_node_and_per_client_address(tmp_path):
         # One ended, one may be made again, by that address too.
         ask(node, "unfilter", {"filter": made[0]})
         made_filter(node, FakeConnection(remote_host="127.9.9.9"))
+    finally:
+        node.stopService()
+
+
+def test_clients_from_many_addresses_leave_the_operator_filters(tmp_path):
+    # max_filters_per_ip holds one /64; an IPv6 client holds 65,536 of them
+    # in a /48, and 16 /64s filled the node: the operator, held to the total
+    # only, got 429 too. The defaults keep some filters for the operator.
+    net, node = one_node(tmp_path)
+    config = node.node.gossip.config
+    others = config.max_filters - config.operator_filters
+    try:
+        strangers = [FakeConnection(remote_host=f"2001:db8:0:{n:x}::1") for n in range(64)]
+        made = 0
+        for conn in strangers:
+            for _ in range(config.max_filters_per_ip):
+                if made < others:
+                    made_filter(node, conn)
+                    made += 1
+        refused = ask(node, "filter", {"topics": ["t"]}, FakeConnection(remote_host="2001:db8:1::1"))
+        assert refused.status == 429 and "operator" in refused.error, refused
+        for _ in range(config.operator_filters):
+            made_filter(node)  # the operator (127.0.0.1)
+        full = ask(node, "filter", {"topics": ["t"]})
+        assert full.status == 429 and f"at most {config.max_filters}" in full.error
     finally:
         node.stopService()
 
