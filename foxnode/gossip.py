@@ -364,8 +364,10 @@ class Gossip:
         self.links: dict[Any, Link] = {}
         #: announced ids we wait for: id -> (timer, announcing links still to ask)
         self.missing: dict[str, tuple[Any, list[Link]]] = {}
-        #: proof-of-work searches under way (publish's ``pow``)
+        #: proof-of-work searches under way (publish's ``pow``), and how
+        #: many of them are not the operator's
         self._works = 0
+        self._others_works = 0
         #: what this part serves, for the node's tables
         self.ops = {"publish": self.op_publish, "subscribe": self.op_subscribe,
                     "unsubscribe": self.op_unsubscribe}
@@ -423,9 +425,16 @@ class Gossip:
         if self._works >= self.config.max_works:
             return codec.too_many(f"Too many proof-of-work searches under way (at most {self.config.max_works}); "
                                   "retry after a few seconds, or publish without \"pow\".")
+        operator = getattr(conn, "trusted", False)
+        if not operator and self._others_works >= self._works_for_others():
+            return codec.too_many(f"Too many proof-of-work searches under way from clients (at most "
+                                  f"{self._works_for_others()}; the rest are kept for the node's operator); "
+                                  "retry after a few seconds, or publish without \"pow\".")
         body = _body(self.signer.node_id, topic, payload, round(now, 3), ttl, nonce, encrypted, content)
         # In a thread, for at most its time: the node answers on meanwhile.
         self._works += 1
+        if not operator:
+            self._others_works += 1
         d = crypto.work_in_thread(self.reactor, body, ttl, target, seconds)
 
         def worked(found: crypto.Work) -> codec.Reply:
@@ -434,9 +443,16 @@ class Gossip:
 
         def done(outcome: Any) -> Any:
             self._works -= 1
+            if not operator:
+                self._others_works -= 1
             return outcome
 
         return d.addBoth(done).addCallback(worked)
+
+    def _works_for_others(self) -> int:
+        """The searches clients other than the operator may hold together:
+        ``max_works`` less ``operator_works``, but at least one."""
+        return max(1, self.config.max_works - self.config.operator_works)
 
     def _publish(self, envelope: Envelope) -> codec.Reply:
         reached = envelope.pow()

@@ -18,6 +18,7 @@ from foxnode.metrics import NodeMetrics
 from foxnode.testing import FakeConnection, InlineWriter
 
 OPERATOR = FakeConnection()
+OPERATOR.trusted = True
 
 
 def setup(tmp_path, **config):
@@ -347,6 +348,34 @@ def test_a_signature_padded_with_whitespace_is_refused(tmp_path):
     assert not identity.verify(me.node_id, spread, b"x")
     gossip.on_gossip(peer, codec.Event("gossip", {"envelope": good}))
     assert good["id"] in gossip.seen
+
+
+def test_other_clients_cannot_take_every_proof_of_work_slot(tmp_path, monkeypatch):
+    # Two searches of up to 10 s each, from anyone: one client holding both
+    # (a request every 5 s) kept two cores hashing and every other publisher
+    # with "pow" at 429, the operator too. One slot is the operator's.
+    from twisted.internet.defer import Deferred
+
+    clock, keys, gossip = setup(tmp_path)
+    assert gossip.config.max_works == 2
+    searches: list[Deferred] = []
+    monkeypatch.setattr(crypto, "work_in_thread", lambda *a, **kw: searches.append(Deferred()) or searches[-1])
+
+    def stranger_publishes(host):
+        reply = gossip.op_publish(FakeConnection(remote_host=host), {"topic": "t", "payload": 1, "pow": 1,
+                                                                     "pow_time": 10})
+        return reply
+
+    first = stranger_publishes("10.0.0.1")
+    assert not isinstance(first, codec.Reply)  # a search
+    refused = stranger_publishes("10.0.0.2")
+    assert isinstance(refused, codec.Reply) and refused.status == 429 and "operator" in refused.error, refused
+    assert not isinstance(publish(clock, gossip, pow=1), codec.Reply)  # the operator's slot
+    assert len(searches) == 2
+    # The stranger's search over, a stranger may search again.
+    searches[0].errback(RuntimeError("stopped"))
+    first.addErrback(lambda f: None)
+    assert not isinstance(stranger_publishes("10.0.0.2").addErrback(lambda f: None), codec.Reply)
 
 
 def test_a_plain_envelope_goes_as_before_and_sealed_fields_are_checked(tmp_path):
