@@ -68,9 +68,9 @@ Private, signed and paid-for messages (PROTOCOL.md). An envelope's
 ``content``, when not null, is base64 of what crypto.py packs (the payload's
 JSON text, signed or not) and, when ``encrypted`` says ``"sym"`` or
 ``"asym"``, seals; its ``payload`` is then null. The topic stays readable, so
-every node forwards what it cannot open; the topic is bound into the
-sealing as associated data, so a sealed content cannot be moved to another
-topic; a signature names the envelope it was given for (origin, topic,
+every node forwards what it cannot open; the envelope's origin, topic and
+times are bound into the sealing as associated data (``_sealing_aad``), so
+a sealed content cannot be moved to another topic or envelope; a signature names the envelope it was given for (origin, topic,
 times, sealing and reader: ``_signing_context``), so whoever can read a
 signed content cannot send it on as its signer's. ``work`` is the proof-of-work nonce: the envelope's proof of work is
 ``crypto.pow_of`` of its body (``_body``: every field but the id, the
@@ -160,6 +160,15 @@ def _canonical(origin: str, topic: str, payload: Any, created: float, ttl: int, 
                encrypted: str | None = None, content: str | None = None, work: int = 0) -> bytes:
     """What an envelope's id is the SHA-256 of."""
     return _hashed(_body(origin, topic, payload, created, ttl, nonce, encrypted, content), work)
+
+
+def _sealing_aad(origin: str, topic: str, created: float, ttl: int) -> bytes:
+    """What a sealed content is bound to, as associated data: the envelope
+    it travels in (its origin node, topic, creation time and TTL), not only
+    its topic. Otherwise anyone, without the key, could copy a sealed
+    content into an envelope of their own, and every reader holding the key
+    would get the private message again, opened, as a new one."""
+    return orjson.dumps(["foxnode sealed v2", origin, topic, float(created), ttl])
 
 
 def _signing_context(origin: str, topic: str, created: float, ttl: int, encrypted: str | None,
@@ -393,7 +402,7 @@ class Gossip:
         if not isinstance(topic, str) or not 0 < len(topic) <= self.config.max_topic_length:
             return codec.bad_args("publish", f'"topic" must be a string of 1 to {self.config.max_topic_length} characters')
         try:
-            aad = topic.encode("utf-8")  # what sealing binds the content to
+            topic.encode("utf-8")
         except UnicodeEncodeError:
             # Only reachable in-process (a lone surrogate): the wire brings text.
             return codec.bad_args("publish", '"topic" is not valid Unicode text')
@@ -416,6 +425,7 @@ class Gossip:
         if seal is not None or signer is not None:
             context = _signing_context(self.signer.node_id, topic, round(now, 3), ttl, encrypted, under)
             packed = crypto.pack(text, signer, context)
+            aad = _sealing_aad(self.signer.node_id, topic, round(now, 3), ttl)
             sealed = seal(packed, aad) if seal is not None else packed
             content, payload = base64.b64encode(sealed).decode("ascii"), None
         nonce = os.urandom(8).hex()
@@ -706,7 +716,7 @@ class Gossip:
                 key = self.keys.get(key_id) if self.keys is not None and key_id is not None else None
                 if key is None:
                     return None  # deleted since the subscription was made
-                aad = envelope.topic.encode()
+                aad = _sealing_aad(envelope.origin, envelope.topic, envelope.created, envelope.ttl)
                 if envelope.encrypted == "sym" and key.type == "sym":
                     data = crypto.open_sym(key.secret, data, aad)
                     under = crypto.sym_key_binding(key.secret)

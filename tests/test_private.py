@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 
 from foxnode import codec, crypto, identity
 from foxnode.config import GossipConfig
-from foxnode.gossip import Envelope, Gossip, Rejected
+from foxnode.gossip import Envelope, Gossip, Rejected, _sealing_aad
 from foxnode.keys import KEY_FILE, KeyStore
 from foxnode.metrics import NodeMetrics
 from foxnode.testing import FakeConnection, InlineWriter
@@ -108,11 +108,12 @@ def test_sealed_content_moved_tampered_or_forged_reaches_nobody(tmp_path):
     def deliver(content, topic="t"):
         gossip.deliver(Envelope.create(me, topic, None, 60, now, "sym", base64.b64encode(content).decode()))
 
-    good = crypto.seal_sym(secret, crypto.pack(b'{"n":1}', None), b"t")
+    aad = _sealing_aad(me.node_id, "t", round(now, 3), 60)
+    good = crypto.seal_sym(secret, crypto.pack(b'{"n":1}', None), aad)
     deliver(good)
     assert len(messages(sub)) == 1
-    # sealed for another topic (the topic is the associated data)
-    deliver(crypto.seal_sym(secret, crypto.pack(b'{"n":1}'), b"u"))
+    # sealed for another topic (the topic is in the associated data)
+    deliver(crypto.seal_sym(secret, crypto.pack(b'{"n":1}'), _sealing_aad(me.node_id, "u", round(now, 3), 60)))
     tampered = bytearray(good)
     tampered[20] ^= 1
     deliver(bytes(tampered))
@@ -120,9 +121,9 @@ def test_sealed_content_moved_tampered_or_forged_reaches_nobody(tmp_path):
     pair = keys.get(signer["id"]).pair
     forged = bytearray(crypto.pack(b'{"n":1}', crypto.KeyPair.generate()))
     forged[1:65] = pair.public_key
-    deliver(crypto.seal_sym(secret, bytes(forged), b"t"))
+    deliver(crypto.seal_sym(secret, bytes(forged), aad))
     # not JSON inside
-    deliver(crypto.seal_sym(secret, crypto.pack(b"{not json"), b"t"))
+    deliver(crypto.seal_sym(secret, crypto.pack(b"{not json"), aad))
     assert len(messages(sub)) == 1
     # the key deleted: nothing opens any more
     keys.ops["delkey"](OPERATOR, {"id": sym_key["id"]})
@@ -176,17 +177,19 @@ def test_a_signature_names_where_and_when_it_was_given(tmp_path):
 
     # Sealed to bob: bob must not pass alice's words on to carol as hers to carol.
     to_bob = published(clock, gossip, sign=alice["id"], to=bob["public_key"])
-    inner = crypto.open_from(keys.get(bob["id"]).pair, base64.b64decode(to_bob["content"]), b"t")
+    aad = _sealing_aad(to_bob["origin"], "t", to_bob["created"], to_bob["ttl"])
+    inner = crypto.open_from(keys.get(bob["id"]).pair, base64.b64decode(to_bob["content"]), aad)
     carols, _ = subscriber(gossip, key=carol["id"], **only_alice)
-    to_carol = crypto.seal_to(bytes.fromhex(carol["public_key"]), inner, b"t")
+    to_carol = crypto.seal_to(bytes.fromhex(carol["public_key"]), inner, aad)
     assert reaches(carols, rewrapped(to_bob, origin=gossip.signer,
                                      content=base64.b64encode(to_carol).decode())) == 0
 
     # Sealed with one sym key: resealed under another by one who holds both.
     with_sym = published(clock, gossip, sign=alice["id"], key=sym["id"])
-    inner = crypto.open_sym(keys.get(sym["id"]).secret, base64.b64decode(with_sym["content"]), b"t")
+    aad = _sealing_aad(with_sym["origin"], "t", with_sym["created"], with_sym["ttl"])
+    inner = crypto.open_sym(keys.get(sym["id"]).secret, base64.b64decode(with_sym["content"]), aad)
     others, _ = subscriber(gossip, key=other_sym["id"], **only_alice)
-    resealed = crypto.seal_sym(keys.get(other_sym["id"]).secret, inner, b"t")
+    resealed = crypto.seal_sym(keys.get(other_sym["id"]).secret, inner, aad)
     assert reaches(others, rewrapped(with_sym, origin=gossip.signer,
                                      content=base64.b64encode(resealed).decode())) == 0
     # Each as it was published reaches its reader.
@@ -194,6 +197,25 @@ def test_a_signature_names_where_and_when_it_was_given(tmp_path):
     syms, _ = subscriber(gossip, key=sym["id"], **only_alice)
     assert reaches(bobs, Envelope.from_json(to_bob, gossip.config, clock.seconds())) == 1
     assert reaches(syms, Envelope.from_json(with_sym, gossip.config, clock.seconds())) == 1
+
+
+def test_a_sealed_content_cannot_be_replayed_in_another_envelope(tmp_path):
+    # The sealing bound only the topic: anyone, without the key, could copy
+    # a sealed content into an envelope of their own (another origin, a
+    # later time) and every reader holding the key got the private message
+    # again, opened, as a new one.
+    clock, keys, gossip = setup(tmp_path)
+    sym, reader = key(keys, {"type": "sym"}), key(keys, {"type": "asym"})
+    mallory = identity.Identity.generate()
+    for sealing in ({"key": sym["id"]}, {"to": reader["public_key"]}):
+        sub, _ = subscriber(gossip, key=sym["id"] if "key" in sealing else reader["id"])
+        original = published(clock, gossip, **sealing)
+        assert len(messages(sub)) == 1
+        for origin, created in ((mallory, clock.seconds()), (mallory, original["created"])):
+            copy = Envelope.create(origin, "t", None, original["ttl"], created, original["encrypted"],
+                                   original["content"])
+            gossip.deliver(copy)
+        assert len(messages(sub)) == 1, sealing
 
 
 def reply_secret(keys, key_id):
