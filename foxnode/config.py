@@ -176,6 +176,11 @@ class GossipConfig:
     operator_works: int = 1
     #: subscriptions one connection may hold
     max_subscriptions_per_connection: int = 64
+    #: subscriptions the connections of one client address (an IPv6
+    #: client's /64) hold together; the operator is held to the bound per
+    #: connection only. Each subscription gets a frame of its own for each
+    #: message, so this bounds what one address makes a publish cost.
+    max_subscriptions_per_ip: int = 256
     #: polled filters (filters.py, PROTOCOL.md "Filters (polling)"): a
     #: filter ends this many seconds after its last poll (or its making)
     filter_timeout: float = 300.0

@@ -52,7 +52,8 @@ on CPython 3.11, 64-bit; defaults in brackets):
 - ``subscribers``: per connection at most ``max_topics_per_connection``
   [64] topics of at most ``max_topic_length`` [128] characters, under
   1 KiB each, in at most ``max_subscriptions_per_connection`` [64]
-  subscriptions, each with at most 64 ``from`` keys (about 10 KiB): under
+  subscriptions (and at most ``max_subscriptions_per_ip`` [256] over all
+  the connections of one client address, the operator's aside), each with at most 64 ``from`` keys (about 10 KiB): under
   1 MiB per connection, released when it closes.
 - polled filters (filters.py): each a subscription of its own and at
   most ``filter_bytes`` [256 KiB] of held frames, at most ``max_filters``
@@ -97,7 +98,7 @@ import orjson
 
 from foxnode import codec, crypto, identity, logs
 from foxnode.config import GossipConfig
-from foxnode.limits import TokenBucket
+from foxnode.limits import TokenBucket, client_key
 
 if TYPE_CHECKING:
     from foxnode.keys import KeyStore
@@ -321,6 +322,9 @@ class Subscription:
     #: public keys (hex): only messages signed by one of them; None: any
     senders: frozenset[str] | None = None
     min_pow: float = 0.0
+    #: the client address it counts against (``limits.client_key``); None:
+    #: the operator's, or a polled filter's (filters.py counts those)
+    client: str | None = None
 
 
 class Opened(NamedTuple):
@@ -373,6 +377,8 @@ class Gossip:
         self.links: dict[Any, Link] = {}
         #: announced ids we wait for: id -> (timer, announcing links still to ask)
         self.missing: dict[str, tuple[Any, list[Link]]] = {}
+        #: client address -> the subscriptions its connections hold
+        self._subs_per_client: dict[str, int] = {}
         #: proof-of-work searches under way (publish's ``pow``), and how
         #: many of them are not the operator's
         self._works = 0
@@ -576,7 +582,15 @@ class Gossip:
         if len(subscriptions) >= self.config.max_subscriptions_per_connection:
             return codec.bad_args("subscribe", f'"topics": at most {self.config.max_subscriptions_per_connection} '
                                                'subscriptions per connection; unsubscribe one first')
+        client = None if getattr(conn, "trusted", False) else client_key(conn.remote_host)
+        if client is not None and self._subs_per_client.get(client, 0) >= self.config.max_subscriptions_per_ip:
+            return codec.too_many(f"Too many subscriptions from {client} (at most "
+                                  f"{self.config.max_subscriptions_per_ip} per client address, over all its "
+                                  "connections); unsubscribe one first.")
         sub = self.add_subscription(conn, topics, *wanted)
+        if client is not None:
+            sub.client = client
+            self._subs_per_client[client] = self._subs_per_client.get(client, 0) + 1
         return codec.ok({"topics": sorted(mine), "subscription": sub.id})
 
     def add_subscription(self, conn: Any, topics: list[str], key: str | None,
@@ -626,8 +640,12 @@ class Gossip:
                 if not subs:
                     del self.subscribers[topic]
         state = sub.conn.fox_state
-        if not sub.topics:
-            state.get("subscriptions", {}).pop(sub.id, None)
+        if not sub.topics and state.get("subscriptions", {}).pop(sub.id, None) is not None and sub.client:
+            left = self._subs_per_client.get(sub.client, 0) - 1
+            if left > 0:
+                self._subs_per_client[sub.client] = left
+            else:
+                self._subs_per_client.pop(sub.client, None)
         left = set().union(*(s.topics for s in state.get("subscriptions", {}).values()))
         state["topics"] = left
 

@@ -400,6 +400,35 @@ def test_other_clients_cannot_take_every_proof_of_work_slot(tmp_path, monkeypatc
     assert not isinstance(stranger_publishes("10.0.0.2").addErrback(lambda f: None), codec.Reply)
 
 
+def test_subscriptions_are_bounded_per_client_address_across_its_connections(tmp_path):
+    # Each subscription gets a frame of its own per message: 32 connections
+    # of one address with 64 subscriptions each made every 64 KiB publish on
+    # their topic cost the node 2,048 frames (128 MiB of copying), one
+    # request buying some 2,000 times its work.
+    clock, keys, gossip = setup(tmp_path)
+    cap = getattr(gossip.config, "max_subscriptions_per_ip", 256)  # the default
+    per_conn = gossip.config.max_subscriptions_per_connection
+    conns = [FakeConnection(remote_host="2001:db8::%x" % n) for n in range(1, 33)]  # one /64
+    taken = 0
+    for conn in conns:
+        for _ in range(per_conn):
+            reply = gossip.op_subscribe(conn, {"topics": ["t"]})
+            if reply.status != 200:
+                break
+            taken += 1
+    assert taken == cap < len(conns) * per_conn
+    assert reply.status == 429 and "2001:db8::/64" in reply.error, reply
+    # Another address, and the operator, are not held to that address's count.
+    assert gossip.op_subscribe(FakeConnection(remote_host="10.0.0.1"), {"topics": ["t"]}).status == 200
+    assert gossip.op_subscribe(OPERATOR, {"topics": ["t"]}).status == 200
+    # What a connection held comes back when it closes, or unsubscribes.
+    gossip.connection_closed(conns[0])
+    assert gossip.op_subscribe(conns[-1], {"topics": ["t"]}).status == 200
+    sub = gossip.op_subscribe(conns[-1], {"topics": ["t"]}).response["subscription"]
+    gossip.op_unsubscribe(conns[-1], {"subscription": sub})
+    assert gossip.op_subscribe(conns[-1], {"topics": ["t"]}).status == 200
+
+
 def test_a_plain_envelope_goes_as_before_and_sealed_fields_are_checked(tmp_path):
     clock, keys, gossip = setup(tmp_path)
     me = identity.Identity.generate()
