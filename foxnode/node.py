@@ -257,6 +257,13 @@ class Node:
         result = self.store.add(valid, REGISTER)
         rejected.extend(result.rejected)
         response = {"accepted": result.accepted, "rejected": rejected}
+        if conn.trusted:
+            # The operator's pins guard their endpoints (peers.py pins_of);
+            # a stranger may register pins too, but they guard only themselves.
+            for addr in result.accepted:
+                record = self.store.get(addr)
+                if "#" in addr and record is not None and not record.operator:
+                    self.store.update(addr, operator=True)
         if result.accepted and self.peers is not None:
             self.peers.addresses_added(result.accepted)
 

@@ -151,6 +151,7 @@ class PeerManager:
             self._soon = self.reactor.callLater(0, self.dial_round)
 
     def addresses_added(self, addrs: list[str]) -> None:
+        self._pins = (-1, {})  # an operator's pin may have come with them
         self.tick_soon()
 
     # -- who is connected ----------------------------------------------------------
@@ -292,10 +293,13 @@ class PeerManager:
     def pins_of(self, addr: str) -> frozenset[str]:
         """The node ids a dial of ``addr`` may meet (empty: any): its own
         pin, or, when it has none, the pin of every stored record of the
-        same endpoint (``address.endpoint``). A pin guards what it names,
-        not only its own record: an unpinned twin of a pinned address,
-        learned from peers or registered by a stranger, is held to the
-        operator's pin too, or it would reach whatever node answers there."""
+        same endpoint (``address.endpoint``) that the operator gave (a
+        bootstrap address, or registered by a ``--trusted`` client). Such a
+        pin guards what it names, not only its own record: an unpinned twin,
+        learned from peers or registered by a stranger, is held to it too,
+        or it would reach whatever node answers there. A stranger's pin
+        guards only itself: anyone may register one, and it must not bar
+        the node from an endpoint it reaches."""
         parsed = address.parse(addr)
         if parsed.node_id:
             return frozenset([parsed.node_id])
@@ -306,6 +310,9 @@ class PeerManager:
             found: dict[str, set[str]] = {}
             for stored in self.store.addresses():
                 if "#" in stored:
+                    record = self.store.get(stored)
+                    if record is None or not (record.operator or record.source == BOOTSTRAP):
+                        continue
                     try:
                         found.setdefault(address.endpoint(stored), set()).add(address.parse(stored).node_id)
                     except address.InvalidAddress:

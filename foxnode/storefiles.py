@@ -86,6 +86,11 @@ class PeerRecord:
     #: address a peer merely advertised proves nothing). Absent from files
     #: written before it existed.
     last_dialed: float | None = None
+    #: registered by the node's operator (a ``--trusted`` client): a pin of
+    #: its guards every spelling of its endpoint (peers.py ``pins_of``), as
+    #: a bootstrap address's does; a stranger's pin guards only itself.
+    #: Absent from files written before it existed, and when false.
+    operator: bool = False
 
     @property
     def verified(self) -> bool:
@@ -98,12 +103,15 @@ class PeerRecord:
     def to_json(self) -> dict[str, Any]:
         # Spelled out: attrs.asdict is several times slower, and a fold
         # serializes every record.
-        return {
+        out = {
             "added": self.added, "source": self.source, "node_id": self.node_id,
             "last_handshake": self.last_handshake, "last_seen": self.last_seen,
             "failures": self.failures, "last_error": self.last_error, "is_self": self.is_self,
             "last_dialed": self.last_dialed,
         }
+        if self.operator:
+            out["operator"] = True
+        return out
 
 
 _FIELDS: dict[str, tuple[type, ...]] = {
@@ -116,6 +124,7 @@ _FIELDS: dict[str, tuple[type, ...]] = {
     "last_error": (str, type(None)),
     "is_self": (bool,),
     "last_dialed": (int, float, type(None)),
+    "operator": (bool,),
 }
 
 

@@ -292,7 +292,7 @@ def test_a_pin_guards_its_endpoint_not_only_its_own_record(tmp_path, source):
     try:
         url = net.url(b.node.listen_port)
         expected = identity.Identity.generate().node_id
-        a.node.store.add([address.pinned(url, expected)], "register")
+        register(a, address.pinned(url, expected), operator=True)
         a.node.store.add([url], source)
         a.node.peers.tick_soon()
         net.advance(0.5)
@@ -301,11 +301,49 @@ def test_a_pin_guards_its_endpoint_not_only_its_own_record(tmp_path, source):
         assert twin.failures == 1 and twin.last_error == WRONG_NODE
         assert a.node.peers.book.state(url) is S.BACKOFF
         # Pinned to the node that is there: the twin reaches it.
-        a.node.store.add([address.pinned(url, b.node.node_id)], "register")
+        register(a, address.pinned(url, b.node.node_id), operator=True)
         a.node.peers.book.retry_due(a.node.reactor.seconds() + 3600)
         a.node.peers.tick_soon()
         net.advance(0.5)
         assert [p["node_id"] for p in a.node.live_peers()] == [b.node.node_id]
+    finally:
+        a.stopService()
+        b.stopService()
+
+
+def register(node_service, addr, operator):
+    """``register`` of ``addr`` by the operator (a trusted client) or a stranger."""
+    conn = FakeConnection(remote_host="127.0.0.1" if operator else "192.0.2.7")
+    conn.trusted = operator
+    reply = node_service.node.op_register(conn, {"addr": addr})
+    got = []
+    reply.addBoth(got.append)
+    assert got[0].status == 202 and got[0].response["accepted"] == [addr], got
+
+
+def test_a_strangers_pin_guards_only_itself(tmp_path):
+    # Anyone may register a pinned address: one naming a node that is not
+    # there must not bar this node from the endpoint, reached unpinned.
+    from foxnode import address
+    from foxnode.handshake import WRONG_NODE
+
+    net = MemoryNetwork()
+    a = memory_node(net, tmp_path / "a")
+    b = memory_node(net, tmp_path / "b")
+    try:
+        url = net.url(b.node.listen_port)
+        bogus = address.pinned(url, identity.Identity.generate().node_id)
+        register(a, bogus, operator=False)
+        register(a, url, operator=False)
+        assert a.node.peers.pins_of(url) == frozenset()
+        a.node.peers.tick_soon()
+        net.advance(0.5)
+        assert a.node.store.get(bogus).last_error == WRONG_NODE
+        assert [p["node_id"] for p in a.node.live_peers()] == [b.node.node_id]
+        # The operator registering that same pin makes it guard the endpoint.
+        register(a, bogus, operator=True)
+        assert a.node.store.get(bogus).operator
+        assert a.node.peers.pins_of(url) == {address.parse(bogus).node_id}
     finally:
         a.stopService()
         b.stopService()
@@ -318,7 +356,7 @@ def test_a_pin_guards_every_spelling_of_its_endpoint(tmp_path):
     a = memory_node(net, tmp_path / "a")
     try:
         expected = identity.Identity.generate().node_id
-        a.node.store.add([address.pinned("ws://127.0.0.1:80/ws", expected)], "register")
+        register(a, address.pinned("ws://127.0.0.1:80/ws", expected), operator=True)
         for twin in ("ws://127.0.0.1/ws", "ws://127.0.0.1:80/ws?x=1"):
             assert a.node.peers.pins_of(twin) == {expected}
         # Another endpoint, and an address with a pin of its own, are held to theirs.
