@@ -97,7 +97,7 @@ import attrs
 import orjson
 
 from foxnode import codec, crypto, identity, logs
-from foxnode.config import GossipConfig
+from foxnode.config import MAX_DEPTH, GossipConfig
 from foxnode.limits import TokenBucket, client_key
 
 if TYPE_CHECKING:
@@ -116,6 +116,8 @@ CLOSE_ABUSE = 4011
 CACHE_ENTRY_BYTES = 512
 
 _MESSAGE_ID = re.compile(r"[0-9a-f]{64}")
+#: what a payload's depth is short of its gossip frame's (the frame, the envelope)
+_FRAME_LEVELS = 2
 
 
 def is_message_id(value: Any) -> bool:
@@ -364,6 +366,10 @@ class Gossip:
         self.config = config or GossipConfig()
         #: the node's key store, for ``key``, ``sign`` and subscriptions with a key
         self.keys = keys
+        #: the deepest payload an opened content may hold: what a plain one
+        #: may, in a gossip frame the codec holds to the node's --max-depth
+        #: (service.build sets it from the node's config)
+        self.payload_depth = MAX_DEPTH - _FRAME_LEVELS
         #: message id -> when it may be forgotten
         self.seen: OrderedDict[str, float] = OrderedDict()
         #: message id -> its gossip frame and times, to answer grafts
@@ -745,7 +751,14 @@ class Gossip:
                     return None
             content = crypto.unpack(data, _signing_context(envelope.origin, envelope.topic, envelope.created,
                                                            envelope.ttl, envelope.encrypted, under))
-            orjson.loads(content.payload)  # JSON, or it reaches nobody: the frame must stay valid
+            # JSON, or it reaches nobody: the frame must stay valid; and no
+            # deeper than a plain payload may be (the codec refuses those in
+            # the gossip frame, whose envelope holds them two levels down).
+            decoded = orjson.loads(content.payload)
+            depth = self.payload_depth
+            if (content.payload.count(b"[") + content.payload.count(b"{") > depth
+                    and codec._too_deep(decoded, depth)):
+                return None
         except (binascii.Error, ValueError, crypto.CannotOpen) as e:
             # orjson.JSONDecodeError is a ValueError; a bad signature is a CannotOpen
             if isinstance(e, crypto.BadSignature):

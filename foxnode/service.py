@@ -136,6 +136,7 @@ def build(reactor: Any, configs: Configs, store: PeerStore, identity: Identity,
     serves no key ops."""
     node = Node(reactor, configs.node, identity, store, metrics)
     gossip = Gossip(reactor, identity, node.metrics, configs.gossip, keys=keys)
+    gossip.payload_depth = configs.node.max_depth - 2  # the frame, the envelope
     peers = PeerManager(node, configs.peers, listeners=[gossip])
     node.peers, node.gossip = peers, gossip
     node.serve(peers.ops)

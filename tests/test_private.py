@@ -218,6 +218,30 @@ def test_a_sealed_content_cannot_be_replayed_in_another_envelope(tmp_path):
         assert len(messages(sub)) == 1, sealing
 
 
+def test_a_sealed_payload_nests_no_deeper_than_a_plain_one_may(tmp_path):
+    # A plain payload deeper than the codec's limit never gets past a
+    # node's decoding of the gossip frame; one inside a content (sealed or
+    # only signed) was opened and pushed to subscribers, whose clients
+    # (foxnode's own: 64 levels) then refuse the event.
+    from foxnode.config import MAX_DEPTH
+
+    clock, keys, gossip = setup(tmp_path)
+    plain, _ = subscriber(gossip)
+    me = identity.Identity.generate()
+    now = clock.seconds()
+
+    def deliver(depth):
+        payload = b"[" * depth + b"]" * depth
+        env = Envelope.create(me, "t", None, 60, now, None, base64.b64encode(crypto.pack(payload)).decode())
+        gossip.deliver(env)
+        codec.decode(plain.sent[-1])  # what was pushed, the client's codec takes
+
+    deliver(MAX_DEPTH - 2)  # as deep as a plain payload in a gossip frame may be
+    assert len(messages(plain)) == 1
+    deliver(500)
+    assert len(messages(plain)) == 1
+
+
 def reply_secret(keys, key_id):
     return keys.ops["getkey"](OPERATOR, {"id": key_id, "secret": True}).response["key"]
 
