@@ -107,6 +107,8 @@ log = logs.logger(__name__)
 
 ENVELOPE_VERSION = 1
 CLOSE_ABUSE = 4011
+#: seconds between two log lines about contents with a bad signature
+BAD_SIGNATURE_LOG_INTERVAL = 60.0
 
 
 #: What one cache entry costs beside the bytes of its frame (its key, the
@@ -383,6 +385,9 @@ class Gossip:
         self.links: dict[Any, Link] = {}
         #: announced ids we wait for: id -> (timer, announcing links still to ask)
         self.missing: dict[str, tuple[Any, list[Link]]] = {}
+        #: contents with a bad signature not yet said, and when it was last said
+        self._bad_signatures = 0
+        self._bad_signatures_said = -math.inf
         #: client address -> the subscriptions its connections hold
         self._subs_per_client: dict[str, int] = {}
         #: proof-of-work searches under way (publish's ``pow``), and how
@@ -762,11 +767,29 @@ class Gossip:
         except (binascii.Error, ValueError, crypto.CannotOpen) as e:
             # orjson.JSONDecodeError is a ValueError; a bad signature is a CannotOpen
             if isinstance(e, crypto.BadSignature):
-                log.info("envelope {id} from {origin}: a signature that is not its signer's; not delivered",
-                         id=envelope.id[:16], origin=envelope.origin[:12])
+                self._bad_signature(envelope)
             return None
         return Opened(orjson.Fragment(content.payload), content.signer.hex() if content.signer else None,
                       envelope.encrypted)
+
+    def _bad_signature(self, envelope: Envelope) -> None:
+        """Say that a content's signature was not its signer's: at most once
+        a minute, with how many since. Such an envelope is valid, and
+        forwarded, everywhere (only an opener can tell), so one peer could
+        otherwise write a line per envelope at every node."""
+        self._bad_signatures += 1
+        now = self.reactor.seconds()
+        since = now - self._bad_signatures_said
+        if since < BAD_SIGNATURE_LOG_INTERVAL:
+            return
+        if self._bad_signatures == 1:
+            log.info("envelope {id} from {origin}: a signature that is not its signer's; not delivered "
+                     "(said at most once a minute)", id=envelope.id[:16], origin=envelope.origin[:12])
+        else:
+            log.info("{n} envelopes with a signature that is not their signer's in {s:.0f} s, not "
+                     "delivered; the latest {id} from {origin}", n=self._bad_signatures, s=since,
+                     id=envelope.id[:16], origin=envelope.origin[:12])
+        self._bad_signatures, self._bad_signatures_said = 0, now
 
     def on_gossip(self, conn: Any, event: codec.Event) -> None:
         link = self.links.get(conn)

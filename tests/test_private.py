@@ -242,6 +242,41 @@ def test_a_sealed_payload_nests_no_deeper_than_a_plain_one_may(tmp_path):
     assert len(messages(plain)) == 1
 
 
+def test_bad_inner_signatures_cannot_flood_the_log(tmp_path):
+    # A content's signature is checked only where it is opened, so the
+    # envelope carrying a bad one is valid, and forwarded, everywhere: one
+    # peer sending 1,000 a second wrote 1,000 lines a second at every node
+    # with a subscriber on the topic. Said once a minute, with a count.
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    clock, keys, gossip = setup(tmp_path)
+    plain, _ = subscriber(gossip)
+    me, alice = identity.Identity.generate(), crypto.KeyPair.generate()
+    lines = []
+
+    def observe(event):
+        if event.get("log_namespace") == "foxnode.gossip" and "signature" in formatEvent(event):
+            lines.append(formatEvent(event))
+
+    def flood(n):
+        for i in range(n):
+            forged = bytearray(crypto.pack(b'{"n":%d}' % i, alice))
+            forged[70] ^= 1  # the signature
+            gossip.deliver(Envelope.create(me, "t", None, 60, clock.seconds(), None,
+                                           base64.b64encode(bytes(forged)).decode()))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        flood(200)
+        assert len(lines) == 1, lines
+        clock.advance(61)
+        flood(5)
+        assert len(lines) == 2 and "200" in lines[1], lines
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert messages(plain) == []
+
+
 def reply_secret(keys, key_id):
     return keys.ops["getkey"](OPERATOR, {"id": key_id, "secret": True}).response["key"]
 
