@@ -567,8 +567,12 @@
     } catch (e) { /* resubscribed on reconnect */ }
   }
 
+  // A public key is its X25519 half, then its Ed25519 half. Only the
+  // Ed25519 half is proven by a signature: anyone may put someone else's
+  // X25519 half in front of their own signing key, so the digits shown for
+  // a signer are those of the signing half (the whole key is the title).
   function signerText(from) {
-    return typeof from === "string" && from ? "signed by " + short(from, 12) : "unsigned";
+    return typeof from === "string" && from ? "signed by " + short(from.slice(64) || from, 12) : "unsigned";
   }
 
   function addToFeed(ev) {
