@@ -45,7 +45,9 @@ on CPython 3.11, 64-bit; defaults in brackets):
   (a 64-character id, a float, an ordered-dict slot): 46 MB when full.
 - ``missing`` (announced ids awaited, each with its graft timer): at most
   ``cache_capacity`` [10,000] entries of about 750 bytes, plus 8 bytes per
-  announcer, and announcers are live peers only (at most
+  announcer, and of them at most its share (``cache_capacity`` over the
+  live links) first announced by any one link, so that one peer's made-up
+  ids cannot crowd out every other's announcements, and announcers are live peers only (at most
   ``--max-inbound`` + ``--max-outbound``): some 10 MB when full.
 - ``links``: one small ``Link`` per live peer connection (at most
   ``--max-inbound`` + ``--max-outbound``), dropped when the peer goes down.
@@ -353,6 +355,8 @@ class Link:
     conn: Any
     #: only ids are announced over it (``ihave``), not whole envelopes
     lazy: bool = False
+    #: awaited ids (``missing``) this link was the first to announce
+    awaited: int = 0
 
 
 class Gossip:
@@ -385,6 +389,8 @@ class Gossip:
         self.links: dict[Any, Link] = {}
         #: announced ids we wait for: id -> (timer, announcing links still to ask)
         self.missing: dict[str, tuple[Any, list[Link]]] = {}
+        #: awaited id -> the link that announced it first (whose share it takes)
+        self._awaited_by: dict[str, Link] = {}
         #: contents with a bad signature not yet said, and when it was last said
         self._bad_signatures = 0
         self._bad_signatures_said = -math.inf
@@ -406,6 +412,15 @@ class Gossip:
             if timer.active():
                 timer.cancel()
         self.missing.clear()
+        self._awaited_by.clear()
+
+    def _unawait(self, message_id: str) -> tuple[Any, list[Link]] | None:
+        """``message_id`` no longer awaited; its first announcer's share back."""
+        waiting = self.missing.pop(message_id, None)
+        creator = self._awaited_by.pop(message_id, None)
+        if creator is not None:
+            creator.awaited -= 1
+        return waiting
 
     # -- client ops ----------------------------------------------------------------
 
@@ -678,7 +693,7 @@ class Gossip:
     def accept(self, envelope: Envelope, sender: Any) -> None:
         """A new, valid envelope: remember, deliver, pass on."""
         self.seen[envelope.id] = envelope.expires + self.config.max_skew
-        pending = self.missing.pop(envelope.id, None)
+        pending = self._unawait(envelope.id)
         if pending is not None and pending[0].active():
             pending[0].cancel()
         # The payload is encoded once, for both frames; after this method
@@ -849,10 +864,16 @@ class Gossip:
             if waiting is not None:
                 self._add_announcer(waiting[1], link)
                 continue
-            if len(self.missing) >= self.config.cache_capacity:
+            # Each link its share of the table: one announcing made-up ids
+            # must not keep it full, or honest announcements go unheard and
+            # the tree cannot be repaired.
+            capacity = self.config.cache_capacity
+            if len(self.missing) >= capacity or link.awaited >= capacity // max(1, len(self.links)):
                 continue
             timer = self.reactor.callLater(self.config.graft_timeout, self._graft, message_id)
             self.missing[message_id] = (timer, [link])
+            self._awaited_by[message_id] = link
+            link.awaited += 1
 
     def _add_announcer(self, announcers: list[Link], link: Link) -> None:
         if link in announcers:
@@ -867,7 +888,7 @@ class Gossip:
     def _graft(self, message_id: str) -> None:
         waiting = self.missing.get(message_id)
         if waiting is None or message_id in self.seen:
-            self.missing.pop(message_id, None)
+            self._unawait(message_id)
             return
         _, announcers = waiting
         while announcers:
@@ -879,7 +900,7 @@ class Gossip:
             timer = self.reactor.callLater(self.config.graft_timeout * 2, self._graft, message_id)
             self.missing[message_id] = (timer, announcers)
             return
-        self.missing.pop(message_id, None)
+        self._unawait(message_id)
 
     def on_graft(self, conn: Any, event: codec.Event) -> None:
         link = self.links.get(conn)

@@ -239,6 +239,34 @@ def test_a_replacing_connection_starts_eager_whatever_the_old_one_was():
     assert [e.name for e in new.events()] == ["gossip"]
 
 
+def test_one_announcer_cannot_fill_the_awaited_ids(tmp_path):
+    # Ids announced over lazy links are awaited (and grafted for) up to
+    # cache_capacity; a peer announcing made-up ids, 1,000 an event, kept
+    # the table full, and every honest announcement was passed over: the
+    # tree could no longer be repaired. Each link now has its share.
+    from twisted.internet.task import Clock
+    import os
+
+    gossip = Gossip(Clock(), identity.Identity.generate(), NodeMetrics())
+    attacker = FakeConnection("in", identity.Identity.generate().node_id)
+    honest = FakeConnection("in", identity.Identity.generate().node_id)
+    gossip.peer_up(attacker)
+    gossip.peer_up(honest)
+    capacity = gossip.config.cache_capacity
+    for _ in range(capacity // 1000 + 2):
+        gossip.on_ihave(attacker, codec.Event("ihave", {"ids": [os.urandom(32).hex() for _ in range(1000)]}))
+    wanted = os.urandom(32).hex()
+    gossip.on_ihave(honest, codec.Event("ihave", {"ids": [wanted]}))
+    assert wanted in gossip.missing
+    assert len(gossip.missing) <= capacity
+    # Grafted for, then given up: the attacker's share comes back.
+    for _ in range(2):
+        gossip.reactor.advance(gossip.config.graft_timeout * 2 + 0.1)
+    assert gossip.missing == {}
+    gossip.on_ihave(attacker, codec.Event("ihave", {"ids": [os.urandom(32).hex() for _ in range(1000)]}))
+    assert len(gossip.missing) == 1000
+
+
 def attrs_envelope(gossip: Gossip):
     from foxnode.gossip import Envelope
 
