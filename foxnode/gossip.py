@@ -891,10 +891,20 @@ class Gossip:
         ids = event.body.get("ids")
         if not isinstance(ids, list):
             return
+        stored = []
         for message_id in ids[:1000]:
             cached = self.cache.get(message_id) if isinstance(message_id, str) else None
-            if cached is not None and conn.send_frame(cached.frame, droppable=True):
+            if cached is None:
+                if self.history is not None and is_message_id(message_id):
+                    stored.append(message_id)  # out of the cache, maybe still kept
+                continue
+            if conn.send_frame(cached.frame, droppable=True):
                 self.metrics.gossip_sent.inc()
+        if stored and self.history is not None:
+            for row in self.history.rows(stored):
+                if conn.send_frame(codec.exact(b'{"event":"gossip","envelope":' + row.envelope + b"}"),
+                                   droppable=True):
+                    self.metrics.gossip_sent.inc()
 
     def on_prune(self, conn: Any, event: codec.Event) -> None:
         link = self.links.get(conn)
