@@ -46,6 +46,7 @@ import orjson
 from foxnode import codec, logs
 from foxnode.config import HistoryConfig
 from foxnode.gossip import is_message_id
+from foxnode.limits import TokenBucket
 
 if TYPE_CHECKING:
     from foxnode.gossip import Gossip
@@ -85,13 +86,18 @@ class Sync:
     truncated: bool = False
     received: int = 0
     done: bool = False
+    #: envelopes this side may push now: the peer's budget as this node's
+    #: own (--peer-rate, --peer-burst), a little under it
+    tokens: Any = None
+    #: pushed envelopes dropped over the peer's budget: another round then
+    over_budget: int = 0
 
 
 class Catchup:
     """Catch-up for one node, on its gossip and its history."""
 
     def __init__(self, reactor: Any, gossip: "Gossip", history: "History", node_id: str, metrics: Any,
-                 config: HistoryConfig | None = None) -> None:
+                 config: HistoryConfig | None = None, budget: tuple[float, float] = (1000.0, 5000.0)) -> None:
         self.reactor = reactor
         self.gossip = gossip
         self.history = history
@@ -99,6 +105,9 @@ class Catchup:
         self.metrics = metrics
         self.config = config or HistoryConfig()
         self.syncs: dict[Any, Sync] = {}
+        #: a peer's budget of events (``--peer-rate``, ``--peer-burst``):
+        #: pushes are paced within it, each envelope counted as one event
+        self.budget = budget
         self.events = {"sync": self.on_sync, "sync_have": self.on_have, "sync_want": self.on_want,
                        "sync_push": self.on_push, "sync_done": self.on_done}
         gossip.catchup = self
@@ -106,7 +115,9 @@ class Catchup:
     # -- links -----------------------------------------------------------------
 
     def peer_up(self, conn: Any) -> None:
-        sync = self.syncs[conn] = Sync(conn, self.reactor.seconds())
+        rate, burst = self.budget
+        sync = self.syncs[conn] = Sync(conn, self.reactor.seconds(),
+                                       tokens=TokenBucket(rate * 0.9, max(1.0, burst * 0.9), self.reactor.seconds))
         self._send_summary(sync)
         early = conn.fox_state.pop("early_sync", None)
         if early is not None:
@@ -153,6 +164,12 @@ class Catchup:
         if theirs is None:
             log.info("catch-up: a malformed sync from {peer}, ignored", peer=_peer(conn))
             return
+        # Only the minutes an unexpired envelope can be from: a summary
+        # naming others would have this side list for nothing.
+        now, width, gossip_config = self.reactor.seconds(), self.config.bucket_seconds, self.gossip.config
+        low = int((now - gossip_config.max_ttl - gossip_config.max_skew) // width)
+        high = int((now + gossip_config.max_skew) // width)
+        theirs = {b: v for b, v in theirs.items() if low <= b <= high}
         if sync.answered:
             # The peer starts another round: answered with a fresh summary,
             # against which both compare.
@@ -234,6 +251,9 @@ class Catchup:
             return
         limit = min(self.config.push_bytes, conn.send_limit - 1024)
         while sync.queue and conn.has_room():
+            if sync.queue[0] is not _DONE and not sync.tokens.take(
+                    _ids_ahead(sync.queue, self.config.push_envelopes)):
+                break
             if sync.queue[0] is _DONE:
                 sync.queue.popleft()
                 self._send(sync, "sync_done", more=sync.truncated)
@@ -256,6 +276,7 @@ class Catchup:
         if sync.queue and conn.can_send():
             sync.pumping = self.reactor.callLater(self.config.replay_wait, self._pump, sync)
 
+
     def _push(self, sync: Sync, batch: list[orjson.Fragment]) -> None:
         self._send(sync, "sync_push", envelopes=batch)
 
@@ -266,11 +287,20 @@ class Catchup:
         envelopes = event.body.get("envelopes")
         if sync is None or not isinstance(envelopes, list):
             return
+        envelopes = envelopes[:self.config.push_envelopes]
+        bucket_of_peer = getattr(conn, "peer_bucket", None)
+        if len(envelopes) > 1 and bucket_of_peer is not None and not bucket_of_peer.take(len(envelopes) - 1):
+            # Each envelope is one event of the peer's budget (the frame
+            # itself was the first): over it, dropped, and asked again in
+            # another round.
+            sync.over_budget += len(envelopes)
+            self.metrics.peer_events_dropped.inc(len(envelopes))
+            return
         gossip, history = self.gossip, self.history
         width = self.config.bucket_seconds
         fresh: list[str] = []
         unasked = 0
-        for raw in envelopes[:self.config.push_envelopes]:
+        for raw in envelopes:
             message_id = raw.get("id") if isinstance(raw, dict) else None
             created = raw.get("created") if isinstance(raw, dict) else None
             if not is_message_id(message_id) or not isinstance(created, (int, float)) or isinstance(created, bool):
@@ -325,7 +355,12 @@ class Catchup:
             log.info("caught up with {peer}: {n} envelopes in {s:.2f} s", peer=_peer(sync.conn),
                      n=sync.received, s=took)
         sync.allowance.clear()
+        sync.wanted.clear()
         sync.done = True
+        if sync.over_budget:
+            log.info("catch-up with {peer}: {n} envelopes came over its budget; another round",
+                     peer=_peer(sync.conn), n=sync.over_budget)
+            sync.more, sync.over_budget = True, 0
         if sync.more and sync.round < self.config.max_rounds:
             sync.round += 1
             sync.more = False
@@ -348,3 +383,13 @@ def _summary(raw: Any) -> dict[int, tuple[int, str]] | None:
 
 def _peer(conn: Any) -> str:
     return (getattr(conn, "node_id", None) or "?")[:16]
+
+
+def _ids_ahead(queue: deque, most: int) -> int:
+    """Ids before the next _DONE mark, up to ``most``."""
+    n = 0
+    for item in queue:
+        if item is _DONE or n >= most:
+            break
+        n += 1
+    return n

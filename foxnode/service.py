@@ -170,7 +170,8 @@ def build(reactor: Any, configs: Configs, store: PeerStore, identity: Identity,
     history = catchup = None
     if messages is not None:
         history = History(reactor, messages, gossip, node.metrics, configs.history)
-        catchup = Catchup(reactor, gossip, history, identity.node_id, node.metrics, configs.history)
+        catchup = Catchup(reactor, gossip, history, identity.node_id, node.metrics, configs.history,
+                          budget=(configs.node.peer_rate, configs.node.peer_burst))
         node.serve(history.ops)
         node.hear(catchup.events)
     if keys is not None:

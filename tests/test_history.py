@@ -238,3 +238,45 @@ async def test_pushes_that_were_not_asked_for_or_are_forged_go_nowhere(reactor, 
         sub.close()
         peer.close()
         await a.stop()
+
+
+async def test_catch_up_keeps_within_the_peers_budget_and_still_gets_everything(reactor, tmp_path):
+    budget = ("--peer-rate", "200", "--peer-burst", "300")
+    a = await start_node(reactor, tmp_path / "a", *budget)
+    b_dir = tmp_path / "b"
+    b = await start_node(reactor, b_dir, "--peer", a.url, *budget)
+    conn = await client.connect(reactor, a.url)
+    try:
+        await wait_for(reactor, lambda: b.node.gossip.links)
+        await b.stop()
+        missed = [await publish(conn, n) for n in range(600)]
+        b = await start_node(reactor, b_dir, "--peer", a.url, *budget)
+        started = reactor.seconds()
+        await wait_for(reactor, lambda: b.node.gossip.history.store.count == 600, timeout=30)
+        took = reactor.seconds() - started
+        for node in (a, b):
+            assert _metric(node, "foxnode_peer_events_rate_limited_total") == 0
+        # 600 envelopes at 90% of 200 a second, 270 at once: paced, not flooded.
+        assert took >= (600 - 270) / 180 * 0.8, took
+        assert {r.id for r in b.node.gossip.history.rows(missed)} == set(missed)
+    finally:
+        conn.close()
+        await a.stop()
+        await b.stop()
+
+
+async def test_a_summary_of_impossible_minutes_gets_no_lists(reactor, tmp_path):
+    a = await start_node(reactor, tmp_path / "a")
+    got = []
+    peer = await connect_as_peer(reactor, a.url, on_event=lambda e: got.append(e))
+    try:
+        await wait_for(reactor, lambda: any(e.name == "sync" for e in got))
+        now_bucket = int(time.time() // 60)
+        far = [[now_bucket - 10_000 - i, 5, "ab" * 16] for i in range(5000)]
+        far += [[now_bucket + 100 + i, 5, "ab" * 16] for i in range(5000)]
+        peer.send_frame(codec.encode_event("sync", buckets=far))
+        await sleep(reactor, 0.5)
+        assert not [e for e in got if e.name == "sync_have"]
+    finally:
+        peer.close()
+        await a.stop()
