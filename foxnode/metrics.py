@@ -69,6 +69,13 @@ class NodeMetrics:
             "foxnode_peer_events_rate_limited",
             "Events pushed by peers (gossip, ihave, ...) dropped over their budget", registry=r)
 
+        self.plugin_errors = Counter(
+            "foxnode_plugin_errors", "Ops and validators of plugins that raised (or returned what is not JSON)",
+            ["plugin", "kind"], registry=r)
+        self.validator_refused = Counter(
+            "foxnode_validator_refused", "Messages a plugin's validator refused (not delivered, not forwarded)",
+            ["plugin"], registry=r)
+
     def count_request(self, op: str, status: int) -> None:
         key = (op if op in KNOWN_OPS else "other", status)
         counts = self.request_counts

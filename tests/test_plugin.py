@@ -83,6 +83,7 @@ DEFAULTS = {
     "max-http": 128,
     "max-http-per-ip": 16,
     "frames": "own",
+    "plugin": [],
 }
 
 
