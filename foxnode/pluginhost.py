@@ -104,7 +104,7 @@ def check_spec(spec: str) -> str | None:
     return None
 
 
-def _import_file(path: str) -> tuple[str, ModuleType]:
+def _import_file(path: str) -> ModuleType:
     name = os.path.splitext(os.path.basename(path))[0]
     module_name = f"foxnode_plugin_{name}"
     spec = importlib.util.spec_from_file_location(module_name, path)
@@ -117,7 +117,7 @@ def _import_file(path: str) -> tuple[str, ModuleType]:
     except BaseException:
         sys.modules.pop(module_name, None)
         raise
-    return name, module
+    return module
 
 
 def _marked(module: ModuleType) -> tuple[list, list]:
@@ -162,35 +162,33 @@ def load(specs: Sequence[str] = (), entry_points: Iterable[Any] | None = None) -
     """Import the default plugins, the installed ones and ``specs``
     (``--plugin`` values); ``PluginError`` for the first that fails."""
     plugins: list[Plugin] = []
-    modules: set[str] = set()
+    #: what was loaded: module names, and the real paths of files
+    loaded: set[str] = set()
 
-    def add(name: str, origin: str, module: ModuleType) -> None:
-        if module.__name__ in modules:
-            return
-        modules.add(module.__name__)
+    def add(key: str, name: str, origin: str, importer: Callable[[], ModuleType]) -> None:
+        if key in loaded:
+            return  # foxnode's own time is its entry point too
+        loaded.add(key)
+        module = _import(origin, importer)
+        if not isinstance(module, ModuleType):
+            raise PluginError(f"{origin}: names {type(module).__name__}, not a module")
+        loaded.add(module.__name__)
         plugins.append(_plugin(name, origin, module))
 
     for name, module_name in DEFAULTS:
-        origin = f"plugin {name}"
-        add(name, origin, _import(origin, lambda: importlib.import_module(module_name)))
+        add(module_name, name, f"plugin {name}", lambda: importlib.import_module(module_name))
     for ep in (_entry_points() if entry_points is None else entry_points):
-        origin = f"plugin {ep.name} (entry point {ep.value})"
-        if ep.module in modules:
-            continue
-        loaded = _import(origin, ep.load)
-        if not isinstance(loaded, ModuleType):
-            raise PluginError(f"{origin}: names {type(loaded).__name__}, not a module")
-        add(ep.name, origin, loaded)
+        add(ep.module, ep.name, f"plugin {ep.name} (entry point {ep.value})", ep.load)
     for spec in specs:
         origin = f"--plugin {spec}"
         wrong = check_spec(spec)
         if wrong:
             raise PluginError(f"{origin}: {wrong}")
         if _is_file(spec):
-            name, module = _import(origin, lambda: _import_file(spec))
+            add(os.path.realpath(spec), os.path.splitext(os.path.basename(spec))[0], origin,
+                lambda: _import_file(spec))
         else:
-            name, module = spec, _import(origin, lambda: importlib.import_module(spec))
-        add(name, origin, module)
+            add(spec, spec, origin, lambda: importlib.import_module(spec))
     _check_unique(plugins)
     return plugins
 
