@@ -3,8 +3,9 @@
 A ``Node`` is the handler behind every WebSocket connection (see
 protocol.py). Ops are plain methods taking the connection and the request's
 ``args`` and returning a ``codec.Reply`` or a Deferred of one, so they are
-tested by calling them. The node serves its own (the lab's) ops; the other
-parts' ops and pushed events are put in its tables, and its references to
+tested by calling them. The node serves its own ops (the lab's
+``register`` and ``peers``, and ``info``; the lab's ``time`` is a plugin's,
+plugins/time.py); the other parts' ops and pushed events are put in its tables, and its references to
 the peer manager and gossip set, by service.py's ``build``, which is the
 one place the parts are connected. The node tells them, in a fixed order,
 of every connection that closes.
