@@ -288,14 +288,14 @@ class PluginHost:
             started = seconds()
             try:
                 result = fn(ctx, args)
-                if inspect.iscoroutine(result):
-                    result = ensureDeferred(result)
             except OpError as e:
                 return codec.Reply(e.status, e.message, e.response)
-            except Exception as e:
+            except (Exception, SystemExit) as e:  # sys.exit() in an op ends the op, not the node
                 return self._failed(plugin, name, e)
             finally:
                 self._timed(plugin, f"op {name}", seconds() - started)
+            if inspect.iscoroutine(result):
+                result = ensureDeferred(self._stepped(result, plugin, f"op {name}"))
             if isinstance(result, Deferred):
                 return result.addCallbacks(self._reply, self._deferred_failed,
                                            callbackArgs=(plugin, name), errbackArgs=(plugin, name))
@@ -303,6 +303,27 @@ class PluginHost:
 
         serve.__name__ = serve.__qualname__ = f"plugin_{plugin.name}_{name}"
         return serve
+
+    def _stepped(self, coro: Any, plugin: Plugin, what: str) -> Any:
+        """``coro`` (an ``async def`` op's) driven step by step, each step
+        timed: a coroutine blocks the reactor between its awaits."""
+        seconds = self.reactor.seconds
+        sent, error = None, None
+        while True:
+            started = seconds()
+            try:
+                step = coro.send(sent) if error is None else coro.throw(error)
+            except StopIteration as done:
+                return done.value
+            finally:
+                self._timed(plugin, what, seconds() - started)
+            try:
+                sent, error = (yield step), None
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as e:  # a failed await: into the coroutine, as Twisted would
+                sent, error = None, e
 
     def _reply(self, result: Any, plugin: Plugin, name: str) -> codec.Reply:
         try:
@@ -380,7 +401,9 @@ class Screen:
             started = seconds()
             try:
                 verdict = fn(ctx, dict(message))
-            except Exception as e:
+                if inspect.iscoroutine(verdict):
+                    verdict.close()  # validators decide at once; never run, never awaited
+            except (Exception, SystemExit) as e:
                 self.host._count(plugin, "validator")
                 log.error("plugin {plugin}: validator of topic {topic} raised {error}; "
                           "message {id} refused", plugin=plugin.name, topic=message["topic"],

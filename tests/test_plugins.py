@@ -98,6 +98,16 @@ OPS = """
         ctx.reactor.advance(2)  # the node's clock moves while the op holds the reactor
         return {}
 
+    @op("slow_later")
+    async def slow_later(ctx, args):
+        await succeed(None)
+        ctx.reactor.advance(3)  # after an await: still the reactor's time
+        return {}
+
+    @op("exits")
+    def exits(ctx, args):
+        raise SystemExit(3)
+
     @op("whoami")
     def whoami(ctx, args):
         return {"node_id": ctx.node_id, "now": ctx.now(), "peers": ctx.peers(), "name": ctx.name}
@@ -255,7 +265,8 @@ def test_deferred_and_async_ops(node):
 
 @pytest.mark.parametrize("name, why", [("boom", "raised ZeroDivisionError: division by zero (demo.py, line "),
                                        ("boom_later", "raised KeyError: 'gone' (demo.py, line "),
-                                       ("not_json", "returned what is not JSON TypeError: ")])
+                                       ("not_json", "returned what is not JSON TypeError: "),
+                                       ("exits", "raised SystemExit: 3 (demo.py, line ")])
 def test_a_failing_op_is_a_500_naming_the_plugin_and_a_log_line(node, logged, name, why):
     reply = wire(ask(node, name))
     assert reply == {"status": 500, "error": f'Plugin "demo" failed in operation "{name}"; '
@@ -273,6 +284,8 @@ def test_an_op_holding_the_reactor_is_named_in_a_warning(node, logged):
     assert ask(node, "slow").status == 200
     line, = [x for x in logged if "held the reactor" in x]
     assert line.startswith("plugin demo: op slow held the reactor for 2.00 s (more than 0.5 s)"), line
+    assert ask(node, "slow_later").status == 200
+    assert any(x.startswith("plugin demo: op slow_later held the reactor for 3.00 s") for x in logged), logged
 
 
 def test_the_ctx_gives_the_node_id_the_clock_the_peers_and_a_directory(node, tmp_path):
