@@ -25,7 +25,8 @@ from typing import Any, Callable
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
+
+from foxnode import logs
 
 #: the attribute a decorator marks a function with
 MARK = "__foxnode_plugin__"
@@ -110,7 +111,7 @@ class Ctx:
         #: the node's reactor: ``ctx.reactor.callLater`` for timers
         self.reactor = reactor
         #: a ``twisted.logger.Logger`` named for the plugin
-        self.log = Logger(namespace=f"foxnode.plugin.{name}")
+        self.log = logs.logger(f"foxnode.plugin.{name}")
         self._data_dir = data_dir
         self._call = call
         self._peers = peers
