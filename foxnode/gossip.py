@@ -424,9 +424,8 @@ class Gossip:
             return codec.bad_args("publish", f'"pow": reached {reached:.6g}, below this node\'s minimum '
                                              f'{self.config.min_pow:g} (--min-pow); nothing was published. '
                                              'Give a higher "pow" or "pow_time"')
-        screen = self.screen
-        if screen is not None and envelope.topic in screen.topics:
-            refused = screen(self.view(envelope))
+        if self.screen is not None:
+            refused = self.refused_by(envelope)
             if refused is not None:
                 return codec.Reply(400, f'Refused by the validator of plugin "{refused}" for topic '
                                         f'"{envelope.topic}"; nothing was published.')
@@ -658,6 +657,15 @@ class Gossip:
             else:
                 metrics.send_dropped.labels("subscriber").inc()
 
+    def refused_by(self, envelope: Envelope) -> str | None:
+        """The plugin whose validator refuses ``envelope``, or None. Every
+        way an envelope comes in asks this before ``accept`` (which
+        delivers and forwards it); callers skip it when ``screen`` is None."""
+        screen = self.screen
+        if screen is None or envelope.topic not in screen.topics:
+            return None
+        return screen(self.view(envelope))
+
     def view(self, envelope: Envelope) -> dict[str, Any]:
         """``envelope`` as a validator sees it: the event a subscriber
         without a key would get. A sealed one has ``payload`` None (the node
@@ -734,9 +742,8 @@ class Gossip:
             log.debug("dropped envelope {id} from {peer}: proof of work below {min_pow:g}",
                       id=envelope.id[:16], peer=conn.node_id[:12], min_pow=self.config.min_pow)
             return
-        screen = self.screen
-        if screen is not None and envelope.topic in screen.topics:
-            refused = screen(self.view(envelope))
+        if self.screen is not None:
+            refused = self.refused_by(envelope)
             if refused is not None:
                 # Remembered as seen, so that copies and announcements of it
                 # are not asked about again; not held against the peer,
