@@ -18,10 +18,10 @@ from OpenSSL import SSL, crypto
 from twisted.internet.endpoints import serverFromString
 from twisted.python import logfile, usage
 
-from foxnode import address, frames, identity, keys, locks, logs, pluginhost
+from foxnode import address, frames, identity, keys, locks, logs, msgstore, pluginhost
 from foxnode.client import TrustError, load_trust_root
-from foxnode.config import (DEFAULT_TRUSTED, GossipConfig, NodeConfig, PeerConfig, PluginConfig,
-                            StoreConfig, WebConfig, default)
+from foxnode.config import (DEFAULT_TRUSTED, GossipConfig, HistoryConfig, NodeConfig, PeerConfig,
+                            PluginConfig, StoreConfig, WebConfig, default)
 from foxnode.metrics import NodeMetrics
 from foxnode.service import (  # noqa: F401  (CannotStart and why_not_listening were tap's)
     CannotStart, Configs, NodeService, build, why_not_listening)
@@ -146,6 +146,10 @@ class Options(usage.Options):
                 "Least proof of work (Whisper's: 2**leading zero bits of the work hash / (bytes * TTL)) "
                 "of the envelopes this node takes and forwards; others are refused and counted.",
                 float, 0, 1e12),
+        _number("max-store-bytes", default(HistoryConfig, "max_store_bytes"),
+                "Bytes of envelopes the message store (messages.sqlite in --data-dir) holds at most; "
+                "beyond, those nearest their end go first. Each is kept until its TTL ends.",
+                int, 1 << 20, 1 << 44),
         _number("send-queue", default(NodeConfig, "send_queue"),
                 "Bytes a connection may hold back for a slow reader before pushes are dropped "
                 "(subscribers, peers) or the connection closes (unread replies).", int, 1024, 1 << 30),
@@ -266,6 +270,7 @@ class Options(usage.Options):
         return Configs(node=self.node_config(), peers=self.peer_config(),
                        gossip=self.gossip_config(), web=self.web_config(),
                        store=StoreConfig(max_peers=self["max-peers"]),
+                       history=HistoryConfig(max_store_bytes=self["max-store-bytes"]),
                        plugins=PluginConfig(modules=tuple(self["plugin"]), data_dir=self["data-dir"]))
 
     def peer_config(self) -> PeerConfig:
@@ -378,7 +383,7 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
     except pluginhost.PluginError as e:
         raise SystemExit(f"foxnode: cannot start: {e}") from None
     metrics = NodeMetrics()
-    file_locks, store, node_identity, key_store = _open_files(reactor, config, configs, metrics)
+    file_locks, store, node_identity, key_store, messages = _open_files(reactor, config, configs, metrics)
     named = configs.node.bootstrap + configs.peers.static
     if named:
         # Dialed whatever the disk does: the operator named them, so a
@@ -389,9 +394,11 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
         store.commit().addErrback(lambda _: None)  # a failure is logged by the store
     try:
         node_service = build(reactor, configs, store, node_identity, endpoint, listen=config["listen"],
-                             file_locks=file_locks, metrics=metrics, keys=key_store, plugins=plugins)
+                             file_locks=file_locks, metrics=metrics, keys=key_store, messages=messages,
+                             plugins=plugins)
     except pluginhost.PluginError as e:
         # An op the node serves itself: nothing was started.
+        messages.close()
         for lock in file_locks:
             lock.release()
         raise SystemExit(f"foxnode: cannot start: {e}") from None
@@ -410,7 +417,8 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
 
 
 def _open_files(reactor: Any, config: Options, configs: Configs, metrics: NodeMetrics
-                ) -> tuple[list[locks.FileLock], PeerStore, identity.Identity, keys.KeyStore]:
+                ) -> tuple[list[locks.FileLock], PeerStore, identity.Identity, keys.KeyStore,
+                           msgstore.MessageStore]:
     """Lock the node's files, then read the peer store, the key and the key
     store; any fault ends the start in one line, with nothing left locked
     and no file written."""
@@ -427,12 +435,15 @@ def _open_files(reactor: Any, config: Options, configs: Configs, metrics: NodeMe
         # Read before node.key may be created: a refused start leaves the data directory as it was.
         key_store = keys.KeyStore.open(reactor, os.path.join(config["data-dir"], keys.KEY_FILE),
                                        configs.keys)
+        messages_path = os.path.join(config["data-dir"], msgstore.STORE_FILE)
+        msgstore.check_file(messages_path)
         node_identity = identity.load_or_create(config["data-dir"])
-    except (StoreError, identity.IdentityError, keys.KeyStoreError) as e:
+        messages = msgstore.MessageStore.open(messages_path, configs.history.max_store_bytes)
+    except (StoreError, identity.IdentityError, keys.KeyStoreError, msgstore.MessageStoreError) as e:
         for lock in file_locks:
             lock.release()
         raise SystemExit(f"foxnode: cannot start: {e}") from None
-    return file_locks, store, node_identity, key_store
+    return file_locks, store, node_identity, key_store, messages
 
 
 def _server_endpoint(reactor: Any, description: str) -> Any:

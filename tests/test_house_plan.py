@@ -23,7 +23,7 @@ PACKAGE = Path(foxnode.__file__).parent
 LOGIC = ["node", "peers", "dialing", "handshake", "gossip", "store", "peerindex", "storewriter",
          "storefiles", "web", "limits", "service", "protocol", "frames",
          "codec", "identity", "address", "metrics", "keys", "crypto", "filters",
-         "plugin", "pluginhost", "plugins/time"]
+         "msgstore", "history", "catchup", "plugin", "pluginhost", "plugins/time"]
 WALL_CLOCK = {("time", "time"), ("time", "time_ns"), ("datetime", "now"), ("datetime", "utcnow"),
               ("date", "today"), ("time", "localtime"), ("time", "gmtime")}
 

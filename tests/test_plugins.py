@@ -20,11 +20,13 @@ from foxnode.pluginhost import PluginError
 from foxnode.testing import FakeConnection, MemoryNetwork, memory_node
 
 
-def reply_of(result):
+def reply_of(result, reactor):
     if isinstance(result, codec.Reply):
         return result
     got = []
     result.addBoth(got.append)
+    if not got:
+        reactor.advance(0)  # a publish answers once its turn's commit (the message store's) is done
     assert got, "the op's Deferred has not fired"
     return got[0]
 
@@ -32,7 +34,7 @@ def reply_of(result):
 def ask(node_service, op_name, args=None, conn=None):
     conn = conn or FakeConnection()
     conn.trusted = node_service.node.is_trusted(conn)
-    return reply_of(node_service.node.handle_request(conn, codec.Request(op_name, args)))
+    return reply_of(node_service.node.handle_request(conn, codec.Request(op_name, args)), node_service.reactor)
 
 
 def wire(reply):
@@ -315,12 +317,26 @@ def test_ctx_publish_publishes_and_refusals_are_op_errors(net, node):
     assert refused["status"] == 400 and '"topic"' in refused["error"]
 
 
-def test_ctx_history_says_when_the_node_keeps_none(node):
+def test_ctx_history_asks_the_nodes_history(net, node):
+    assert wire(ask(node, "announce", {"n": 1}))["status"] == 200
+    net.advance(0.1)
     got = wire(ask(node, "past"))["response"]
-    if "status" in got:  # until the node has a message store (PROTOCOL.md "History")
-        assert got == {"status": 404, "error": 'Operation "history" is not supported.'}
-    else:
-        assert "messages" in got
+    assert [m["payload"] for m in got["messages"]] == [{"n": 1}]
+
+
+def test_ctx_history_is_a_404_where_the_node_keeps_none(tmp_path):
+    from twisted.internet.task import Clock
+
+    from foxnode import identity
+    from foxnode.config import PluginConfig
+    from foxnode.store import PeerStore
+
+    clock = Clock()
+    path = plugin_file(tmp_path, "demo", OPS)
+    built = service.build(clock, service.Configs(plugins=PluginConfig(modules=(path,), data_dir=str(tmp_path))),
+                          PeerStore(clock, tmp_path / "peers.json"), identity.Identity.generate(), endpoint=None)
+    got = wire(ask(built, "past"))["response"]
+    assert got == {"status": 404, "error": 'Operation "history" is not supported.'}
 
 
 def test_time_is_the_seeds_reply(node):
@@ -445,3 +461,23 @@ def test_a_sealed_message_reaches_a_validator_without_its_payload(net, tmp_path)
 
 def test_no_validators_leave_gossip_unscreened(node):
     assert node.node.gossip.screen is None
+
+
+def test_a_validator_screens_what_catch_up_brings_too(net, tmp_path):
+    """Published at A while B was not linked: what B catches up on is asked
+    about as gossip is, so B keeps and delivers only what its validator passes."""
+    path = plugin_file(tmp_path, "rules", VALIDATORS)
+    a = memory_node(net, tmp_path / "a")
+    b = memory_node(net, tmp_path / "b", plugins=[path])
+    try:
+        ask(a, "publish", {"topic": "blocks", "payload": {"no": "number"}})
+        ask(a, "publish", {"topic": "blocks", "payload": {"number": 3}})
+        net.advance(0.5)
+        linked(net, b, a)
+        net.advance(10)
+        kept = wire(ask(b, "history", {"topics": ["blocks"]}))["response"]["messages"]
+        assert [m["payload"] for m in kept] == [{"number": 3}]
+        assert b.node.metrics.validator_refused.labels("rules")._value.get() == 1
+    finally:
+        a.stopService()
+        b.stopService()
