@@ -481,3 +481,16 @@ def test_a_validator_screens_what_catch_up_brings_too(net, tmp_path):
     finally:
         a.stopService()
         b.stopService()
+
+
+def test_setup_cfg_names_foxnodes_own_plugins_as_entry_points():
+    """What pluginhost loads by default is what an install declares, so
+    the two never load one module twice nor miss one."""
+    import configparser
+    from pathlib import Path
+
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parent.parent / "setup.cfg")
+    declared = [tuple(part.strip() for part in line.split("="))
+                for line in cfg["options.entry_points"][pluginhost.GROUP].strip().splitlines()]
+    assert tuple(declared) == pluginhost.DEFAULTS
