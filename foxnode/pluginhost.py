@@ -26,6 +26,7 @@ import importlib.metadata
 import importlib.util
 import inspect
 import os
+import re
 import sys
 import traceback
 from types import ModuleType
@@ -131,7 +132,14 @@ def _marked(module: ModuleType) -> tuple[list, list]:
     return ops, validators
 
 
+#: what a plugin's name may be: it names its directory (``plugins/<name>``) and its log lines
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+
 def _plugin(name: str, origin: str, module: ModuleType) -> Plugin:
+    if not _NAME.fullmatch(name) or ".." in name:
+        raise PluginError(f"{origin}: the name {name!r} is not a plugin's "
+                          "(letters, digits, _ . -, at most 64, not starting with . or -)")
     ops, validators = _marked(module)
     if not ops and not validators:
         raise PluginError(f"{origin}: marks no op and no validator "

@@ -494,3 +494,10 @@ def test_setup_cfg_names_foxnodes_own_plugins_as_entry_points():
     declared = [tuple(part.strip() for part in line.split("="))
                 for line in cfg["options.entry_points"][pluginhost.GROUP].strip().splitlines()]
     assert tuple(declared) == pluginhost.DEFAULTS
+
+
+def test_an_entry_points_name_must_be_fit_for_a_directory(tmp_path):
+    ep = SimpleNamespace(name="../escape", value="foxnode.plugins.time", module="elsewhere",
+                         load=lambda: __import__("foxnode.plugins.time", fromlist=["x"]))
+    with pytest.raises(PluginError, match="the name '../escape' is not a plugin's"):
+        pluginhost.load([], entry_points=[ep])
