@@ -501,3 +501,14 @@ def test_an_entry_points_name_must_be_fit_for_a_directory(tmp_path):
                          load=lambda: __import__("foxnode.plugins.time", fromlist=["x"]))
     with pytest.raises(PluginError, match="the name '../escape' is not a plugin's"):
         pluginhost.load([], entry_points=[ep])
+
+
+def test_ctx_peers_are_the_live_peer_connections(net, node, tmp_path):
+    other = memory_node(net, tmp_path / "other")
+    try:
+        linked(net, node, other)
+        peers = wire(ask(node, "whoami"))["response"]["peers"]
+        assert [(p["node_id"], p["direction"]) for p in peers] == [(other.node.node_id, "out")]
+        assert set(peers[0]) == {"node_id", "addr", "direction"}
+    finally:
+        other.stopService()
