@@ -252,6 +252,18 @@ class WebConfig:
     request_timeout: float = HANDSHAKE_TIMEOUT
 
 
+@attrs.frozen
+class PluginConfig:
+    """Plugins (pluginhost.py, PROTOCOL.md "Plugins")."""
+
+    #: ``--plugin`` values, in order: dotted module names or paths to .py files
+    modules: tuple[str, ...] = ()
+    #: the node's data directory: each plugin's own is ``plugins/<name>`` in it
+    data_dir: str = "."
+    #: seconds an op or validator may hold the reactor before a warning names it
+    slow_call: float = 0.5
+
+
 def default(config: type, name: str) -> Any:
     """The default of field ``name`` of the config class ``config``: where
     a command-line option takes its default from."""

@@ -361,6 +361,10 @@ class Gossip:
         self.missing: dict[str, tuple[Any, list[Link]]] = {}
         #: proof-of-work searches under way (publish's ``pow``)
         self._works = 0
+        #: the plugins' validators (pluginhost.Screen), set by service.build:
+        #: asked about every message on its ``topics`` before it is delivered
+        #: or forwarded, published here or received; None: no validators
+        self.screen: Any = None
         #: what this part serves, for the node's tables
         self.ops = {"publish": self.op_publish, "subscribe": self.op_subscribe,
                     "unsubscribe": self.op_unsubscribe}
@@ -438,6 +442,11 @@ class Gossip:
             return codec.bad_args("publish", f'"pow": reached {reached:.6g}, below this node\'s minimum '
                                              f'{self.config.min_pow:g} (--min-pow); nothing was published. '
                                              'Give a higher "pow" or "pow_time"')
+        if self.screen is not None:
+            refused = self.refused_by(envelope)
+            if refused is not None:
+                return codec.Reply(400, f'Refused by the validator of plugin "{refused}" for topic '
+                                        f'"{envelope.topic}"; nothing was published.')
         reply = codec.accepted({"id": envelope.id, "pow": reached})
         encoded = self._encode(envelope)
         if self.history is None:
@@ -717,6 +726,35 @@ class Gossip:
             else:
                 metrics.send_dropped.labels("subscriber").inc()
 
+    def refused_by(self, envelope: Envelope) -> str | None:
+        """The plugin whose validator refuses ``envelope``, or None. Every
+        way an envelope comes in asks this before ``accept`` (which
+        delivers and forwards it); callers skip it when ``screen`` is None."""
+        screen = self.screen
+        if screen is None or envelope.topic not in screen.topics:
+            return None
+        return screen(self.view(envelope))
+
+    def view(self, envelope: Envelope) -> dict[str, Any]:
+        """``envelope`` as a validator sees it: the event a subscriber
+        without a key would get. A sealed one has ``payload`` None (the node
+        does not open it for validators); a signed one names its signer in
+        ``from`` once its signature holds. The payload is a copy: a
+        validator cannot change what is delivered or forwarded."""
+        payload, signer = None, None
+        if envelope.content is None:
+            payload = orjson.loads(orjson.dumps(envelope.payload))
+        elif envelope.encrypted is None:
+            try:
+                content = crypto.unpack(base64.b64decode(envelope.content, validate=True))
+                payload = orjson.loads(content.payload)
+                signer = content.signer.hex() if content.signer else None
+            except (binascii.Error, ValueError, crypto.CannotOpen):
+                pass  # delivered to nobody either (_open)
+        return {"id": envelope.id, "topic": envelope.topic, "payload": payload, "origin": envelope.origin,
+                "created": envelope.created, "from": signer, "encrypted": envelope.encrypted,
+                "pow": envelope.pow()}
+
     def event_frame(self, envelope: Envelope, payload: orjson.Fragment | None, key: str | None,
                     senders: frozenset[str] | None, min_pow: float, sub_id: str | None,
                     reached: float | None = None,
@@ -821,6 +859,17 @@ class Gossip:
             log.debug("dropped envelope {id} from {peer}: proof of work below {min_pow:g}",
                       id=envelope.id[:16], peer=conn.node_id[:12], min_pow=self.config.min_pow)
             return None
+        if self.screen is not None:
+            refused = self.refused_by(envelope)
+            if refused is not None:
+                # Remembered as seen, so that copies, announcements and
+                # catch-up offers of it are not asked about again; not held
+                # against the peer, which may run other validators.
+                self.seen[envelope.id] = envelope.expires + self.config.max_skew
+                self.metrics.gossip_received.labels("validator").inc()
+                log.debug("dropped envelope {id} from {peer}: refused by the validator of plugin {plugin}",
+                          id=envelope.id[:16], peer=conn.node_id[:12], plugin=refused)
+                return None
         return envelope
 
     def _reject(self, conn: Any, message_id: Any, reason: str) -> None:

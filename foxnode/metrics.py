@@ -87,6 +87,12 @@ class NodeMetrics:
         self.catchup_bytes = Counter(
             "foxnode_catchup_bytes", "Bytes of catch-up frames (summaries, id lists, pushes) sent",
             ["direction"], registry=r)
+        self.plugin_errors = Counter(
+            "foxnode_plugin_errors", "Ops and validators of plugins that raised (or returned what is not JSON)",
+            ["plugin", "kind"], registry=r)
+        self.validator_refused = Counter(
+            "foxnode_validator_refused", "Messages a plugin's validator refused (not delivered, not forwarded)",
+            ["plugin"], registry=r)
 
     def count_request(self, op: str, status: int) -> None:
         key = (op if op in KNOWN_OPS else "other", status)

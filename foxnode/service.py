@@ -23,6 +23,8 @@ node does over time, each started and stopped by twistd's service tree:
   last transaction is committed and the file closed.
 
 The key store (keys.py), when given, serves its ops as operator ops.
+Plugins (pluginhost.py) come last: their ops join the table (never
+replacing one), their validators become gossip's ``screen``.
 
 Stopping: the children stop (no new connections, dials cancelled), then
 every connection closes (their closes update the store), then the store's
@@ -38,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import sys
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import attrs
 from twisted.application import service
@@ -50,8 +52,8 @@ from zope.interface import implementer
 
 from foxnode import locks, logs
 from foxnode.catchup import Catchup
-from foxnode.config import (GossipConfig, HistoryConfig, KeyConfig, NodeConfig, PeerConfig, StoreConfig,
-                            WebConfig)
+from foxnode.config import (GossipConfig, HistoryConfig, KeyConfig, NodeConfig, PeerConfig, PluginConfig,
+                            StoreConfig, WebConfig)
 from foxnode.filters import Filters
 from foxnode.gossip import Gossip
 from foxnode.history import History
@@ -61,6 +63,7 @@ from foxnode.metrics import NodeMetrics
 from foxnode.msgstore import MessageStore
 from foxnode.node import Node
 from foxnode.peers import PeerManager
+from foxnode.pluginhost import Plugin, PluginError, PluginHost, load as load_plugins
 from foxnode.protocol import FoxServerFactory
 from foxnode.store import CLOSE_TIMEOUT, PeerStore
 from foxnode.web import make_site
@@ -79,6 +82,7 @@ class Configs:
     keys: KeyConfig = KeyConfig()
     store: StoreConfig = StoreConfig()
     history: HistoryConfig = HistoryConfig()
+    plugins: PluginConfig = PluginConfig()
 
 
 def _timer(step: float, call: Callable[[], Any], clock: Any, parent: service.MultiService) -> None:
@@ -153,10 +157,14 @@ class HistoryService(service.MultiService):
 def build(reactor: Any, configs: Configs, store: PeerStore, identity: Identity,
           endpoint: Any, listen: str = "", file_locks: list[locks.FileLock] | None = None,
           metrics: NodeMetrics | None = None, keys: KeyStore | None = None,
-          messages: MessageStore | None = None) -> "NodeService":
+          messages: MessageStore | None = None,
+          plugins: Sequence[Plugin] | None = None) -> "NodeService":
     """The node and its parts, connected, as a service ready to start;
     without ``keys`` (a key store opened on the data directory), the node
-    serves no key ops; without ``messages`` (a message store), no history."""
+    serves no key ops; without ``messages`` (a message store), no history.
+    ``plugins`` are loaded already (tap.py loads them before it opens the
+    node's files); None: load ``configs.plugins``' here. A plugin's op that
+    the node serves already is a ``PluginError``."""
     node = Node(reactor, configs.node, identity, store, metrics)
     gossip = Gossip(reactor, identity, node.metrics, configs.gossip, keys=keys)
     peers = PeerManager(node, configs.peers, listeners=[gossip])
@@ -177,6 +185,16 @@ def build(reactor: Any, configs: Configs, store: PeerStore, identity: Identity,
     if keys is not None:
         # Keys are secrets: only the node's operator makes, reads or deletes them.
         node.serve(keys.ops, operator=True)
+    # Last: a plugin adds ops, it never replaces one.
+    host = PluginHost(reactor, load_plugins(configs.plugins.modules) if plugins is None else plugins,
+                      node.node_id, configs.plugins, request=node.handle_request, peers=node.live_peers,
+                      metrics=node.metrics)
+    taken = sorted(set(host.ops) & set(node.op_names()))
+    if taken:
+        raise PluginError(f"{host.owners[taken[0]].origin}: op \"{taken[0]}\" is one of the node's own")
+    node.serve(host.ops)
+    node.plugins = host.names
+    gossip.screen = host.screen
     c = configs.node
     ws_factory = FoxServerFactory(
         node, reactor, max_message_size=c.max_message_size, send_queue=c.send_queue,

@@ -18,10 +18,10 @@ from OpenSSL import SSL, crypto
 from twisted.internet.endpoints import serverFromString
 from twisted.python import logfile, usage
 
-from foxnode import address, frames, identity, keys, locks, logs, msgstore
+from foxnode import address, frames, identity, keys, locks, logs, msgstore, pluginhost
 from foxnode.client import TrustError, load_trust_root
 from foxnode.config import (DEFAULT_TRUSTED, GossipConfig, HistoryConfig, NodeConfig, PeerConfig,
-                            StoreConfig, WebConfig, default)
+                            PluginConfig, StoreConfig, WebConfig, default)
 from foxnode.metrics import NodeMetrics
 from foxnode.service import (  # noqa: F401  (CannotStart and why_not_listening were tap's)
     CannotStart, Configs, NodeService, build, why_not_listening)
@@ -170,6 +170,16 @@ class Options(usage.Options):
         self["trusted"] = []
         self["allowed-origin"] = []
         self["allowed-host"] = []
+        self["plugin"] = []
+
+    def opt_plugin(self, spec: str) -> None:
+        """A plugin to load: a dotted module name (mypackage.myplugin) or a
+        path to a .py file; repeatable. foxnode's own (time) and installed
+        packages' (entry points of the group foxnode.plugins) load always."""
+        wrong = pluginhost.check_spec(spec)
+        if wrong:
+            raise usage.UsageError(f"--plugin {spec}: {wrong}")
+        self["plugin"].append(spec)
 
     def opt_allowed_origin(self, origin: str) -> None:
         """An origin (scheme://host[:port]) besides the node's own whose web
@@ -260,7 +270,8 @@ class Options(usage.Options):
         return Configs(node=self.node_config(), peers=self.peer_config(),
                        gossip=self.gossip_config(), web=self.web_config(),
                        store=StoreConfig(max_peers=self["max-peers"]),
-                       history=HistoryConfig(max_store_bytes=self["max-store-bytes"]))
+                       history=HistoryConfig(max_store_bytes=self["max-store-bytes"]),
+                       plugins=PluginConfig(modules=tuple(self["plugin"]), data_dir=self["data-dir"]))
 
     def peer_config(self) -> PeerConfig:
         return PeerConfig(
@@ -365,6 +376,12 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
     configs = config.configs()
     # A bad endpoint (syntax, TLS files) is refused before anything is locked or read.
     endpoint = _server_endpoint(reactor, config["listen"])
+    # Imported before anything is locked or read: a plugin that fails to
+    # import leaves the node's files as they were.
+    try:
+        plugins = pluginhost.load(configs.plugins.modules)
+    except pluginhost.PluginError as e:
+        raise SystemExit(f"foxnode: cannot start: {e}") from None
     metrics = NodeMetrics()
     file_locks, store, node_identity, key_store, messages = _open_files(reactor, config, configs, metrics)
     named = configs.node.bootstrap + configs.peers.static
@@ -375,14 +392,23 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
         # forgotten; and named again, an unregistered one is taken back.
         store.add(named, BOOTSTRAP, durable=False, revive=True)
         store.commit().addErrback(lambda _: None)  # a failure is logged by the store
-    node_service = build(reactor, configs, store, node_identity, endpoint, listen=config["listen"],
-                         file_locks=file_locks, metrics=metrics, keys=key_store, messages=messages)
+    try:
+        node_service = build(reactor, configs, store, node_identity, endpoint, listen=config["listen"],
+                             file_locks=file_locks, metrics=metrics, keys=key_store, messages=messages,
+                             plugins=plugins)
+    except pluginhost.PluginError as e:
+        # An op the node serves itself: nothing was started.
+        messages.close()
+        for lock in file_locks:
+            lock.release()
+        raise SystemExit(f"foxnode: cannot start: {e}") from None
     from autobahn.websocket import USES_NVX
 
     log.info("foxnode {node_id}: peers file {path} ({n} known), data dir {dir}, "
-             "Autobahn native acceleration {nvx}",
+             "Autobahn native acceleration {nvx}, plugins {plugins}",
              node_id=node_identity.node_id, path=os.path.abspath(config["peers-file"]),
-             n=len(store), dir=os.path.abspath(config["data-dir"]), nvx="on" if USES_NVX else "off")
+             n=len(store), dir=os.path.abspath(config["data-dir"]), nvx="on" if USES_NVX else "off",
+             plugins=", ".join(p.name for p in plugins) or "none")
     if config.parent is not None:
         # Run by twistd, which leaves SIGHUP at its default: the end of the
         # process, without its shutdown.

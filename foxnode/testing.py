@@ -521,11 +521,13 @@ class MemoryNetwork:
 
 
 def memory_node(network: MemoryNetwork, directory: Path, configs: Any = None,
-                ident: Any = None, port: int | None = None) -> Any:
+                ident: Any = None, port: int | None = None, plugins: Sequence[str] = ()) -> Any:
     """A node built by ``service.build`` on ``network``, started and
     listening at ``port`` (a fresh one by default); its peer store, its
     key store and its message store are real files in ``directory``, the
-    first two written inline."""
+    first two written inline, and so is what its plugins keep.
+    ``plugins``: what ``--plugin`` takes (dotted module names, paths to .py
+    files), loaded besides foxnode's own."""
     from foxnode import identity, service
     from foxnode.keys import KEY_FILE, KeyStore
     from foxnode.store import PeerStore
@@ -533,6 +535,9 @@ def memory_node(network: MemoryNetwork, directory: Path, configs: Any = None,
     directory.mkdir(parents=True, exist_ok=True)
     store = PeerStore.open(network.reactor, directory / "peers.json", runner=InlineWriter())
     configs = configs or service.Configs()
+    configs = attrs.evolve(configs, plugins=attrs.evolve(
+        configs.plugins, modules=configs.plugins.modules + tuple(str(p) for p in plugins),
+        data_dir=str(directory)))
     keys = KeyStore.open(network.reactor, directory / KEY_FILE, configs.keys)
     keys._writer = InlineWriter()
     port = port or network.port()

@@ -108,6 +108,9 @@ NODE_BAD: dict[str, list[str]] = {
     "send-queue": bad_numbers(1024, 1 << 30, whole=True),
     "max-store-bytes": bad_numbers(1 << 20, 1 << 44, whole=True),
     "frames": ["", "fast", "0", "own,autobahn", "auto" + UNDECODABLE],
+    # refused at parsing (not a name, no such file), or at start (does not import)
+    "plugin": ["", "not a module", "1abc", "a..b", "{tmp}/missing.py", "{file}", "{tmp}",
+               "foxnode_no_such_plugin", "foxnode.no_such_plugin", "{tmp}/broken.py"],
 }
 
 
@@ -127,6 +130,7 @@ def files(tmp_path_factory) -> dict[str, str]:
     ca = make_test_ca(tmp / "ca")
     not_pem = tmp / "not-pem.txt"
     not_pem.write_text("not a key, not a certificate\n")
+    (tmp / "broken.py").write_text("from foxnode.plugin import op\nraise RuntimeError('broken plugin')\n")
     return {"tmp": str(tmp), "ca": str(ca.ca_cert.parent), "file": str(not_pem)}
 
 

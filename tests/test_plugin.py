@@ -84,6 +84,7 @@ DEFAULTS = {
     "max-http": 128,
     "max-http-per-ip": 16,
     "frames": "own",
+    "plugin": [],
 }
 
 
