@@ -261,6 +261,12 @@ def run_catchup(start_node: Callable[..., Any], stop_node: Callable[[Any], None]
                 per_case[name].append(run_case(start_node, stop_node, total, missed, timeout, log))
     except Unavailable as e:
         return {"available": False, "reason": str(e)}
+    except (asyncio.TimeoutError, TimeoutError):
+        return {"available": False, "reason": f"a step took over {timeout:g} s (--catchup-timeout)"}
+    except Exception as e:
+        # a node that would not start, a /metrics that did not answer, ...:
+        # said, not raised, as the other figures do
+        return {"available": False, "reason": f"{type(e).__name__}: {e}"}
     elapsed = time.monotonic() - t0
     rows = []
     for name, total, missed in cases:
