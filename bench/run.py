@@ -907,7 +907,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--catchup-messages", type=int,
                    help="messages node B misses in figure 8, catch-up (default 10000; quick 200)")
     p.add_argument("--catchup-runs", type=int,
-                   help="runs of each case of figure 8, fresh nodes each, p50 reported (default 1; quick 1)")
+                   help="runs of each case of figure 8, fresh nodes each, p50 reported (default 3; quick 1)")
     p.add_argument("--catchup-timeout", type=float,
                    help="seconds figure 8 waits for any one step (publishing, linking, catching up; default 120; "
                         "quick 30)")
@@ -933,7 +933,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     full = dict(pairs=3, duration=4.0, warmup=1.0, connections=96, depth=4, workers=3,
                 mem_connections=5000, mem_workers=4, settle=1.0, gossip_nodes=50, gossip_messages=10,
                 register_total=5000, gossip_timeout=30.0, sealing_nodes=50, sealing_messages=40,
-                catchup_messages=10_000, catchup_runs=1, catchup_timeout=120.0)
+                catchup_messages=10_000, catchup_runs=3, catchup_timeout=120.0)
     quick = dict(pairs=1, duration=0.5, warmup=0.3, connections=8, depth=2, workers=2,
                  mem_connections=100, mem_workers=2, settle=0.3, gossip_nodes=3, gossip_messages=2,
                  register_total=300, gossip_timeout=12.0, sealing_nodes=3, sealing_messages=3,
