@@ -766,13 +766,13 @@ def sealed_table(fig: dict) -> str:
 
 def catchup_table(fig: dict) -> str:
     rows = [("case", "messages", "missed", "s from spawn (p50)", "s from /healthz", "msgs/s", "catch-up bytes",
-             "message bytes", "ratio", "resend-all bytes", "catch-up / resend-all")]
+             "message bytes", "ratio", "ratio per run", "resend-all bytes", "catch-up / resend-all")]
     for r in fig.get("rows") or []:
         rows.append((r["case"], str(r["messages"]), str(r["missed"]), _fmt(r.get("seconds_from_spawn"), 2),
                      _fmt(r.get("seconds_from_healthz"), 2), _fmt(r.get("messages_per_s"), 0),
                      f"{r['catchup_bytes']:,}" if r.get("catchup_bytes") is not None else "-",
                      f"{r['message_bytes']:,}" if r.get("message_bytes") is not None else "-",
-                     _fmt(r.get("bytes_ratio"), 3),
+                     _fmt(r.get("bytes_ratio"), 3), " ".join(_fmt(x, 3) for x in r.get("bytes_ratio_runs") or []),
                      f"{r['resend_all_bytes']:,}" if r.get("resend_all_bytes") is not None else "-",
                      _fmt(r.get("vs_resend_all"), 3)))
     return _text_table(rows)
