@@ -329,6 +329,57 @@ def sealed_section(result: dict) -> list[str]:
     return out + [intro, "", esc("; ".join(notes)) + ".", "", table, ""]
 
 
+CATCHUP_KEY = "8_catchup"
+#: Issue 14: the bytes of a catch-up "close to" those of the missed messages.
+CATCHUP_RATIO_GOAL = 1.2
+
+
+def catchup_section(result: dict) -> list[str]:
+    """Figure 8 (issue 14): a node back after missing messages; one row per
+    case, the goal on the bytes of the case where it missed them all."""
+    f = (result.get("figures") or {}).get(CATCHUP_KEY) or {"skipped": True, "reason": "not in the result"}
+    out = [heading("Catch-up of a node that was away"), ""]
+    intro = (f"``{CATCHUP_KEY}`` (issue 14): two twistd nodes on 127.0.0.1, B with ``--peer`` A. B is stopped, "
+             "messages (about 200 bytes of JSON payload each, ``ttl`` 3600) are published at A, B is started "
+             "again on its data directory, and B's ``/metrics`` is polled until its store holds all A's does. "
+             "*Seconds* count from B's spawn (and from B serving ``/healthz``); *catch-up bytes* are every "
+             "catch-up frame both nodes sent (``foxnode_catchup_bytes_total{direction=\"sent\"}``, JSON text, "
+             "WebSocket framing not counted); *message bytes* are the missed envelopes' JSON as stored (the "
+             "growth of A's ``foxnode_history_bytes`` less 400 bytes of index per message); *resend-all* is "
+             "what sending every unexpired envelope again would cost (A's whole store). The counts include "
+             "one message published first to see that the nodes are linked. In the second case B had the "
+             "first 90 % (by an earlier catch-up) and missed the last 10 %: where those share a minute of "
+             "creation with messages B held, B lists the ids it holds in that minute (about 67 bytes each), "
+             "so the ratio of a run is near 1 or near 2 depending on where the minute boundary fell. "
+             f"Goal: catch-up bytes / message bytes ≤ {CATCHUP_RATIO_GOAL:g} when B missed them all.")
+    if f.get("skipped") or not f.get("available"):
+        return out + [intro, "", f"Not measured in this run: {esc(f.get('reason', 'skipped'))}.", ""]
+    notes = [f"{f.get('runs')} run(s) of each case, fresh nodes each (the medians)"]
+    if f.get("machine_busy_cores") is not None:
+        notes.append(f"the machine was {num(f.get('machine_busy_cores'))} cores busy meanwhile, the nodes "
+                     "and the harness included")
+    if (result.get("meta") or {}).get("quick"):
+        notes.append("quick run")
+    rows = []
+    for i, r in enumerate(f.get("rows") or []):
+        if i == 0:
+            met = _met(r.get("bytes_ratio"), "<=", CATCHUP_RATIO_GOAL)
+            verdict = _verdict(met, ["quick run"] if (result.get("meta") or {}).get("quick") else [])
+        else:
+            verdict = "-"
+        rows.append([esc(r.get("case")), num(r.get("messages")), num(r.get("missed")),
+                     num(r.get("seconds_from_spawn")), num(r.get("seconds_from_healthz")),
+                     num(r.get("messages_per_s")), num(r.get("catchup_bytes")), num(r.get("message_bytes")),
+                     f"**{num(r.get('bytes_ratio'), 3)}**",
+                     " ".join(num(x, 3) for x in r.get("bytes_ratio_runs") or []) or "-",
+                     num(r.get("resend_all_bytes")),
+                     num(r.get("vs_resend_all"), 3), verdict])
+    table = list_table(["case", "messages", "missed", "seconds from spawn", "from /healthz", "messages/s",
+                        "catch-up bytes", "message bytes", "ratio", "ratio per run", "resend-all bytes", "catch-up / resend-all",
+                        f"ratio ≤ {CATCHUP_RATIO_GOAL:g}"], rows)
+    return out + [intro, "", esc("; ".join(notes)) + ".", "", table, ""]
+
+
 def details_section(result: dict) -> str:
     figures = result.get("figures") or {}
     out = []
@@ -413,6 +464,7 @@ def render(result: dict, png_rel: str | None, kept: str | None = None) -> str:
     else:
         out += ["(No plot: it could not be drawn for this run.)", ""]
     out += sealed_section(result)
+    out += catchup_section(result)
     details = details_section(result)
     out += [heading("Details"), ""] + ([details, ""] if details else []) + [
             f"foxnode ran with {lit(' '.join(meta.get('foxnode_args') or []) or '(its defaults)')} for "

@@ -47,6 +47,7 @@ if ROOT not in sys.path:
     # foxnode from the checkout when it is not installed (an installed one wins)
     sys.path.append(ROOT)
 
+import catchup  # noqa: E402
 import gossip  # noqa: E402
 from loadgen import LoadRun, raise_fd_limit  # noqa: E402
 
@@ -72,6 +73,8 @@ FIGURES = [
     "3b_register_16x4_rps_foxnode_vs_labnode",
     # issue 13: clear, sym, asym and signed messages over the gossip network
     "7_sealed_gossip",
+    # issue 14: a node back after missing 10,000 messages: time and bytes
+    "8_catchup",
 ]
 #: The load of figure 3b: connections, requests in flight on each.
 REGISTER_LIGHT_LOAD = (16, 4)
@@ -162,10 +165,13 @@ def _alive(pid: int) -> bool:
 class Server:
     """One server process of ours, on 127.0.0.1:port, in its own temp dir."""
 
-    def __init__(self, kind: str, root: str, peer: str | None = None, extra: list[str] | None = None) -> None:
+    def __init__(self, kind: str, root: str, peer: str | None = None, extra: list[str] | None = None,
+                 directory: str | None = None) -> None:
         self.kind = kind
         self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix=f"{kind}-", dir=root)
+        # ``directory``: a node started again on the data of an earlier one
+        # (figure 8); else a fresh one
+        self.dir = directory or tempfile.mkdtemp(prefix=f"{kind}-", dir=root)
         self.url = f"ws://{HOST}:{self.port}/ws"
         self.extra_pids: list[int] = []
         if kind == "foxnode":
@@ -179,6 +185,9 @@ class Server:
             raise ValueError(kind)
         self.cmd = cmd
         self.log_path = os.path.join(self.dir, "server.log")
+        if directory and os.path.exists(self.log_path):
+            # the earlier process's log stays, beside this one's
+            os.replace(self.log_path, self.log_path + f".{time.monotonic_ns()}")
         # The launcher's child, in a session of its own; our environment as
         # it is (no PYTHONUNBUFFERED: a write per log line would be measured).
         # bench drives no reactor: the child's blocking methods reap it.
@@ -288,8 +297,8 @@ class Servers:
         self.nvx_seen: set[str] = set()
 
     def start(self, kind: str, peer: str | None = None, check: bool = True,
-              extra: list[str] | None = None) -> Server:
-        s = Server(kind, self.root, peer, self.fox_args if extra is None else extra)
+              extra: list[str] | None = None, directory: str | None = None) -> Server:
+        s = Server(kind, self.root, peer, self.fox_args if extra is None else extra, directory=directory)
         self.live.append(s)
         try:
             s.wait_ready()
@@ -599,6 +608,20 @@ def fig_sealed(sv: Servers, cfg: argparse.Namespace) -> dict:
     return r
 
 
+def fig_catchup(sv: Servers, cfg: argparse.Namespace) -> dict:
+    """Figure (8): node B back after missing ``--catchup-messages`` (and, a
+    second row, the last 10 % of them); see catchup.py. The nodes keep their
+    own limits (A's publishers are on 127.0.0.1: trusted, not rate-limited)."""
+    def start_node(peer: str | None, directory: str | None) -> Server:
+        return sv.start("foxnode", peer=peer, check=False, extra=[], directory=directory)
+
+    r = catchup.run_catchup(start_node, sv.stop, cfg.catchup_messages, cfg.catchup_runs, cfg.catchup_timeout,
+                            machine_busy=machine_busy_seconds, log=log)
+    if not r.get("available"):
+        log(f"  [8] not available: {r.get('reason')}")
+    return r
+
+
 def _pct(frac: float | None) -> float | None:
     return frac * 100 if frac is not None else None
 
@@ -680,6 +703,15 @@ def table(figures: dict) -> str:
                 rows.append((key, f"{f['nodes']} nodes, {f['messages_per_mode']} msgs per mode: see below",
                              "", "", "", "", "", ""))
             continue
+        if key == "8_catchup":
+            if f.get("skipped"):
+                rows.append((key, "skipped", "", "", "", "", "", f.get("reason", "")))
+            elif not f.get("available"):
+                rows.append((key, "not available", "", "", "", "", "", str(f.get("reason", ""))[:60]))
+            else:
+                rows.append((key, f"{f['messages']} msgs, {f['runs']} run(s) per case: see below",
+                             "", "", "", "", "", ""))
+            continue
         if f.get("skipped"):
             rows.append((key, "skipped", "", "", "", "", "", f.get("reason", "")))
             continue
@@ -729,6 +761,20 @@ def sealed_table(fig: dict) -> str:
                      _fmt(r.get("time_to_last_node_ms_p50"), 2), _fmt(r.get("time_to_last_node_ms_p99"), 2),
                      _fmt(r.get("time_p50_vs_clear"), 3), _fmt(r.get("cpu_ms_per_message_net"), 2),
                      _fmt(r.get("cpu_vs_clear"), 3), _fmt(r.get("cpu_ms_per_message"), 2), "; ".join(note)))
+    return _text_table(rows)
+
+
+def catchup_table(fig: dict) -> str:
+    rows = [("case", "messages", "missed", "s from spawn (p50)", "s from /healthz", "msgs/s", "catch-up bytes",
+             "message bytes", "ratio", "ratio per run", "resend-all bytes", "catch-up / resend-all")]
+    for r in fig.get("rows") or []:
+        rows.append((r["case"], str(r["messages"]), str(r["missed"]), _fmt(r.get("seconds_from_spawn"), 2),
+                     _fmt(r.get("seconds_from_healthz"), 2), _fmt(r.get("messages_per_s"), 0),
+                     f"{r['catchup_bytes']:,}" if r.get("catchup_bytes") is not None else "-",
+                     f"{r['message_bytes']:,}" if r.get("message_bytes") is not None else "-",
+                     _fmt(r.get("bytes_ratio"), 3), " ".join(_fmt(x, 3) for x in r.get("bytes_ratio_runs") or []),
+                     f"{r['resend_all_bytes']:,}" if r.get("resend_all_bytes") is not None else "-",
+                     _fmt(r.get("vs_resend_all"), 3)))
     return _text_table(rows)
 
 
@@ -858,6 +904,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sealing-messages", type=int,
                    help="messages of each mode (clear, sym, asym, signed) in figure 7 (default 40, with --report "
                         "100; quick 3)")
+    p.add_argument("--catchup-messages", type=int,
+                   help="messages node B misses in figure 8, catch-up (default 10000; quick 200)")
+    p.add_argument("--catchup-runs", type=int,
+                   help="runs of each case of figure 8, fresh nodes each, p50 reported (default 3; quick 1)")
+    p.add_argument("--catchup-timeout", type=float,
+                   help="seconds figure 8 waits for any one step (publishing, linking, catching up; default 120; "
+                        "quick 30)")
     p.add_argument("--gossip-topology", choices=("random-tree", "chain"), default="random-tree",
                    help="node i > 0 gets --peer of a random earlier node (default) or of node i-1")
     p.add_argument("--gossip-timeout", type=float,
@@ -879,10 +932,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cfg = p.parse_args(argv)
     full = dict(pairs=3, duration=4.0, warmup=1.0, connections=96, depth=4, workers=3,
                 mem_connections=5000, mem_workers=4, settle=1.0, gossip_nodes=50, gossip_messages=10,
-                register_total=5000, gossip_timeout=30.0, sealing_nodes=50, sealing_messages=40)
+                register_total=5000, gossip_timeout=30.0, sealing_nodes=50, sealing_messages=40,
+                catchup_messages=10_000, catchup_runs=3, catchup_timeout=120.0)
     quick = dict(pairs=1, duration=0.5, warmup=0.3, connections=8, depth=2, workers=2,
                  mem_connections=100, mem_workers=2, settle=0.3, gossip_nodes=3, gossip_messages=2,
-                 register_total=300, gossip_timeout=12.0, sealing_nodes=3, sealing_messages=3)
+                 register_total=300, gossip_timeout=12.0, sealing_nodes=3, sealing_messages=3,
+                 catchup_messages=200, catchup_runs=1, catchup_timeout=30.0)
     if cfg.report:
         # 10 messages would make p99 the maximum: more samples per size
         full["gossip_messages"] = 100
@@ -893,6 +948,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(cfg, k, v)
     if cfg.pairs < 1:
         p.error("--pairs must be at least 1")
+    if cfg.catchup_messages < 1 or cfg.catchup_runs < 1:
+        p.error("--catchup-messages and --catchup-runs must be at least 1")
     if cfg.sealing_nodes < 1 or cfg.sealing_messages < 1:
         p.error("--sealing-nodes and --sealing-messages must be at least 1")
     if cfg.gossip_sizes:
@@ -906,7 +963,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         cfg.gossip_sizes = list(QUICK_REPORT_GOSSIP_SIZES if cfg.quick else REPORT_GOSSIP_SIZES)
     else:
         cfg.gossip_sizes = []
-    cfg.figures = {int(x) for x in cfg.only.split(",")} if cfg.only else {1, 2, 3, 4, 5, 6, 7}
+    cfg.figures = {int(x) for x in cfg.only.split(",")} if cfg.only else {1, 2, 3, 4, 5, 6, 7, 8}
     return cfg
 
 
@@ -989,6 +1046,8 @@ def main(argv: list[str] | None = None) -> int:
                     errors[f"6 ({r['nodes']} nodes)"] = r["error"]
         if 7 in cfg.figures:
             figures["7_sealed_gossip"] = attempt("7", lambda: fig_sealed(sv, cfg))
+        if 8 in cfg.figures:
+            figures["8_catchup"] = attempt("8", lambda: fig_catchup(sv, cfg))
     finally:
         sv.stop_all()
         if not cfg.keep:
@@ -1045,6 +1104,12 @@ def main(argv: list[str] | None = None) -> int:
             f"core; other work on the machine {_fmt(sealed.get('other_cpu'), 2)} core"
             + (", NOISY" if sealed.get("noisy") else "") + "):")
         log(sealed_table(sealed))
+    caught = result["figures"]["8_catchup"] or {}
+    if caught.get("available"):
+        log("")
+        log(f"catch-up, node B back after missing messages ({caught['runs']} run(s) per case; whole machine "
+            f"{_fmt(caught.get('machine_busy_cores'), 2)} cores busy meanwhile, ours included):")
+        log(catchup_table(caught))
     log("")
     log(f"wrote {cfg.out} in {result['meta']['elapsed_s']}s" + (f"; errors: {errors}" if errors else ""))
     if cfg.report:

@@ -22,6 +22,7 @@ import os
 import re
 import signal
 import sys
+import time
 from typing import IO, Any, Callable
 from urllib.parse import urlsplit
 
@@ -280,6 +281,8 @@ async def run_watch(reactor: Any, opts: argparse.Namespace) -> None:
         subscribe: dict[str, Any] = {"topics": opts.topics}
         if opts.key is not None:
             subscribe["key"] = opts.key
+        if opts.since is not None:
+            subscribe["since"] = opts.since
         reply = await proto.request("subscribe", subscribe, timeout=timeout)
     except Failed:
         raise
@@ -372,11 +375,28 @@ def _not_for_watch(option: str, why: str) -> Callable[[str], str]:
 
 #: call's options that set a field of the request's args (PROTOCOL.md
 #: "Private, signed and paid-for messages"): option -> (dest, field)
-ARGS_OPTIONS = {"--key": ("key", "key"), "--to": ("to", "to"), "--sign": ("sign", "sign")}
+ARGS_OPTIONS = {"--key": ("key", "key"), "--to": ("to", "to"), "--sign": ("sign", "sign"),
+                "--since": ("since", "since")}
+
+_AGO = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+def since_time(value: str) -> float:
+    """``--since``: a time in unix seconds, or how long ago (``90s``,
+    ``10m``, ``2h``, ``1d``), for subscribe, filter, history and watch."""
+    number, unit = (value[:-1], value[-1]) if value[-1:] in _AGO else (value, None)
+    try:
+        amount = float(number)
+    except ValueError:
+        amount = math.nan
+    if not math.isfinite(amount) or amount < 0:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: give a time in unix seconds, or how long ago: 90s, 10m, 2h, 1d")
+    return amount if unit is None else max(0.0, time.time() - amount * _AGO[unit])
 
 
 def args_with_options(opts: argparse.Namespace) -> tuple[str, str] | None:
-    """``call``'s ``--key``/``--to``/``--sign`` put into its args (absent:
+    """``call``'s ``--key``/``--to``/``--sign``/``--since`` put into its args (absent:
     ``{}``); (option, why) when they cannot be."""
     given = {option: getattr(opts, dest) for option, (dest, _) in ARGS_OPTIONS.items()
              if getattr(opts, dest) is not None}
@@ -464,6 +484,9 @@ def parser() -> argparse.ArgumentParser:
                       help='set the args\' "to": for publish, encrypt to this public key (hex)')
     call.add_argument("--sign", type=text("key id", 128), metavar="KEYID",
                       help='set the args\' "sign": for publish, sign with this asym key of the node\'s')
+    call.add_argument("--since", type=since_time, metavar="TIME",
+                      help='set the args\' "since": for subscribe, filter and history, the stored messages '
+                           "from this time on (unix seconds, or how long ago: 90s, 10m, 2h, 1d)")
 
     watch = sub.add_parser(
         "watch", help="print the gossip messages of some topics as they arrive",
@@ -476,6 +499,9 @@ def parser() -> argparse.ArgumentParser:
     watch.add_argument("--key", type=text("key id", 128), metavar="KEYID",
                        help="receive only the messages this key of the node's opens (a sym key, or an asym "
                             "key for messages sent to it), decrypted; without it, only unencrypted ones")
+    watch.add_argument("--since", type=since_time, metavar="TIME",
+                       help="first print the messages the node kept from this time on (unix seconds, or "
+                            "how long ago: 90s, 10m, 2h, 1d), then the new ones as they arrive")
     watch.add_argument("--to", type=_not_for_watch("--to", "a subscription sends nothing"), metavar="PUBKEY",
                        help="refused: a subscription encrypts nothing (use foxnode call URL publish ... --to)")
     watch.add_argument("--sign", type=_not_for_watch("--sign", "a subscription signs nothing"), metavar="KEYID",

@@ -201,6 +201,48 @@ class GossipConfig:
     poll_bytes: int = 256 * 1024
     #: seconds between sweeps of filters not polled for ``filter_timeout``
     filter_sweep_interval: float = 10.0
+    #: bytes of live events one subscription holds while its ``since``
+    #: replay runs (history.py), the oldest dropped beyond (as a full send
+    #: queue would)
+    max_held_bytes: int = 1024 * 1024
+
+
+@attrs.frozen
+class HistoryConfig:
+    """The message store and what reads it (msgstore.py, history.py,
+    catchup.py; PROTOCOL.md "History and catch-up")."""
+
+    #: bytes of envelopes the store holds at most (``--max-store-bytes``):
+    #: beyond, those nearest their end go first
+    max_store_bytes: int = 256 * 1024 * 1024
+    #: seconds between sweeps of expired envelopes
+    sweep_interval: float = 10.0
+    #: ``history``'s ``limit``: the default and the most
+    default_limit: int = 100
+    max_limit: int = 1000
+    #: the bytes of messages one history reply carries at most (at least
+    #: one message; the cursor says where the rest begins)
+    page_bytes: int = 512 * 1024
+    #: stored messages one history request reads at most, when its
+    #: ``key``/``from``/``min_pow`` leave most of them out
+    scan_rows: int = 5000
+    #: stored messages read at a time by a ``since`` replay, and the
+    #: seconds it waits for a slow reader to catch up
+    replay_batch: int = 100
+    replay_wait: float = 0.05
+    #: catch-up summaries count the envelopes held per this many seconds
+    #: of their creation time
+    bucket_seconds: float = 60.0
+    #: ids in one catch-up frame, envelopes in one push and their bytes
+    sync_ids: int = 1000
+    push_envelopes: int = 200
+    push_bytes: int = 256 * 1024
+    #: ids a node queues to push to one peer, and waits for from one, at most
+    max_push_queue: int = 50_000
+    max_wanted: int = 50_000
+    #: rounds of catch-up with one peer per connection at most (another
+    #: starts when the last ended with more to come)
+    max_rounds: int = 8
 
 
 @attrs.frozen
@@ -220,6 +262,18 @@ class WebConfig:
     max_http_per_ip: int = 16
     #: seconds each HTTP request has to arrive whole, however it trickles
     request_timeout: float = HANDSHAKE_TIMEOUT
+
+
+@attrs.frozen
+class PluginConfig:
+    """Plugins (pluginhost.py, PROTOCOL.md "Plugins")."""
+
+    #: ``--plugin`` values, in order: dotted module names or paths to .py files
+    modules: tuple[str, ...] = ()
+    #: the node's data directory: each plugin's own is ``plugins/<name>`` in it
+    data_dir: str = "."
+    #: seconds an op or validator may hold the reactor before a warning names it
+    slow_call: float = 0.5
 
 
 def default(config: type, name: str) -> Any:

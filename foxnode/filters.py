@@ -98,6 +98,9 @@ class Filters:
         wanted = gossip._filter_args("filter", args)
         if isinstance(wanted, codec.Reply):
             return wanted
+        since = gossip.since_arg("filter", args)
+        if isinstance(since, codec.Reply):
+            return since
         if len(self.filters) >= self.config.max_filters:
             return codec.too_many(f"Too many filters on this node (at most {self.config.max_filters}); "
                                   "unfilter one, or let one expire.")
@@ -110,7 +113,7 @@ class Filters:
             return codec.too_many(f"Too many filters from {client} (at most {self.config.max_filters_per_ip} "
                                   "per client address); unfilter one, or let one expire.")
         made = Filter(secrets.token_hex(16), self, client, self.reactor.seconds())
-        made.sub = gossip.add_subscription(made, topics, *wanted, sub_id=made.id)
+        made.sub = gossip.add_subscription(made, topics, *wanted, sub_id=made.id, since=since)
         self.filters[made.id] = made
         if client is not None:
             self.per_ip[client] = self.per_ip.get(client, 0) + 1

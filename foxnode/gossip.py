@@ -103,6 +103,7 @@ from foxnode.config import MAX_DEPTH, GossipConfig
 from foxnode.limits import TokenBucket, client_key
 
 if TYPE_CHECKING:
+    from foxnode.history import History
     from foxnode.keys import KeyStore
 
 log = logs.logger(__name__)
@@ -315,6 +316,15 @@ class Envelope:
             raise Rejected("bad signature (forged)")
         return cls(**fields)
 
+    @classmethod
+    def stored(cls, encoded: bytes) -> tuple["Envelope", orjson.Fragment | None]:
+        """An envelope as the message store holds it (checked when it was
+        taken), and its payload encoded already (None when sealed)."""
+        raw = orjson.loads(encoded)
+        fields = {name: raw.get(name, field.default) for name, field in attrs.fields_dict(cls).items()}
+        envelope = cls(**fields)
+        return envelope, (None if envelope.content is not None else orjson.Fragment(orjson.dumps(envelope.payload)))
+
 
 @attrs.define(eq=False)
 class Subscription:
@@ -328,6 +338,10 @@ class Subscription:
     #: public keys (hex): only messages signed by one of them; None: any
     senders: frozenset[str] | None = None
     min_pow: float = 0.0
+    #: while a ``since`` replay runs (history.py): what came live
+    #: meanwhile, (id, event frame), sent after it; None otherwise
+    held: list | None = None
+    held_bytes: int = 0
     #: the client address it counts against (``limits.client_key``); None:
     #: the operator's, or a polled filter's (filters.py counts those)
     client: str | None = None
@@ -376,6 +390,10 @@ class Gossip:
         #: may, in a gossip frame the codec holds to the node's --max-depth
         #: (service.build sets it from the node's config)
         self.payload_depth = MAX_DEPTH - _FRAME_LEVELS
+        #: the message store (history.py), when the node keeps one
+        self.history: History | None = None
+        #: catch-up (catchup.py), told of peer links coming and going
+        self.catchup: Any = None
         #: message id -> when it may be forgotten
         self.seen: OrderedDict[str, float] = OrderedDict()
         #: message id -> its gossip frame and times, to answer grafts
@@ -400,6 +418,10 @@ class Gossip:
         #: many of them are not the operator's
         self._works = 0
         self._others_works = 0
+        #: the plugins' validators (pluginhost.Screen), set by service.build:
+        #: asked about every message on its ``topics`` before it is delivered
+        #: or forwarded, published here or received; None: no validators
+        self.screen: Any = None
         #: what this part serves, for the node's tables
         self.ops = {"publish": self.op_publish, "subscribe": self.op_subscribe,
                     "unsubscribe": self.op_unsubscribe}
@@ -496,16 +518,41 @@ class Gossip:
         ``max_works`` less ``operator_works``, but at least one."""
         return max(1, self.config.max_works - self.config.operator_works)
 
-    def _publish(self, envelope: Envelope) -> codec.Reply:
+    def _publish(self, envelope: Envelope) -> Any:
         reached = envelope.pow()
         if reached < self.config.min_pow:
             return codec.bad_args("publish", f'"pow": reached {reached:.6g}, below this node\'s minimum '
                                              f'{self.config.min_pow:g} (--min-pow); nothing was published. '
                                              'Give a higher "pow" or "pow_time"')
-        # Spread it once the reply is out, so that the publisher, subscribed
-        # to its own topic, hears 202 before the message.
-        self.reactor.callLater(0, self.accept, envelope, None)
-        return codec.accepted({"id": envelope.id, "pow": reached})
+        if self.screen is not None:
+            refused = self.refused_by(envelope)
+            if refused is not None:
+                return codec.Reply(400, f'Refused by the validator of plugin "{refused}" for topic '
+                                        f'"{envelope.topic}"; nothing was published.')
+        reply = codec.accepted({"id": envelope.id, "pow": reached})
+        encoded = self._encode(envelope)
+        if self.history is None:
+            # Spread it once the reply is out, so that the publisher, subscribed
+            # to its own topic, hears 202 before the message.
+            self.reactor.callLater(0, self.accept, envelope, None, True, encoded)
+            return reply
+        # Kept (on disk) before 202 says so; spread once the reply is out.
+        self.history.record(envelope, encoded[1], durable=True)
+
+        def kept(_: Any) -> codec.Reply:
+            self.reactor.callLater(0, self.accept, envelope, None, True, encoded)
+            return reply
+
+        def not_kept(failure: Any) -> codec.Reply:
+            return codec.unavailable(f"The message store cannot be written ({failure.getErrorMessage()}); "
+                                     "nothing was published.")
+
+        return self.history.committed().addCallbacks(kept, not_kept)
+
+    def _encode(self, envelope: Envelope) -> tuple[orjson.Fragment, bytes]:
+        """The payload encoded once, and the envelope's JSON around it."""
+        payload = orjson.Fragment(codec.dumps(envelope.payload))
+        return payload, codec.dumps(dict(envelope.to_json(), payload=payload))
 
     def _key_arg(self, op: str, args: dict, name: str, kinds: tuple[str, ...]) -> Any:
         """The stored key named by ``args[name]`` (of one of ``kinds``),
@@ -613,20 +660,36 @@ class Gossip:
             return codec.too_many(f"Too many subscriptions from {client} (at most "
                                   f"{self.config.max_subscriptions_per_ip} per client address, over all its "
                                   "connections); unsubscribe one first.")
-        sub = self.add_subscription(conn, topics, *wanted)
+        since = self.since_arg("subscribe", args)
+        if isinstance(since, codec.Reply):
+            return since
+        sub = self.add_subscription(conn, topics, *wanted, since=since)
         if client is not None:
             sub.client = client
             self._subs_per_client[client] = self._subs_per_client.get(client, 0) + 1
         return codec.ok({"topics": sorted(mine), "subscription": sub.id})
 
+    def since_arg(self, op: str, args: dict) -> float | None | codec.Reply:
+        """subscribe's (and filter's) ``since``: None when absent."""
+        if "since" not in args:
+            return None
+        if self.history is None:
+            return codec.bad_args(op, '"since": this node keeps no message store')
+        from foxnode.history import since_arg
+
+        return since_arg(op, args)
+
     def add_subscription(self, conn: Any, topics: list[str], key: str | None,
                          senders: frozenset[str] | None, min_pow: float,
-                         sub_id: str | None = None) -> Subscription:
+                         sub_id: str | None = None, since: float | None = None) -> Subscription:
         """A subscription of ``conn`` (checked already: what ``_topics_arg``
         and ``_filter_args`` return), delivered to from now on. ``conn`` is
         anything with ``fox_state`` and ``send_frame``: a connection, or a
-        polled filter (filters.py), whose id its events carry (``sub_id``)."""
+        polled filter (filters.py), whose id its events carry (``sub_id``).
+        With ``since``, the stored messages from then on come first."""
         sub = Subscription(sub_id or secrets.token_hex(16), conn, set(topics), key, senders, min_pow)
+        if since is not None and self.history is not None:
+            self.history.replay(sub, since)
         self._subscriptions(conn)[sub.id] = sub
         mine = conn.fox_state.setdefault("topics", set())
         for topic in topics:
@@ -679,31 +742,49 @@ class Gossip:
         """Any connection closed: its subscriptions go."""
         for sub in list(conn.fox_state.get("subscriptions", {}).values()):
             self._drop(sub, set(sub.topics))
+            sub.held = None
 
     # -- peer links (PeerListener) ---------------------------------------------------
 
     def peer_up(self, conn: Any) -> None:
         self.links[conn] = Link(conn)
+        if self.catchup is not None:
+            self.catchup.peer_up(conn)
 
     def peer_down(self, conn: Any) -> None:
         self.links.pop(conn, None)
+        if self.catchup is not None:
+            self.catchup.peer_down(conn)
 
     # -- spreading ---------------------------------------------------------------
 
-    def accept(self, envelope: Envelope, sender: Any) -> None:
-        """A new, valid envelope: remember, deliver, pass on."""
+    def accept(self, envelope: Envelope, sender: Any, forward: bool = True,
+               encoded: tuple[orjson.Fragment, bytes] | None = None) -> bool:
+        """A valid envelope: remember, keep, deliver, pass on (``forward``:
+        over the links, as Plumtree does; otherwise the caller announces
+        it). ``encoded``: what ``_encode`` made of it, when it is this
+        node's publish (kept already). False when it was not new."""
         self.seen[envelope.id] = envelope.expires + self.config.max_skew
         pending = self._unawait(envelope.id)
         if pending is not None and pending[0].active():
             pending[0].cancel()
-        # The payload is encoded once, for both frames; after this method
+        # The payload is encoded once, for every frame; after this method
         # nothing refers to its decoded form.
-        payload = orjson.Fragment(codec.dumps(envelope.payload))
-        frame = codec.encode_event("gossip", envelope=dict(envelope.to_json(), payload=payload))
+        if encoded is None:
+            encoded = self._encode(envelope)
+            if self.history is not None and not self.history.record(envelope, encoded[1]):
+                # Kept already (the seen ids forgot it, or a restart did):
+                # delivered when it first came.
+                self.metrics.gossip_received.labels("duplicate").inc()
+                return False
+        payload, raw = encoded
+        frame = codec.exact(b'{"event":"gossip","envelope":' + raw + b"}")
         self.cache[envelope.id] = Cached(frame, envelope.created, envelope.expires)
         self._cache_bytes += len(frame) + CACHE_ENTRY_BYTES
         self._trim()
         self.deliver(envelope, payload)
+        if not forward:
+            return True
         announce = codec.encode_event("ihave", ids=[envelope.id])
         metrics = self.metrics
         for conn, link in self.links.items():
@@ -715,6 +796,7 @@ class Gossip:
                 metrics.gossip_sent.inc()
             else:
                 metrics.send_dropped.labels("peer").inc()
+        return True
 
     def deliver(self, envelope: Envelope, payload: orjson.Fragment | None = None) -> None:
         """Push ``envelope`` to this node's subscriptions of its topic that
@@ -731,20 +813,83 @@ class Gossip:
         opened: dict[str | None, Opened | None] = {}
         metrics = self.metrics
         for sub in list(subscribers):
-            if sub.min_pow > reached:
+            frame = self.event_frame(envelope, payload, sub.key, sub.senders, sub.min_pow, sub.id,
+                                     reached, opened)
+            if frame is None:
                 continue
-            if sub.key not in opened:
-                opened[sub.key] = self._open(envelope, sub.key, payload)
-            view = opened[sub.key]
-            if view is None or (sub.senders is not None and view.signer not in sub.senders):
-                continue
-            frame = codec.encode_event("message", id=envelope.id, topic=envelope.topic, payload=view.payload,
-                                       origin=envelope.origin, created=envelope.created, subscription=sub.id,
-                                       **{"from": view.signer}, encrypted=view.encrypted, pow=reached)
-            if sub.conn.send_frame(frame, droppable=True):
+            if sub.held is not None:
+                self._hold(sub, envelope.id, frame)
+            elif sub.conn.send_frame(frame, droppable=True):
                 metrics.gossip_delivered.inc()
             else:
                 metrics.send_dropped.labels("subscriber").inc()
+
+    def refused_by(self, envelope: Envelope) -> str | None:
+        """The plugin whose validator refuses ``envelope``, or None. Every
+        way an envelope comes in asks this before ``accept`` (which
+        delivers and forwards it); callers skip it when ``screen`` is None."""
+        screen = self.screen
+        if screen is None or envelope.topic not in screen.topics:
+            return None
+        return screen(self.view(envelope))
+
+    def view(self, envelope: Envelope) -> dict[str, Any]:
+        """``envelope`` as a validator sees it: the event a subscriber
+        without a key would get. A sealed one has ``payload`` None (the node
+        does not open it for validators); a signed one names its signer in
+        ``from`` once its signature holds. The payload is a copy: a
+        validator cannot change what is delivered or forwarded."""
+        payload, signer = None, None
+        if envelope.content is None:
+            payload = orjson.loads(orjson.dumps(envelope.payload))
+        elif envelope.encrypted is None:
+            try:
+                content = crypto.unpack(base64.b64decode(envelope.content, validate=True),
+                                        _signing_context(envelope.origin, envelope.topic, envelope.created,
+                                                         envelope.ttl, None, b""))
+                payload = orjson.loads(content.payload)
+                signer = content.signer.hex() if content.signer else None
+            except (binascii.Error, ValueError, crypto.CannotOpen):
+                pass  # delivered to nobody either (_open)
+        return {"id": envelope.id, "topic": envelope.topic, "payload": payload, "origin": envelope.origin,
+                "created": envelope.created, "from": signer, "encrypted": envelope.encrypted,
+                "pow": envelope.pow()}
+
+    def event_frame(self, envelope: Envelope, payload: orjson.Fragment | None, key: str | None,
+                    senders: frozenset[str] | None, min_pow: float, sub_id: str | None,
+                    reached: float | None = None,
+                    opened: dict[str | None, Opened | None] | None = None) -> bytes | None:
+        """The ``message`` event a subscription with this ``key``,
+        ``from`` (``senders``) and ``min_pow`` gets of ``envelope``; None
+        when it gets nothing. ``sub_id`` None: no ``"subscription"`` (a
+        history reply). ``opened`` shares the openings between calls."""
+        if reached is None:
+            reached = envelope.pow()
+        if min_pow > reached:
+            return None
+        if opened is None:
+            opened = {}
+        if key not in opened:
+            opened[key] = self._open(envelope, key, payload)
+        view = opened[key]
+        if view is None or (senders is not None and view.signer not in senders):
+            return None
+        extra = {} if sub_id is None else {"subscription": sub_id}
+        return codec.encode_event("message", id=envelope.id, topic=envelope.topic, payload=view.payload,
+                                  origin=envelope.origin, created=envelope.created, **extra,
+                                  **{"from": view.signer}, encrypted=view.encrypted, pow=reached)
+
+    def _hold(self, sub: Subscription, message_id: str, frame: bytes) -> None:
+        """A live event for a subscription still replaying its ``since``:
+        kept for after it, within ``send_queue`` bytes (the oldest dropped
+        beyond, as a full send queue would)."""
+        held = sub.held
+        assert held is not None
+        held.append((message_id, frame))
+        sub.held_bytes += len(frame)
+        while len(held) > 1 and sub.held_bytes > self.config.max_held_bytes:
+            sub.held_bytes -= len(held.pop(0)[1])
+            self.metrics.send_dropped.labels("subscriber").inc()
 
     def _open(self, envelope: Envelope, key_id: str | None, payload: orjson.Fragment | None) -> Opened | None:
         """What a subscription holding ``key_id`` sees of ``envelope``; None:
@@ -819,22 +964,42 @@ class Gossip:
                 link.lazy = True
                 conn.send_frame(codec.encode_event("prune"), droppable=True)
             return
+        envelope = self.check(conn, raw)
+        if envelope is None:
+            return
+        self.metrics.gossip_received.labels("accepted").inc()
+        # Whoever brought us something new is on the tree.
+        link.lazy = False
+        self.accept(envelope, sender=conn)
+
+    def check(self, conn: Any, raw: Any) -> Envelope | None:
+        """An envelope a peer sent, checked as every one is (the sender is
+        told why and held to account if it is bad); None if it is refused."""
+        message_id = raw.get("id") if isinstance(raw, dict) else None
         try:
             envelope = Envelope.from_json(raw, self.config, self.reactor.seconds())
         except Rejected as e:
             self._reject(conn, message_id, str(e))
-            return
+            return None
         if self.config.min_pow and envelope.pow(self.reactor.seconds()) < self.config.min_pow:
             # Refused and counted, not forwarded; not held against the peer,
             # whose own minimum may be lower.
             self.metrics.gossip_received.labels("pow").inc()
             log.debug("dropped envelope {id} from {peer}: proof of work below {min_pow:g}",
                       id=envelope.id[:16], peer=conn.node_id[:12], min_pow=self.config.min_pow)
-            return
-        self.metrics.gossip_received.labels("accepted").inc()
-        # Whoever brought us something new is on the tree.
-        link.lazy = False
-        self.accept(envelope, sender=conn)
+            return None
+        if self.screen is not None:
+            refused = self.refused_by(envelope)
+            if refused is not None:
+                # Remembered as seen, so that copies, announcements and
+                # catch-up offers of it are not asked about again; not held
+                # against the peer, which may run other validators.
+                self.seen[envelope.id] = envelope.expires + self.config.max_skew
+                self.metrics.gossip_received.labels("validator").inc()
+                log.debug("dropped envelope {id} from {peer}: refused by the validator of plugin {plugin}",
+                          id=envelope.id[:16], peer=conn.node_id[:12], plugin=refused)
+                return None
+        return envelope
 
     def _reject(self, conn: Any, message_id: Any, reason: str) -> None:
         self.metrics.gossip_received.labels(_reason_label(reason)).inc()
@@ -910,10 +1075,20 @@ class Gossip:
         ids = event.body.get("ids")
         if not isinstance(ids, list):
             return
+        stored = []
         for message_id in ids[:1000]:
             cached = self.cache.get(message_id) if isinstance(message_id, str) else None
-            if cached is not None and conn.send_frame(cached.frame, droppable=True):
+            if cached is None:
+                if self.history is not None and is_message_id(message_id):
+                    stored.append(message_id)  # out of the cache, maybe still kept
+                continue
+            if conn.send_frame(cached.frame, droppable=True):
                 self.metrics.gossip_sent.inc()
+        if stored and self.history is not None:
+            for row in self.history.rows(stored):
+                if conn.send_frame(codec.exact(b'{"event":"gossip","envelope":' + row.envelope + b"}"),
+                                   droppable=True):
+                    self.metrics.gossip_sent.inc()
 
     def on_prune(self, conn: Any, event: codec.Event) -> None:
         link = self.links.get(conn)

@@ -69,6 +69,31 @@ class NodeMetrics:
             "foxnode_peer_events_rate_limited",
             "Events pushed by peers (gossip, ihave, ...) dropped over their budget", registry=r)
 
+        self.history_messages = Gauge(
+            "foxnode_history_messages", "Envelopes in the message store", registry=r)
+        self.history_bytes = Gauge(
+            "foxnode_history_bytes",
+            "Bytes of the envelopes in the message store (bounded by --max-store-bytes)", registry=r)
+        self.history_evicted = Counter(
+            "foxnode_history_evicted",
+            "Envelopes dropped from the message store before their end, over --max-store-bytes",
+            registry=r)
+        self.catchup_envelopes = Counter(
+            "foxnode_catchup_envelopes", "Envelopes caught up (new to this node) from each live peer",
+            ["peer"], registry=r)
+        self.catchup_seconds = Histogram(
+            "foxnode_catchup_seconds", "Time from a peer link coming up to having caught up with it",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300), registry=r)
+        self.catchup_bytes = Counter(
+            "foxnode_catchup_bytes", "Bytes of catch-up frames (summaries, id lists, pushes) sent",
+            ["direction"], registry=r)
+        self.plugin_errors = Counter(
+            "foxnode_plugin_errors", "Ops and validators of plugins that raised (or returned what is not JSON)",
+            ["plugin", "kind"], registry=r)
+        self.validator_refused = Counter(
+            "foxnode_validator_refused", "Messages a plugin's validator refused (not delivered, not forwarded)",
+            ["plugin"], registry=r)
+
     def count_request(self, op: str, status: int) -> None:
         key = (op if op in KNOWN_OPS else "other", status)
         counts = self.request_counts

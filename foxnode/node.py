@@ -3,8 +3,9 @@
 A ``Node`` is the handler behind every WebSocket connection (see
 protocol.py). Ops are plain methods taking the connection and the request's
 ``args`` and returning a ``codec.Reply`` or a Deferred of one, so they are
-tested by calling them. The node serves its own (the lab's) ops; the other
-parts' ops and pushed events are put in its tables, and its references to
+tested by calling them. The node serves its own ops (the lab's
+``register`` and ``peers``, and ``info``; the lab's ``time`` is a plugin's,
+plugins/time.py); the other parts' ops and pushed events are put in its tables, and its references to
 the peer manager and gossip set, by service.py's ``build``, which is the
 one place the parts are connected. The node tells them, in a fixed order,
 of every connection that closes.
@@ -15,7 +16,6 @@ from __future__ import annotations
 import bisect
 import ipaddress
 import json
-import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -80,13 +80,14 @@ class Node:
         self.peers: PeerManager | None = None
         self.gossip: Gossip | None = None
         self._peers_cache: tuple[int, bytes, list[str] | None] = (-1, b"", None)
-        self._zone, self._zone_until = "", 0.0
         #: the ops table: every op served, by name (tests walk it)
         self._ops: dict[str, Op] = {}
         #: ops only the node's operator (``conn.trusted``) may use
         self._operator_ops: set[str] = set()
-        self.serve({"register": self.op_register, "peers": self.op_peers,
-                    "time": self.op_time, "info": self.op_info})
+        #: names of the loaded plugins, for ``info`` (set by service.build,
+        #: which serves their ops; the lab's ``time`` is one: plugins/time.py)
+        self.plugins: list[str] = []
+        self.serve({"register": self.op_register, "peers": self.op_peers, "info": self.op_info})
         #: handlers of the events peers push, by event name
         self._events: dict[str, EventHandler] = {}
 
@@ -318,13 +319,6 @@ class Node:
             response["next"] = page[-1] if page else cursor
         return codec.ok(response)
 
-    def op_time(self, conn: Any, args: Any) -> codec.Reply:
-        now = self.reactor.seconds()
-        if now >= self._zone_until:
-            # The zone's name changes at most at a second's turn (DST).
-            self._zone, self._zone_until = time.strftime("%Z", time.localtime(now)), int(now) + 1
-        return codec.ok({"time": now, "time_zone": self._zone})
-
     def op_info(self, conn: Any, args: Any) -> codec.Reply:
         if args is not None and not isinstance(args, dict):
             return codec.bad_args("info", '"args" must be an object')
@@ -390,6 +384,7 @@ class Node:
             "ops": sorted(self._ops),
             # Envelopes below it are refused here (--min-pow): what a publisher must reach.
             "min_pow": self.gossip.config.min_pow if self.gossip is not None else 0.0,
+            "plugins": list(self.plugins),
         }
 
     def health(self) -> dict[str, Any]:

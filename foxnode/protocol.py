@@ -214,6 +214,11 @@ class FoxConnection:
         which is also the default limit of the receiving side."""
         return self.maxMessagePayloadSize or _UNLIMITED
 
+    def has_room(self) -> bool:
+        """Whether a frame sent now goes out at once, not into the queue:
+        paced senders (history replays, catch-up) wait otherwise."""
+        return self.can_send() and not self._paused and not self._backlog
+
     def can_send(self) -> bool:
         # Autobahn's own state: a closing connection refuses new messages.
         return self.fox_open and self.state == self.STATE_OPEN

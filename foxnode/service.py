@@ -17,9 +17,14 @@ node does over time, each started and stopped by twistd's service tree:
   (every ``--exchange-interval``) and the sweep that forgets failing
   addresses, each a ``TimerService``;
 - ``GossipService``: the sweep of expired ids and cached envelopes, and
-  the sweep of polled filters not polled for ``filter_timeout`` (filters.py).
+  the sweep of polled filters not polled for ``filter_timeout`` (filters.py);
+- ``HistoryService``, when the node keeps a message store (history.py):
+  the sweep of expired envelopes; at stop, catch-up ends and the store's
+  last transaction is committed and the file closed.
 
 The key store (keys.py), when given, serves its ops as operator ops.
+Plugins (pluginhost.py) come last: their ops join the table (never
+replacing one), their validators become gossip's ``screen``.
 
 Stopping: the children stop (no new connections, dials cancelled), then
 every connection closes (their closes update the store), then the store's
@@ -35,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import sys
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import attrs
 from twisted.application import service
@@ -46,14 +51,19 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from zope.interface import implementer
 
 from foxnode import locks, logs
-from foxnode.config import GossipConfig, KeyConfig, NodeConfig, PeerConfig, StoreConfig, WebConfig
+from foxnode.catchup import Catchup
+from foxnode.config import (GossipConfig, HistoryConfig, KeyConfig, NodeConfig, PeerConfig, PluginConfig,
+                            StoreConfig, WebConfig)
 from foxnode.filters import Filters
 from foxnode.gossip import Gossip
+from foxnode.history import History
 from foxnode.identity import Identity
 from foxnode.keys import KeyStore
 from foxnode.metrics import NodeMetrics
+from foxnode.msgstore import MessageStore
 from foxnode.node import Node
 from foxnode.peers import PeerManager
+from foxnode.pluginhost import Plugin, PluginError, PluginHost, load as load_plugins
 from foxnode.protocol import FoxServerFactory
 from foxnode.store import CLOSE_TIMEOUT, PeerStore
 from foxnode.web import make_site
@@ -71,6 +81,8 @@ class Configs:
     web: WebConfig = WebConfig()
     keys: KeyConfig = KeyConfig()
     store: StoreConfig = StoreConfig()
+    history: HistoryConfig = HistoryConfig()
+    plugins: PluginConfig = PluginConfig()
 
 
 def _timer(step: float, call: Callable[[], Any], clock: Any, parent: service.MultiService) -> None:
@@ -128,12 +140,31 @@ class GossipService(service.MultiService):
         return super().stopService()
 
 
+class HistoryService(service.MultiService):
+    """The message store's sweep; at stop, catch-up ends and the store closes."""
+
+    def __init__(self, history: History, catchup: Catchup, clock: Any) -> None:
+        super().__init__()
+        self.history = history
+        self.catchup = catchup
+        _timer(history.config.sweep_interval, history.sweep, clock, self)
+
+    def stopService(self) -> Deferred:
+        self.catchup.stop()
+        return super().stopService()
+
+
 def build(reactor: Any, configs: Configs, store: PeerStore, identity: Identity,
           endpoint: Any, listen: str = "", file_locks: list[locks.FileLock] | None = None,
-          metrics: NodeMetrics | None = None, keys: KeyStore | None = None) -> "NodeService":
+          metrics: NodeMetrics | None = None, keys: KeyStore | None = None,
+          messages: MessageStore | None = None,
+          plugins: Sequence[Plugin] | None = None) -> "NodeService":
     """The node and its parts, connected, as a service ready to start;
     without ``keys`` (a key store opened on the data directory), the node
-    serves no key ops."""
+    serves no key ops; without ``messages`` (a message store), no history.
+    ``plugins`` are loaded already (tap.py loads them before it opens the
+    node's files); None: load ``configs.plugins``' here. A plugin's op that
+    the node serves already is a ``PluginError``."""
     node = Node(reactor, configs.node, identity, store, metrics)
     gossip = Gossip(reactor, identity, node.metrics, configs.gossip, keys=keys)
     gossip.payload_depth = configs.node.max_depth - 2  # the frame, the envelope
@@ -145,9 +176,26 @@ def build(reactor: Any, configs: Configs, store: PeerStore, identity: Identity,
     filters = Filters(reactor, gossip, node.metrics, configs.gossip)
     node.serve(filters.ops)
     node.hear(gossip.events)
+    history = catchup = None
+    if messages is not None:
+        history = History(reactor, messages, gossip, node.metrics, configs.history)
+        catchup = Catchup(reactor, gossip, history, identity.node_id, node.metrics, configs.history,
+                          budget=(configs.node.peer_rate, configs.node.peer_burst))
+        node.serve(history.ops)
+        node.hear(catchup.events)
     if keys is not None:
         # Keys are secrets: only the node's operator makes, reads or deletes them.
         node.serve(keys.ops, operator=True)
+    # Last: a plugin adds ops, it never replaces one.
+    host = PluginHost(reactor, load_plugins(configs.plugins.modules) if plugins is None else plugins,
+                      node.node_id, configs.plugins, request=node.handle_request, peers=node.live_peers,
+                      metrics=node.metrics)
+    taken = sorted(set(host.ops) & set(node.op_names()))
+    if taken:
+        raise PluginError(f"{host.owners[taken[0]].origin}: op \"{taken[0]}\" is one of the node's own")
+    node.serve(host.ops)
+    node.plugins = host.names
+    gossip.screen = host.screen
     c = configs.node
     ws_factory = FoxServerFactory(
         node, reactor, max_message_size=c.max_message_size, send_queue=c.send_queue,
@@ -156,10 +204,12 @@ def build(reactor: Any, configs: Configs, store: PeerStore, identity: Identity,
         max_in_flight=c.max_in_flight, frames=c.frames)
     site = make_site(node, ws_factory, configs.web)
     node_service = NodeService(reactor, node, endpoint, site, listen=listen, file_locks=file_locks,
-                               keys=keys)
+                               keys=keys, history=history)
     StoreService(store, reactor).setServiceParent(node_service)
     PeerService(peers, reactor).setServiceParent(node_service)
     GossipService(gossip, reactor, filters).setServiceParent(node_service)
+    if history is not None and catchup is not None:
+        HistoryService(history, catchup, reactor).setServiceParent(node_service)
     return node_service
 
 
@@ -215,8 +265,11 @@ class NodeService(service.MultiService):
     hangup: Any = None
 
     def __init__(self, reactor: Any, node: Node, endpoint: Any, site: Any, listen: str = "",
-                 file_locks: list[locks.FileLock] | None = None, keys: KeyStore | None = None) -> None:
+                 file_locks: list[locks.FileLock] | None = None, keys: KeyStore | None = None,
+                 history: History | None = None) -> None:
         super().__init__()
+        #: closed at stop, after the connections (their last messages kept)
+        self.history = history
         self.reactor = reactor
         self.node = node
         self.site = site
@@ -291,6 +344,11 @@ class NodeService(service.MultiService):
     def _close_stores(self, _: Any) -> Deferred:
         # Side by side, each within its timeout: a hung disk holds the
         # shutdown once, not once per file. Both end before the locks go.
+        if self.history is not None:
+            try:
+                self.history.close()
+            except Exception as e:  # sqlite3.Error: said, and the rest still closes
+                log.error("message store: the last commit failed at stop: {why}", why=e)
         closing = [self.node.store.close(timeout=CLOSE_TIMEOUT)]
         if self.keys is not None:
             closing.append(self.keys.close(timeout=CLOSE_TIMEOUT))

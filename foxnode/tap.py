@@ -18,10 +18,10 @@ from OpenSSL import SSL, crypto
 from twisted.internet.endpoints import serverFromString
 from twisted.python import logfile, usage
 
-from foxnode import address, frames, identity, keys, locks, logs
+from foxnode import address, frames, identity, keys, locks, logs, msgstore, pluginhost
 from foxnode.client import TrustError, load_trust_root
-from foxnode.config import (DEFAULT_TRUSTED, GossipConfig, NodeConfig, PeerConfig, StoreConfig,
-                            WebConfig, default)
+from foxnode.config import (DEFAULT_TRUSTED, GossipConfig, HistoryConfig, NodeConfig, PeerConfig,
+                            PluginConfig, StoreConfig, WebConfig, default)
 from foxnode.metrics import NodeMetrics
 from foxnode.service import (  # noqa: F401  (CannotStart and why_not_listening were tap's)
     CannotStart, Configs, NodeService, build, why_not_listening)
@@ -146,6 +146,10 @@ class Options(usage.Options):
                 "Least proof of work (Whisper's: 2**leading zero bits of the work hash / (bytes * TTL)) "
                 "of the envelopes this node takes and forwards; others are refused and counted.",
                 float, 0, 1e12),
+        _number("max-store-bytes", default(HistoryConfig, "max_store_bytes"),
+                "Bytes of envelopes the message store (messages.sqlite in --data-dir) holds at most; "
+                "beyond, those nearest their end go first. Each is kept until its TTL ends.",
+                int, 1 << 20, 1 << 44),
         _number("send-queue", default(NodeConfig, "send_queue"),
                 "Bytes a connection may hold back for a slow reader before pushes are dropped "
                 "(subscribers, peers) or the connection closes (unread replies).", int, 1024, 1 << 30),
@@ -166,6 +170,16 @@ class Options(usage.Options):
         self["trusted"] = []
         self["allowed-origin"] = []
         self["allowed-host"] = []
+        self["plugin"] = []
+
+    def opt_plugin(self, spec: str) -> None:
+        """A plugin to load: a dotted module name (mypackage.myplugin) or a
+        path to a .py file; repeatable. foxnode's own (time) and installed
+        packages' (entry points of the group foxnode.plugins) load always."""
+        wrong = pluginhost.check_spec(spec)
+        if wrong:
+            raise usage.UsageError(f"--plugin {spec}: {wrong}")
+        self["plugin"].append(spec)
 
     def opt_allowed_origin(self, origin: str) -> None:
         """An origin (scheme://host[:port]) besides the node's own whose web
@@ -255,7 +269,9 @@ class Options(usage.Options):
     def configs(self) -> Configs:
         return Configs(node=self.node_config(), peers=self.peer_config(),
                        gossip=self.gossip_config(), web=self.web_config(),
-                       store=StoreConfig(max_peers=self["max-peers"]))
+                       store=StoreConfig(max_peers=self["max-peers"]),
+                       history=HistoryConfig(max_store_bytes=self["max-store-bytes"]),
+                       plugins=PluginConfig(modules=tuple(self["plugin"]), data_dir=self["data-dir"]))
 
     def peer_config(self) -> PeerConfig:
         return PeerConfig(
@@ -360,8 +376,14 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
     configs = config.configs()
     # A bad endpoint (syntax, TLS files) is refused before anything is locked or read.
     endpoint = _server_endpoint(reactor, config["listen"])
+    # Imported before anything is locked or read: a plugin that fails to
+    # import leaves the node's files as they were.
+    try:
+        plugins = pluginhost.load(configs.plugins.modules)
+    except pluginhost.PluginError as e:
+        raise SystemExit(f"foxnode: cannot start: {e}") from None
     metrics = NodeMetrics()
-    file_locks, store, node_identity, key_store = _open_files(reactor, config, configs, metrics)
+    file_locks, store, node_identity, key_store, messages = _open_files(reactor, config, configs, metrics)
     named = configs.node.bootstrap + configs.peers.static
     if named:
         # Dialed whatever the disk does: the operator named them, so a
@@ -370,14 +392,23 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
         # forgotten; and named again, an unregistered one is taken back.
         store.add(named, BOOTSTRAP, durable=False, revive=True)
         store.commit().addErrback(lambda _: None)  # a failure is logged by the store
-    node_service = build(reactor, configs, store, node_identity, endpoint, listen=config["listen"],
-                         file_locks=file_locks, metrics=metrics, keys=key_store)
+    try:
+        node_service = build(reactor, configs, store, node_identity, endpoint, listen=config["listen"],
+                             file_locks=file_locks, metrics=metrics, keys=key_store, messages=messages,
+                             plugins=plugins)
+    except pluginhost.PluginError as e:
+        # An op the node serves itself: nothing was started.
+        messages.close()
+        for lock in file_locks:
+            lock.release()
+        raise SystemExit(f"foxnode: cannot start: {e}") from None
     from autobahn.websocket import USES_NVX
 
     log.info("foxnode {node_id}: peers file {path} ({n} known), data dir {dir}, "
-             "Autobahn native acceleration {nvx}",
+             "Autobahn native acceleration {nvx}, plugins {plugins}",
              node_id=node_identity.node_id, path=os.path.abspath(config["peers-file"]),
-             n=len(store), dir=os.path.abspath(config["data-dir"]), nvx="on" if USES_NVX else "off")
+             n=len(store), dir=os.path.abspath(config["data-dir"]), nvx="on" if USES_NVX else "off",
+             plugins=", ".join(p.name for p in plugins) or "none")
     if config.parent is not None:
         # Run by twistd, which leaves SIGHUP at its default: the end of the
         # process, without its shutdown.
@@ -386,7 +417,8 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
 
 
 def _open_files(reactor: Any, config: Options, configs: Configs, metrics: NodeMetrics
-                ) -> tuple[list[locks.FileLock], PeerStore, identity.Identity, keys.KeyStore]:
+                ) -> tuple[list[locks.FileLock], PeerStore, identity.Identity, keys.KeyStore,
+                           msgstore.MessageStore]:
     """Lock the node's files, then read the peer store, the key and the key
     store; any fault ends the start in one line, with nothing left locked
     and no file written."""
@@ -403,12 +435,15 @@ def _open_files(reactor: Any, config: Options, configs: Configs, metrics: NodeMe
         # Read before node.key may be created: a refused start leaves the data directory as it was.
         key_store = keys.KeyStore.open(reactor, os.path.join(config["data-dir"], keys.KEY_FILE),
                                        configs.keys)
+        messages_path = os.path.join(config["data-dir"], msgstore.STORE_FILE)
+        msgstore.check_file(messages_path)
         node_identity = identity.load_or_create(config["data-dir"])
-    except (StoreError, identity.IdentityError, keys.KeyStoreError) as e:
+        messages = msgstore.MessageStore.open(messages_path, configs.history.max_store_bytes)
+    except (StoreError, identity.IdentityError, keys.KeyStoreError, msgstore.MessageStoreError) as e:
         for lock in file_locks:
             lock.release()
         raise SystemExit(f"foxnode: cannot start: {e}") from None
-    return file_locks, store, node_identity, key_store
+    return file_locks, store, node_identity, key_store, messages
 
 
 def _server_endpoint(reactor: Any, description: str) -> Any:

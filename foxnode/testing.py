@@ -383,6 +383,12 @@ class FakeConnection:
         self.closed.append((code, reason))
         self.fox_open = False
 
+    #: the largest frame it sends (a real connection's --max-message-size)
+    send_limit = 1 << 20
+
+    def has_room(self) -> bool:
+        return self.can_send()
+
     def can_send(self) -> bool:
         return self.fox_open
 
@@ -515,10 +521,13 @@ class MemoryNetwork:
 
 
 def memory_node(network: MemoryNetwork, directory: Path, configs: Any = None,
-                ident: Any = None, port: int | None = None) -> Any:
+                ident: Any = None, port: int | None = None, plugins: Sequence[str] = ()) -> Any:
     """A node built by ``service.build`` on ``network``, started and
-    listening at ``port`` (a fresh one by default); its peer store and its
-    key store are real files in ``directory``, written inline."""
+    listening at ``port`` (a fresh one by default); its peer store, its
+    key store and its message store are real files in ``directory``, the
+    first two written inline, and so is what its plugins keep.
+    ``plugins``: what ``--plugin`` takes (dotted module names, paths to .py
+    files), loaded besides foxnode's own."""
     from foxnode import identity, service
     from foxnode.keys import KEY_FILE, KeyStore
     from foxnode.store import PeerStore
@@ -526,14 +535,20 @@ def memory_node(network: MemoryNetwork, directory: Path, configs: Any = None,
     directory.mkdir(parents=True, exist_ok=True)
     store = PeerStore.open(network.reactor, directory / "peers.json", runner=InlineWriter())
     configs = configs or service.Configs()
+    configs = attrs.evolve(configs, plugins=attrs.evolve(
+        configs.plugins, modules=configs.plugins.modules + tuple(str(p) for p in plugins),
+        data_dir=str(directory)))
     keys = KeyStore.open(network.reactor, directory / KEY_FILE, configs.keys)
     keys._writer = InlineWriter()
     port = port or network.port()
     if frames_under_test() != frames.OWN:
         configs = attrs.evolve(configs, node=attrs.evolve(configs.node, frames=frames_under_test()))
+    from foxnode.msgstore import STORE_FILE, MessageStore
+
+    messages = MessageStore.open(str(directory / STORE_FILE), configs.history.max_store_bytes)
     node_service = service.build(network.reactor, configs, store,
                                  ident or identity.Identity.generate(),
-                                 MemoryServerEndpoint(network, port), keys=keys)
+                                 MemoryServerEndpoint(network, port), keys=keys, messages=messages)
     node_service.startService()
     network.pump()
     return node_service

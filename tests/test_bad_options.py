@@ -106,7 +106,11 @@ NODE_BAD: dict[str, list[str]] = {
     # from 0: bad_numbers would offer 0/2, which is in range
     "min-pow": ["nan", "NaN", "inf", "-inf", "1e999", "abc", "", "-1", "-0.5", "2e12"],
     "send-queue": bad_numbers(1024, 1 << 30, whole=True),
+    "max-store-bytes": bad_numbers(1 << 20, 1 << 44, whole=True),
     "frames": ["", "fast", "0", "own,autobahn", "auto" + UNDECODABLE],
+    # refused at parsing (not a name, no such file), or at start (does not import)
+    "plugin": ["", "not a module", "1abc", "a..b", "{tmp}/missing.py", "{file}", "{tmp}",
+               "foxnode_no_such_plugin", "foxnode.no_such_plugin", "{tmp}/broken.py"],
 }
 
 
@@ -126,6 +130,7 @@ def files(tmp_path_factory) -> dict[str, str]:
     ca = make_test_ca(tmp / "ca")
     not_pem = tmp / "not-pem.txt"
     not_pem.write_text("not a key, not a certificate\n")
+    (tmp / "broken.py").write_text("from foxnode.plugin import op\nraise RuntimeError('broken plugin')\n")
     return {"tmp": str(tmp), "ca": str(ca.ca_cert.parent), "file": str(not_pem)}
 
 
@@ -248,6 +253,9 @@ CLI_BAD: dict[tuple[str, str], tuple[list[str], list[str]]] = {
     ("call", "--to"): (["call", "--to", "{}", URL, "publish"],
                        ["", "abc", "ab" * 63, "ab" * 65, "g" * 128, "ab" * 63 + UNDECODABLE]),
     ("watch", "--key"): (["watch", "--key", "{}", URL, "news"], ["", "k\x01", "k" + UNDECODABLE, "x" * 129]),
+    ("call", "--since"): (["call", "--since", "{}", URL, "history"],
+                          ["", "abc", "-1", "nan", "inf", "1e999", "10x", "-5m", "m", "1" + UNDECODABLE]),
+    ("watch", "--since"): (["watch", "--since", "{}", URL, "news"], ["", "abc", "-1", "nan", "-5m", "h"]),
     # a subscription neither encrypts nor signs: any value is refused
     ("watch", "--to"): (["watch", "--to", "{}", URL, "news"], ["ab" * 64, ""]),
     ("watch", "--sign"): (["watch", "--sign", "{}", URL, "news"], ["k1", ""]),

@@ -36,6 +36,8 @@ FIGURES = [
     "3b_register_16x4_rps_foxnode_vs_labnode",
     # issue 13's clear, sym, asym and signed messages over the gossip network
     "7_sealed_gossip",
+    # issue 14's catch-up of a node that missed messages while it was down
+    "8_catchup",
 ]
 SEALING_MODES = ["clear", "sym", "asym", "signed"]
 
@@ -92,7 +94,7 @@ def test_bench_quick_writes_every_figure(tmp_path):
     # every measured figure really ran (the gossip hook may say "not available")
     assert result["errors"] == {}, f"figures failed: {result['errors']}\n{output}"
     for key in FIGURES:
-        if key in ("6_gossip", "7_sealed_gossip"):
+        if key in ("6_gossip", "7_sealed_gossip", "8_catchup"):
             continue
         fig = figures[key]
         assert not fig.get("skipped"), f"{key}: {fig}"
@@ -115,6 +117,7 @@ def test_bench_quick_writes_every_figure(tmp_path):
                       "cpu_ms_per_message_net"):
             assert row[field] is not None, (field, row)
     assert sealed["rows"][0]["cpu_vs_clear"] == 1.0, sealed["rows"][0]
+    _check_catchup(figures["8_catchup"], 200)
     machine = result["meta"]["machine"]
     assert machine["cpus"] and "uses" in machine["nvx"], machine
     assert proc.returncode == 0, output
@@ -136,6 +139,42 @@ def test_bench_quick_writes_every_figure(tmp_path):
     assert f".. image:: {png.name}" in text, text
     problems = _bench_module("report").check_rst(text)
     assert not problems, problems  # None: docutils not installed, not checked
+
+
+def _check_catchup(fig, messages):
+    """Figure 8 ran both cases and B held every message in each."""
+    assert fig.get("available"), fig
+    assert [r["case"] for r in fig["rows"]] == ["missed all", "missed 10 %"], fig["rows"]
+    assert [r["missed"] for r in fig["rows"]] == [messages, messages // 10], fig["rows"]
+    for row in fig["rows"]:
+        assert row["messages"] == messages + 1, row
+        for field in ("seconds_from_spawn", "catchup_bytes", "message_bytes", "resend_all_bytes", "bytes_ratio",
+                      "vs_resend_all", "messages_per_s"):
+            assert row[field] is not None and row[field] > 0, (field, row)
+        for run in row["per_run"]:
+            assert run["caught_up_envelopes_b"] >= run["missed"], run
+    # the missed-all row: the pushes are the messages, a little framing beside
+    assert 1.0 <= fig["rows"][0]["bytes_ratio"] < 1.5, fig["rows"][0]
+    assert fig["rows"][1]["vs_resend_all"] < 1.0, fig["rows"][1]
+
+
+@pytest.mark.timeout(120)
+def test_bench_catchup_quick(tmp_path):
+    """Figure 8 alone (``--quick --only 8``): a few seconds, 200 messages."""
+    missing = _missing_requirements()
+    if missing:
+        pytest.skip("bench requirements not importable (pip install -r bench/requirements.txt): "
+                    + ", ".join(missing))
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, RUN, "--quick", "--only", "8", "--out", str(out)], cwd=ROOT, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=110)
+    output = proc.stdout.decode("utf-8", "replace")
+    assert out.exists(), f"no result file; run.py said:\n{output}"
+    result = json.loads(out.read_text())
+    assert result["errors"] == {}, f"figures failed: {result['errors']}\n{output}"
+    _check_catchup(result["figures"]["8_catchup"], 200)
+    assert proc.returncode == 0, output
 
 
 def _synthetic_result():
@@ -171,6 +210,14 @@ def _synthetic_result():
                           "wrong_view": 0, "publish_refused": 0, "duplicates": 0}
                          for m, k in (("clear", 1.0), ("sym", 1.1), ("asym", 1.3), ("signed", 1.2))],
             },
+            "8_catchup": {
+                "available": True, "messages": 10000, "runs": 1, "machine_busy_cores": 1.2,
+                "rows": [{"case": c, "messages": 10001, "missed": m, "runs": 1, "seconds_from_spawn": 3.0,
+                          "seconds_from_healthz": 2.0, "messages_per_s": m / 3.0, "catchup_bytes": b,
+                          "message_bytes": 590 * m, "bytes_ratio": b / (590 * m), "resend_all_bytes": 5900590,
+                          "vs_resend_all": b / 5900590}
+                         for c, m, b in (("missed all", 10000, 5910000), ("missed 10 %", 1000, 1200000))],
+            },
         },
         "errors": {"3": "RuntimeError: [boom]_"},
         "meta": {"quick": False, "report": True, "settings": {"stored_peers": 1000, "mem_connections": 5000},
@@ -200,6 +247,8 @@ def test_report_goals_from_a_result(tmp_path):
     assert "Sealed messages over the gossip network" in text and "7_sealed_gossip" in text
     for mode in ("clear", "sym", "asym", "signed"):
         assert f"* - {mode}" in text, text
+    assert "Catch-up of a node that was away" in text and "8_catchup" in text
+    assert "* - missed all" in text and "* - missed 10 %" in text, text
     # the lead's text in "Where the time goes" survives a new rendering
     out.write_text(text.replace(report.PLACEHOLDER, "The codec, mostly."))
     report.write_report(_synthetic_result(), str(out), png=None)

@@ -630,3 +630,35 @@ async def test_devnet_kills_a_node_that_ignores_sigterm(reactor, tmp_path):
     assert time.monotonic() - started < 5
     assert "node-0 did not stop within 0.5s; killing it" in out.getvalue()
     assert out.getvalue().splitlines()[-1] == f"devnet stopped; data kept in {tmp_path}"
+
+
+async def test_watch_since_prints_what_the_node_kept_then_what_comes_and_call_since_pages_history(
+        reactor, node_dir):
+    node = await start_node(reactor, node_dir)
+    watches = []
+    try:
+        for n in (1, 2):
+            code, out, err = await run(reactor, "call", node.url, "publish", '{"topic":"t","payload":%d}' % n)
+            assert code == 0 and json.loads(out)["status"] == 202, err
+        code, out, err = await run(reactor, "call", node.url, "history", '{"topics":["t"]}', "--since", "10m")
+        assert code == 0, err
+        reply = json.loads(out)
+        assert [m["payload"] for m in reply["response"]["messages"]] == [1, 2]
+        assert reply["response"]["cursor"] is None
+        code, out, err = await run(reactor, "call", node.url, "history", '{"topics":["t"]}',
+                                   "--since", str(time.time() + 60))
+        assert code == 0 and json.loads(out)["response"]["messages"] == [], err
+        watch = spawn(reactor, "watch", node.url, "t", "--since", "1h")
+        watches.append(watch)
+        await wait_for(reactor, lambda: len(watch.lines) >= 2, what="the kept messages")
+        code, out, err = await run(reactor, "call", node.url, "publish", '{"topic":"t","payload":3}')
+        assert code == 0, err
+        await wait_for(reactor, lambda: len(watch.lines) >= 3, what="the new message")
+        await sleep(reactor, 0.3)
+        assert [json.loads(line)["payload"] for line in watch.lines] == [1, 2, 3]
+    finally:
+        for w in watches:
+            if w.code is None:
+                w.transport.signalProcess("KILL")
+                await w.ended
+        await node.stop()

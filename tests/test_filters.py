@@ -15,18 +15,20 @@ from foxnode.testing import FakeConnection, MemoryNetwork, memory_node
 FIVE_MINUTES = 300.0
 
 
-def reply_of(result):
+def reply_of(result, reactor):
     if isinstance(result, codec.Reply):
         return result
     got = []
     result.addBoth(got.append)
+    if not got:
+        reactor.advance(0)  # a publish answers once its turn's commit is done
     return got[0]
 
 
 def ask(node_service, op, args, conn=None):
     conn = conn or FakeConnection()
     conn.trusted = node_service.node.is_trusted(conn)
-    return reply_of(node_service.node.handle_request(conn, codec.Request(op, args)))
+    return reply_of(node_service.node.handle_request(conn, codec.Request(op, args)), node_service.reactor)
 
 
 def configs(node=None, **gossip):

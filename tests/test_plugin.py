@@ -76,6 +76,7 @@ DEFAULTS = {
     "max-ttl": 3600,
     "min-pow": 0.0,
     "send-queue": 1 << 20,
+    "max-store-bytes": 256 << 20,
     "cafile": None,
     "trusted": [],
     "allowed-origin": [],
@@ -83,6 +84,7 @@ DEFAULTS = {
     "max-http": 128,
     "max-http-per-ip": 16,
     "frames": "own",
+    "plugin": [],
 }
 
 
