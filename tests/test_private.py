@@ -277,6 +277,19 @@ def test_bad_inner_signatures_cannot_flood_the_log(tmp_path):
     assert messages(plain) == []
 
 
+def test_a_validator_sees_the_signer_of_a_signed_message(tmp_path):
+    # Validators (plugins) see a signed-only message's signer once its
+    # signature holds, over the same context readers check it over.
+    clock, keys, gossip = setup(tmp_path)
+    alice = key(keys, {"type": "asym"})
+    signed = Envelope.from_json(published(clock, gossip, sign=alice["id"]), gossip.config, clock.seconds())
+    seen = gossip.view(signed)
+    assert seen["from"] == alice["public_key"] and seen["payload"] == {"n": 1}
+    moved = Envelope.create(identity.Identity.generate(), "t", None, signed.ttl, signed.created, None,
+                            signed.content)
+    assert gossip.view(moved)["from"] is None
+
+
 def reply_secret(keys, key_id):
     return keys.ops["getkey"](OPERATOR, {"id": key_id, "secret": True}).response["key"]
 
