@@ -126,19 +126,17 @@ async def test_a_flood_of_costly_payloads_keeps_the_node_within_its_memory_bound
         assert peak - baseline < GROWTH_BOUND, (
             f"node grew by {(peak - baseline) / mib:.0f} MiB, over {GROWTH_BOUND / mib:.0f} MiB")
 
-        # Grafts are still answered from the cache: the newest envelopes
-        # are there, the oldest ones evicted (32 MiB holds some 500 of
-        # these). Answers come in the order asked, so the last one's
-        # arrival means every earlier one that was going to come has.
+        # Grafts are still answered: the newest envelopes from the cache,
+        # the oldest ones, evicted from it (32 MiB holds some 500 of
+        # these), from the message store on disk, after them.
         answers: list[dict] = []
         grafter = await connect_as_peer(
             reactor, node.url,
             on_event=lambda e: answers.append(e.body["envelope"]) if e.name == "gossip" else None)
         wanted = [sent[0], sent[-300], sent[-2], sent[-1]]
         grafter.send_frame(codec.encode_event("graft", ids=wanted))
-        await wait_for(reactor, lambda: any(a["id"] == sent[-1] for a in answers), timeout=20,
-                       what="the answer to a graft")
-        assert [a["id"] for a in answers] == wanted[1:], "grafts not answered from the cache"
+        await wait_for(reactor, lambda: len(answers) >= len(wanted), timeout=20, what="the answers to a graft")
+        assert [a["id"] for a in answers] == wanted[1:] + wanted[:1], "grafts not answered, cache first"
         for envelope in answers:
             assert Envelope.from_json(envelope, GossipConfig(), time.time()).id == envelope["id"]
             assert envelope["payload"] == costly_payload(sent.index(envelope["id"]))

@@ -165,7 +165,6 @@ def _metric(node, name, **labels):
 
 async def test_a_node_that_was_away_catches_up_and_a_third_gets_it_through_it(reactor, tmp_path):
     a = await start_node(reactor, tmp_path / "a")
-    b_id = identity.Identity.generate()
     b_dir = tmp_path / "b"
     b = await start_node(reactor, b_dir, "--peer", a.url)
     conn = await client.connect(reactor, a.url)
