@@ -262,3 +262,72 @@ def test_the_ledger_is_in_the_plugins_data_directory_and_outlives_the_node(tmp_p
         assert call(again, "chain", {"recent": 0})["response"]["hash"] == b["hash"]
     finally:
         again.stopService()
+
+
+def test_a_node_fetches_what_it_lacks_from_a_peer_with_more_work(tmp_path, monkeypatch):
+    """Sync alone (nothing of it published: gossip and catch-up have nothing
+    to bring): B, with a shorter fork of its own, meets A, asks it over
+    ctx.ask (routed here to A's ops in memory), fetches A's blocks in
+    batches and reorganises onto them."""
+    from twisted.internet.defer import fail, maybeDeferred
+
+    from foxnode import pluginhost
+    from foxnode.plugin import OpError
+    from foxnode.plugins import chain as plugin
+
+    net = MemoryNetwork()
+    net.reactor.advance(NOW)
+    a = memory_node(net, tmp_path / "a", plugins=["chain"])
+    b = memory_node(net, tmp_path / "b", plugins=["chain"])
+    by_port = {n.node.listen_port: n for n in (a, b)}
+    asked = []
+
+    def ask_in_memory(reactor, addr, op_name, args, timeout):
+        asked.append((addr, op_name))
+        target = by_port.get(int(addr.rsplit(":", 1)[1].split("/")[0]))
+        if target is None:
+            return fail(ConnectionRefusedError(addr))
+
+        def settled(reply):
+            body = codec.loads(codec.encode_reply(reply))
+            if body["status"] != 200:
+                raise OpError(body["status"], body["error"])
+            return body["response"]
+
+        return maybeDeferred(target.node.handle_request, FakeConnection(), codec.Request(op_name, args)
+                             ).addCallback(settled)
+
+    monkeypatch.setattr(pluginhost, "_ask", ask_in_memory)
+    try:
+        chains = {name: next(c for ctx, c in plugin._chains.items() if ctx.node_id == n.node.node_id)
+                  for name, n in (("a", a), ("b", b))}
+        tip = GENESIS
+        for i in range(plugin.BATCH + 20):  # more than one batch
+            tip = mined(tip, i)
+            assert chains["a"].ledger.add(tip) == HEAD
+        own = mined(GENESIS, "b's own", difficulty=12)
+        chains["b"].ledger.add(own)
+        assert chains["b"].ledger.head()["hash"] == own["hash"]
+        linked(net, a, b)
+        for _ in range(50):
+            net.advance(0.5)
+            if chains["b"].ledger.head()["hash"] == tip["hash"]:
+                break
+        assert chains["b"].ledger.head() == chains["a"].ledger.head()
+        assert call(b, "block", {"hash": own["hash"]})["response"]["best"] is False
+        assert "blocks" in {op_name for _, op_name in asked}
+        # A has nothing to fetch from B (less work): it asked for B's chain only.
+        assert chains["a"].ledger.head()["hash"] == tip["hash"]
+    finally:
+        a.stopService()
+        b.stopService()
+
+
+def linked(net, a, b):
+    a.node.store.add([net.url(b.node.listen_port)], "register")
+    a.node.peers.addresses_added([net.url(b.node.listen_port)])
+    for _ in range(100):
+        net.advance(0.2)
+        if a.node.live_peers() and b.node.live_peers():
+            return
+    raise AssertionError("the nodes did not connect")

@@ -114,7 +114,7 @@ def check(block: Any, now: float) -> dict[str, Any]:
 def mine(prev: dict[str, Any], data: Any, when: int, difficulty: int,
          start: int = 0, tries: int | None = None) -> dict[str, Any] | None:
     """A block on ``prev`` with ``data``, its proof of work found by trying
-    nonces from ``start``; None after ``tries`` (default: 64 times the
+    nonces from ``start``; None after ``tries`` (default: 16 times the
     expected number) without one. Pure and slow: run it in a thread."""
     block = {"height": prev["height"] + 1, "prev": prev["hash"], "time": max(int(when), prev["time"]),
              "data": data, "nonce": 0, "difficulty": difficulty}
@@ -126,7 +126,7 @@ def mine(prev: dict[str, Any], data: Any, when: int, difficulty: int,
     before, after = text[:at], text[at + 1:]
     base = hashlib.sha256(before)
     target = 1 << (256 - difficulty)
-    tries = tries if tries is not None else 64 << difficulty
+    tries = tries if tries is not None else 16 << difficulty
     for nonce in range(start, min(start + tries, MAX_NONCE)):
         h = base.copy()
         h.update(b"%d" % nonce + after)
