@@ -1,5 +1,5 @@
 """foxchain (foxnode.plugins.chain) on a devnet of twistd processes, as
-``foxnode devnet --plugin chain`` starts it: two nodes mining at once fork
+``foxnode devnet --plugin chain`` starts it (five nodes for the fork): two nodes mining at once fork
 and converge on the branch with more work; a node started late syncs to the
 head; an invalid block, published at a node or injected by a node that does
 not run the plugin, goes nowhere."""
@@ -67,7 +67,7 @@ async def converged(reactor, urls: list[str], timeout: float = 20.0, height: int
 
 @pytest_twisted.ensureDeferred
 async def test_two_nodes_mining_at_once_fork_and_converge_on_more_work(reactor, tmp_path):
-    async with devnet(reactor, tmp_path / "devnet", 3) as net:
+    async with devnet(reactor, tmp_path / "devnet", 5) as net:
         urls = [n.url for n in net.nodes]
         # Info lists the plugin; every node starts at the same genesis block.
         assert "chain" in (await call(reactor, urls[0], "info"))["plugins"]
