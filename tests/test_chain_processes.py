@@ -194,3 +194,27 @@ async def test_an_invalid_block_goes_nowhere(reactor, tmp_path):
         finally:
             conn.close()
             stop_all([plain])
+
+
+def test_a_ledger_file_that_is_not_one_stops_the_start_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from foxnode.testing import LOOPBACK
+
+    ledger = tmp_path / "plugins" / "chain" / "chain.sqlite"
+    ledger.parent.mkdir(parents=True)
+    ledger.write_bytes(b"this is not a database\n" * 200)
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "twistd"), "--nodaemon", "--pidfile=", "foxnode",
+         "--listen", f"tcp:0:interface={LOOPBACK}", "--peers-file", str(tmp_path / "peers.json"),
+         "--data-dir", str(tmp_path), "--plugin", "chain"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    out = (result.stdout + result.stderr).strip().splitlines()
+    assert result.returncode == 1, out
+    assert len(out) == 1 and out[0].startswith(
+        f"foxnode: cannot start: --plugin chain: its service chain_service raised LedgerError: {ledger}: "
+        "not a foxchain ledger (file is not a database)"), out
+    # The file is left as it was.
+    assert ledger.read_bytes() == b"this is not a database\n" * 200

@@ -50,7 +50,7 @@ from twisted.internet.task import LoopingCall
 from foxnode.plugin import OpError, op, service, validator
 from foxnode.plugins.chain import block as blocks
 from foxnode.plugins.chain.block import Invalid
-from foxnode.plugins.chain.ledger import FILE, HEAD, KNOWN, ORPHAN, SIDE, Ledger, LedgerError, better
+from foxnode.plugins.chain.ledger import FILE, HEAD, KNOWN, ORPHAN, SIDE, Ledger, better
 
 #: the topic blocks spread on
 TOPIC = "foxchain/blocks"
@@ -257,11 +257,8 @@ def _hex(op_name: str, value: Any, name: str) -> str:
 
 @service
 def chain_service(ctx: Any) -> Chain:
-    try:
-        ledger = Ledger.open(os.path.join(ctx.data_dir, FILE))
-    except LedgerError as e:
-        raise RuntimeError(str(e)) from None
-    return Chain(ctx, ledger)
+    # A file that is not a ledger stops the node's start in one line (LedgerError).
+    return Chain(ctx, Ledger.open(os.path.join(ctx.data_dir, FILE)))
 
 
 @op("mine")
