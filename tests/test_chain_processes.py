@@ -1,7 +1,8 @@
 """foxchain (foxnode.plugins.chain) on a devnet of twistd processes, as
-``foxnode devnet --plugin chain`` starts it (five nodes for the fork): two nodes mining at once fork
-and converge on the branch with more work; a node started late syncs to the
-head; an invalid block, published at a node or injected by a node that does
+``foxnode devnet --plugin chain`` starts it (five nodes for the fork): two
+nodes mining at once fork and converge on the branch with more work; a node
+started late syncs to the head, and again when it comes back after missing
+blocks; an invalid block, published at a node or injected by a node that does
 not run the plugin, goes nowhere."""
 
 from __future__ import annotations
@@ -118,6 +119,15 @@ async def test_a_node_started_late_syncs_to_the_head(reactor, tmp_path):
             # And it takes part: a block it mines reaches the others.
             mined = (await call(reactor, late.url, "mine", {"difficulty": 10}))["block"]
             assert (await converged(reactor, urls + [late.url], height=7))["hash"] == mined["hash"]
+            # Stopped, it misses three blocks; back, it has them, on top of what it kept.
+            late.stop()
+            for i in range(3):
+                await call(reactor, urls[1], "mine", {"data": {"while away": i}, "difficulty": 10})
+            await converged(reactor, urls, height=10)
+            late = await serving_node(reactor, tmp_path / "late", "--peer", urls[0], "--plugin", "chain",
+                                      "--network", "foxchain")
+            back = await converged(reactor, urls + [late.url], timeout=30, height=10)
+            assert back["height"] == 10
         finally:
             stop_all([late])
 
