@@ -451,7 +451,9 @@ def _ask(reactor: Any, addr: str, op: str, args: Any, timeout: float) -> Deferre
         return reply.response
 
     try:
-        d = client.call(reactor, addr, op, args, timeout=timeout)
+        # A pinned address (ws://host:port/ws#<node id>) is dialled without its pin:
+        # the WebSocket URL has no fragment.
+        d = client.call(reactor, addr.split("#", 1)[0], op, args, timeout=timeout)
     except Exception:  # an address client.call cannot parse: a failed Deferred, as a refused dial
         return fail()
     return d.addCallback(settled)
