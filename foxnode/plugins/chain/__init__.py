@@ -43,9 +43,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.application.service import Service
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.task import LoopingCall
 
 from foxnode.plugin import OpError, op, service, validator
 from foxnode.plugins.chain import block as blocks
@@ -83,8 +83,9 @@ def summary(head: dict[str, Any]) -> dict[str, Any]:
     return {"height": head["height"], "hash": head["hash"], "work": head["work"]}
 
 
-class Chain(Service):
-    """One node's ledger and its sync with the node's peers."""
+class Chain(MultiService):
+    """One node's ledger and its sync with the node's peers (a
+    ``TimerService`` child on the node's clock, every ``TICK``)."""
 
     def __init__(self, ctx: Any, ledger: Ledger) -> None:
         self.ctx = ctx
@@ -94,21 +95,21 @@ class Chain(Service):
         self._asked: set[str] = set()
         self._since_all = 0.0
         self._syncing: dict[str, Deferred] = {}
-        self._loop = LoopingCall(self.tick)
-        self._loop.clock = ctx.reactor
+        super().__init__()
+        timer = TimerService(TICK, self.tick)
+        timer.clock = ctx.reactor
+        timer.setServiceParent(self)
 
     def startService(self) -> None:
-        super().startService()
         _chains[self.ctx] = self
         self._since_all = self.ctx.now()
-        self._loop.start(TICK, now=True)
+        super().startService()
 
-    def stopService(self) -> None:
-        super().stopService()
-        if self._loop.running:
-            self._loop.stop()
+    def stopService(self) -> Deferred:
         _chains.pop(self.ctx, None)
-        self.ledger.close()
+        d = super().stopService()
+        d.addBoth(lambda _: self.ledger.close())
+        return d
 
     # -- receiving -------------------------------------------------------------------
 
@@ -131,6 +132,12 @@ class Chain(Service):
     # -- sync ------------------------------------------------------------------------
 
     def tick(self) -> None:
+        try:
+            self._tick()
+        except Exception as e:  # the timer goes on: the next tick tries again
+            self.ctx.log.error("foxchain: sync round failed: {why}", why=repr(e))
+
+    def _tick(self) -> None:
         peers = {p["node_id"]: p["addr"] for p in self.ctx.peers() if p.get("addr")}
         self._asked &= set(peers)
         due = self.ctx.now() - self._since_all >= SYNC_INTERVAL
@@ -217,6 +224,8 @@ class Chain(Service):
                 mined = await deferToThreadPool(reactor, pool(), blocks.mine, head, data, when, difficulty)
         finally:
             self.mining = False
+        if not self.running:
+            raise OpError(503, "The node stopped while the block was mined; it was not kept.")
         if mined is None:
             raise OpError(503, f"No proof of work found at difficulty {difficulty} within the tries allowed.")
         outcome = self.receive(mined, "this node")
