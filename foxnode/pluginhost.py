@@ -17,7 +17,10 @@ exception a 500 naming the plugin (and a log line naming plugin and op,
 with where it was raised), a response that is not JSON a 500 too. An op or
 validator that holds the reactor longer than ``slow_call`` is named in a
 warning. Validators are ``Screen``: gossip asks it about every message on a
-screened topic before delivering or forwarding it (gossip.py).
+screened topic before delivering or forwarding it (gossip.py). ``@service``
+functions are made into services by ``services()``, which ``service.build``
+adds to the node's tree last; ``ctx.ask`` is ``_ask`` (foxnode.client's
+``call``), unless the host is given another.
 """
 
 from __future__ import annotations
