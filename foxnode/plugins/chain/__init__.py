@@ -177,7 +177,7 @@ class Chain(MultiService):
         theirs = await self.ctx.ask(addr, "chain", {"recent": 0}, timeout=ASK_TIMEOUT)
         if not isinstance(theirs, dict) or not self.running:
             return 0
-        if not blocks._whole(theirs.get("work")) or not isinstance(theirs.get("hash"), str):
+        if not blocks.whole(theirs.get("work")) or not blocks.is_hash(theirs.get("hash")):
             return 0
         if not self._wants(theirs):
             return 0
@@ -253,13 +253,13 @@ def _chain(ctx: Any) -> Chain:
 
 def _whole_arg(op_name: str, args: dict, name: str, low: int, high: int, default: int) -> int:
     value = args.get(name, default)
-    if not blocks._whole(value) or not low <= value <= high:
+    if not blocks.whole(value) or not low <= value <= high:
         raise OpError(400, f'Operation "{op_name}": "{name}" must be a whole number from {low} to {high}.')
     return value
 
 
 def _hex(op_name: str, value: Any, name: str) -> str:
-    if not (isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)):
+    if not blocks.is_hash(value):
         raise OpError(400, f'Operation "{op_name}": "{name}" must be a block hash, 64 lowercase hex digits.')
     return value
 
@@ -305,7 +305,7 @@ def op_block(ctx: Any, args: dict) -> dict:
             raise OpError(404, f'Block "{digest}" is not known.')
     elif "height" in args:
         height = args["height"]
-        if not blocks._whole(height) or height < 0:
+        if not blocks.whole(height) or height < 0:
             raise OpError(400, 'Operation "block": "height" must be a whole number of at least 0.')
         found = ledger.at(height)
         if found is None:

@@ -66,8 +66,14 @@ class Invalid(ValueError):
     """Why a block is refused, in words for a log line or a 400."""
 
 
-def _whole(value: Any) -> bool:
+def whole(value: Any) -> bool:
+    """A whole number of JSON's (not a bool)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_hash(value: Any) -> bool:
+    """64 lowercase hex digits."""
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def check(block: Any, now: float) -> dict[str, Any]:
@@ -82,20 +88,20 @@ def check(block: Any, now: float) -> dict[str, Any]:
     extra = sorted(set(block) - set(FIELDS) - {"hash"})
     if extra:
         raise Invalid(f'a block has no "{extra[0]}"')
-    if not _whole(block["height"]) or block["height"] < 1:
+    if not whole(block["height"]) or block["height"] < 1:
         raise Invalid('"height" must be a whole number of at least 1 (0 is the genesis block)')
     for name in ("prev", "hash"):
         value = block[name]
-        if not (isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)):
+        if not is_hash(value):
             raise Invalid(f'"{name}" must be 64 lowercase hex digits')
-    if not _whole(block["time"]) or block["time"] < 0:
+    if not whole(block["time"]) or block["time"] < 0:
         raise Invalid('"time" must be a whole number of unix seconds')
     if block["time"] > now + MAX_FUTURE:
         raise Invalid(f'"time" is more than {MAX_FUTURE} s ahead of this node\'s clock')
-    if not _whole(block["nonce"]) or not 0 <= block["nonce"] < MAX_NONCE:
+    if not whole(block["nonce"]) or not 0 <= block["nonce"] < MAX_NONCE:
         raise Invalid(f'"nonce" must be a whole number from 0 to {MAX_NONCE - 1}')
     d = block["difficulty"]
-    if not _whole(d) or not MIN_DIFFICULTY <= d <= MAX_DIFFICULTY:
+    if not whole(d) or not MIN_DIFFICULTY <= d <= MAX_DIFFICULTY:
         raise Invalid(f'"difficulty" must be a whole number from {MIN_DIFFICULTY} to {MAX_DIFFICULTY}')
     try:
         size = len(canonical(block["data"]))
