@@ -171,7 +171,9 @@ class Ctx:
         reply that is not 2xx (the peer's status and text), or with the
         connection's error (refused, timed out) when there was no reply."""
         if self._ask is None:
-            raise OpError(501, "ctx.ask is not available on this node")
+            from twisted.internet.defer import fail
+
+            return fail(OpError(501, "ctx.ask is not available on this node"))
         return self._ask(addr, op, args, timeout)
 
     def __repr__(self) -> str:
