@@ -556,7 +556,21 @@ def parser() -> argparse.ArgumentParser:
     devnet.add_argument("--stop-timeout", type=_seconds(1), default=10.0, metavar="SECONDS",
                         help="how long a node may take to stop before it is killed (default: %(default)s)")
     devnet.add_argument("--debug", action="store_true", help="run the nodes with --debug logging")
+    devnet.add_argument("--plugin", type=_plugin_spec, action="append", default=[], metavar="P",
+                        help="a plugin every node loads: a dotted module name, a .py file, or the name "
+                             "of one shipped with foxnode (chain); repeatable")
     return top
+
+
+def _plugin_spec(value: str) -> str:
+    """A ``--plugin`` value as the nodes take it (a file: its absolute
+    path, since each node runs in its own directory)."""
+    from foxnode import pluginhost
+
+    wrong = pluginhost.check_spec(value)
+    if wrong:
+        raise argparse.ArgumentTypeError(f"{value!r}: {wrong}")
+    return os.path.abspath(value) if pluginhost._is_file(value) else value
 
 
 async def run_devnet(reactor: Any, opts: argparse.Namespace) -> None:

@@ -2,6 +2,7 @@
 watched and stopped through the process launcher (``foxnode.launch``).
 
     foxnode devnet --nodes 3
+    foxnode devnet --nodes 5 --plugin chain     # every node loads the plugin
 
 Each node is a ``twistd foxnode`` child with its own data directory DIR/node-i
 (key, peers file, log) and port BASE+i; nodes 1..N-1 bootstrap from node 0.
@@ -90,13 +91,15 @@ class Devnet:
 
     def __init__(self, reactor: Any, directory: Path, count: int, base_port: int,
                  network: str, *, debug: bool = False, out: IO[str] | None = None,
-                 poll_interval: float = 0.5) -> None:
+                 poll_interval: float = 0.5, plugins: tuple[str, ...] = ()) -> None:
         self.reactor = reactor
         self.directory = directory
         self.network = network
         self.debug = debug
         self.out = out or sys.stdout
         self.poll_interval = poll_interval
+        #: ``--plugin`` values every node is started with
+        self.plugins = tuple(plugins)
         self.nodes = [DevNode(i, base_port + i, directory / f"node-{i}") for i in range(count)]
         self._lock: int | None = None
 
@@ -110,6 +113,8 @@ class Devnet:
             extra += ["--peer", self.nodes[0].url]
         if self.debug:
             extra.append("--debug")
+        for spec in self.plugins:
+            extra += ["--plugin", spec]
         return extra
 
     # -- start --------------------------------------------------------------------
@@ -309,7 +314,7 @@ class Devnet:
 
 async def run_devnet(reactor: Any, opts: argparse.Namespace) -> None:
     net = Devnet(reactor, Path(opts.dir).absolute(), opts.nodes, opts.base_port, opts.network,
-                 debug=opts.debug)
+                 debug=opts.debug, plugins=tuple(getattr(opts, "plugin", ()) or ()))
     net.prepare()
     reactor.addSystemEventTrigger("before", "shutdown", lambda: ensureDeferred(net.stop(opts.stop_timeout)))
     # A closed terminal stops the devnet as Ctrl-C does (the nodes are in

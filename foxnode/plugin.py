@@ -11,10 +11,13 @@ it is handed (PROTOCOL.md "Plugins"; README "The homework: add an op").
 
 The decorators only mark a function (its plugin is the module it is in);
 pluginhost.py finds the marks when it loads the module, and serves them.
+``@service`` marks ``fn(ctx)`` returning a Twisted ``IService``: what the
+plugin does over time (timers, a file to close), started after the node's
+own services and stopped before them, by the node's service tree.
 
 ``Ctx`` is all of the node a plugin may use: the node's id, ``publish``,
-``history``, its live peers, a data directory of the plugin's own, the
-reactor and its clock, a logger. It holds no reference to the node, its
+``history``, its live peers and ``ask`` (an op of a peer's), a data
+directory of the plugin's own, the reactor and its clock, a logger. It holds no reference to the node, its
 stores or its keys; what it does, it does through the node's own ops.
 """
 
@@ -63,6 +66,11 @@ class ValidatorMark:
     topic: str
 
 
+@attrs.frozen
+class ServiceMark:
+    pass
+
+
 def op(name: str, *, any_args: bool = False) -> Callable[[Callable], Callable]:
     """Serve the decorated ``fn(ctx, args)`` as op ``name``. ``args`` is the
     request's ``args`` object (``{}`` when it had none; a request whose
@@ -97,13 +105,24 @@ def validator(topic: str) -> Callable[[Callable], Callable]:
     return mark
 
 
+def service(fn: Callable) -> Callable:
+    """Mark ``fn(ctx) -> IService``: called once when the node is built;
+    the service it returns joins the node's service tree (started last,
+    stopped first). A raise there stops the node's start in one line."""
+    if not callable(fn):
+        raise ValueError(f"service: decorate a function, not {fn!r}")
+    setattr(fn, MARK, ServiceMark())
+    return fn
+
+
 class Ctx:
     """What a plugin's ops and validators are handed, one per plugin."""
 
-    __slots__ = ("name", "node_id", "reactor", "log", "_data_dir", "_call", "_peers")
+    __slots__ = ("name", "node_id", "reactor", "log", "_data_dir", "_call", "_peers", "_ask")
 
     def __init__(self, name: str, node_id: str, reactor: Any, data_dir: str,
-                 call: Callable[[str, dict], Deferred], peers: Callable[[], list]) -> None:
+                 call: Callable[[str, dict], Deferred], peers: Callable[[], list],
+                 ask: Callable[..., Deferred] | None = None) -> None:
         #: the plugin's name (as ``info`` lists it)
         self.name = name
         #: this node's id (64 hex digits)
@@ -115,6 +134,7 @@ class Ctx:
         self._data_dir = data_dir
         self._call = call
         self._peers = peers
+        self._ask = ask
 
     def now(self) -> float:
         """The node's clock (``reactor.seconds()``): unix seconds, a float."""
@@ -143,6 +163,18 @@ class Ctx:
         ...): a Deferred of its response, or failing with ``OpError``
         (404 where the node keeps no history)."""
         return self._call("history", args)
+
+    def ask(self, addr: str, op: str, args: Any = None, timeout: float = 10.0) -> Deferred:
+        """Call ``op`` of the node at ``addr`` (a peer's ``addr`` from
+        ``peers()``), as a client of it: one connection, one request,
+        closed. A Deferred of the response, failing with ``OpError`` for a
+        reply that is not 2xx (the peer's status and text), or with the
+        connection's error (refused, timed out) when there was no reply."""
+        if self._ask is None:
+            from twisted.internet.defer import fail
+
+            return fail(OpError(501, "ctx.ask is not available on this node"))
+        return self._ask(addr, op, args, timeout)
 
     def __repr__(self) -> str:
         return f"<Ctx of plugin {self.name!r} on node {self.node_id[:12]}>"

@@ -4,8 +4,9 @@ a plugin writes).
 Loading (``load``), at start, before the node opens its files: the plugins
 that ship with foxnode (``DEFAULTS``: the lab's ``time``), then every
 installed entry point of the group ``foxnode.plugins``, then each
-``--plugin`` (a dotted module name, or a path to a ``.py`` file), in that
-order; a module met twice (``time`` is also foxnode's own entry point) is
+``--plugin`` (a dotted module name, or a path to a ``.py`` file; a name
+without a dot that names a plugin shipped in ``foxnode.plugins``, such as
+``chain``, is that one), in that order; a module met twice (``time`` is also foxnode's own entry point) is
 loaded once. A plugin that does not import, marks nothing, or serves an op
 another plugin serves is a ``PluginError``: one line, and the node does not
 start. ``service.build`` refuses an op the node serves itself the same way.
@@ -16,7 +17,10 @@ exception a 500 naming the plugin (and a log line naming plugin and op,
 with where it was raised), a response that is not JSON a 500 too. An op or
 validator that holds the reactor longer than ``slow_call`` is named in a
 warning. Validators are ``Screen``: gossip asks it about every message on a
-screened topic before delivering or forwarding it (gossip.py).
+screened topic before delivering or forwarding it (gossip.py). ``@service``
+functions are made into services by ``services()``, which ``service.build``
+adds to the node's tree last; ``ctx.ask`` is ``_ask`` (foxnode.client's
+``call``), unless the host is given another.
 """
 
 from __future__ import annotations
@@ -34,12 +38,12 @@ from typing import Any, Callable, Iterable, Sequence
 
 import attrs
 import orjson
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.python.failure import Failure
 
 from foxnode import codec, logs
 from foxnode.config import PluginConfig
-from foxnode.plugin import MARK, Ctx, OpError, OpMark, ValidatorMark
+from foxnode.plugin import MARK, Ctx, OpError, OpMark, ServiceMark, ValidatorMark
 
 log = logs.logger(__name__)
 
@@ -64,6 +68,8 @@ class Plugin:
     module: ModuleType
     ops: tuple[tuple[OpMark, Callable], ...]
     validators: tuple[tuple[ValidatorMark, Callable], ...]
+    #: ``@service`` functions: each makes an ``IService`` from the plugin's ctx
+    services: tuple[Callable, ...] = ()
 
 
 def _where(error: BaseException) -> str:
@@ -121,15 +127,17 @@ def _import_file(path: str) -> ModuleType:
     return module
 
 
-def _marked(module: ModuleType) -> tuple[list, list]:
-    ops, validators = [], []
+def _marked(module: ModuleType) -> tuple[list, list, list]:
+    ops, validators, services = [], [], []
     for value in vars(module).values():
         mark = getattr(value, MARK, None) if callable(value) else None
         if isinstance(mark, OpMark):
             ops.append((mark, value))
         elif isinstance(mark, ValidatorMark):
             validators.append((mark, value))
-    return ops, validators
+        elif isinstance(mark, ServiceMark):
+            services.append(value)
+    return ops, validators, services
 
 
 #: what a plugin's name may be: it names its directory (``plugins/<name>``) and its log lines
@@ -140,15 +148,15 @@ def _plugin(name: str, origin: str, module: ModuleType) -> Plugin:
     if not _NAME.fullmatch(name) or ".." in name:
         raise PluginError(f"{origin}: the name {name!r} is not a plugin's "
                           "(letters, digits, _ . -, at most 64, not starting with . or -)")
-    ops, validators = _marked(module)
-    if not ops and not validators:
-        raise PluginError(f"{origin}: marks no op and no validator "
-                          "(decorate functions with foxnode.plugin's @op or @validator)")
+    ops, validators, services = _marked(module)
+    if not ops and not validators and not services:
+        raise PluginError(f"{origin}: marks no op and no validator, nor a service "
+                          "(decorate functions with foxnode.plugin's @op, @validator or @service)")
     names = [m.name for m, _ in ops]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise PluginError(f"{origin}: serves op \"{twice[0]}\" twice")
-    return Plugin(name, origin, module, tuple(ops), tuple(validators))
+    return Plugin(name, origin, module, tuple(ops), tuple(validators), tuple(services))
 
 
 def _import(origin: str, importer: Callable[[], Any]) -> Any:
@@ -164,6 +172,22 @@ def _import(origin: str, importer: Callable[[], Any]) -> Any:
 
 def _entry_points() -> Iterable[Any]:
     return importlib.metadata.entry_points(group=GROUP)
+
+
+#: where the plugins that ship with foxnode live: ``--plugin chain`` is ``foxnode.plugins.chain``
+SHIPPED = "foxnode.plugins"
+
+
+def shipped(spec: str) -> str | None:
+    """The module of the shipped plugin ``spec`` names (a name without a
+    dot, such as ``chain``), or None."""
+    if "." in spec or not spec.isidentifier():
+        return None
+    try:
+        found = importlib.util.find_spec(f"{SHIPPED}.{spec}")
+    except (ImportError, ValueError):
+        return None
+    return f"{SHIPPED}.{spec}" if found is not None else None
 
 
 def load(specs: Sequence[str] = (), entry_points: Iterable[Any] | None = None) -> list[Plugin]:
@@ -195,6 +219,9 @@ def load(specs: Sequence[str] = (), entry_points: Iterable[Any] | None = None) -
         if _is_file(spec):
             add(os.path.realpath(spec), os.path.splitext(os.path.basename(spec))[0], origin,
                 lambda: _import_file(spec))
+        elif shipped(spec):
+            module_name = shipped(spec)
+            add(module_name, spec, origin, lambda: importlib.import_module(module_name))
         else:
             add(spec, spec, origin, lambda: importlib.import_module(spec))
     _check_unique(plugins)
@@ -251,7 +278,7 @@ class PluginHost:
 
     def __init__(self, reactor: Any, plugins: Sequence[Plugin], node_id: str, config: PluginConfig,
                  request: Callable[[Any, codec.Request], Any], peers: Callable[[], list],
-                 metrics: Any = None) -> None:
+                 metrics: Any = None, ask: Callable[..., Deferred] | None = None) -> None:
         self.reactor = reactor
         self.plugins = list(plugins)
         self.config = config
@@ -263,23 +290,47 @@ class PluginHost:
         #: op name -> the plugin serving it
         self.owners: dict[str, Plugin] = {}
         validators: dict[str, list[tuple[Plugin, Ctx, Callable]]] = {}
+        #: (plugin, its ctx, its ``@service`` function), made into services by ``services()``
+        self._services: list[tuple[Plugin, Ctx, Callable]] = []
+        ask = ask or (lambda addr, op, args, timeout: _ask(reactor, addr, op, args, timeout))
         for plugin in self.plugins:
             caller = _Caller(plugin.name)
             ctx = Ctx(plugin.name, node_id, reactor,
                       os.path.join(config.data_dir, "plugins", plugin.name),
-                      lambda op, args, caller=caller: self._call(caller, op, args), peers)
+                      lambda op, args, caller=caller: self._call(caller, op, args), peers, ask)
             self.ctxs[plugin.name] = ctx
             for mark, fn in plugin.ops:
                 self.ops[mark.name] = self._wrap(plugin, ctx, mark, fn)
                 self.owners[mark.name] = plugin
             for vmark, fn in plugin.validators:
                 validators.setdefault(vmark.topic, []).append((plugin, ctx, fn))
+            for fn in plugin.services:
+                self._services.append((plugin, ctx, fn))
         #: None when no plugin validates anything: gossip's path stays as it was
         self.screen = Screen(self, validators) if validators else None
 
     @property
     def names(self) -> list[str]:
         return [p.name for p in self.plugins]
+
+    def services(self) -> list[Any]:
+        """The plugins' ``@service`` functions, made (``service.build`` adds them to
+        the node's tree); a raise, or what is not an ``IService``, is a
+        ``PluginError``."""
+        from twisted.application.service import IService
+
+        made = []
+        for plugin, ctx, fn in self._services:
+            try:
+                svc = fn(ctx)
+            except Exception as e:
+                raise PluginError(f"{plugin.origin}: its service {fn.__name__} raised "
+                                  f"{describe_error(e)}") from None
+            if not IService.providedBy(svc):
+                raise PluginError(f"{plugin.origin}: its service {fn.__name__} returned "
+                                  f"{type(svc).__name__}, not an IService")
+            made.append(svc)
+        return made
 
     # -- ops ---------------------------------------------------------------------
 
@@ -390,6 +441,25 @@ class PluginHost:
         except Exception:
             d.errback()
         return d
+
+
+def _ask(reactor: Any, addr: str, op: str, args: Any, timeout: float) -> Deferred:
+    """``ctx.ask``: one request to the node at ``addr``, as its client."""
+    from foxnode import client
+
+    def settled(reply: codec.Reply) -> Any:
+        if not reply.ok():
+            status = reply.status if isinstance(reply.status, int) and 400 <= reply.status <= 599 else 502
+            raise OpError(status, str(reply.error))
+        return reply.response
+
+    try:
+        # A pinned address (ws://host:port/ws#<node id>) is dialled without its pin:
+        # the WebSocket URL has no fragment.
+        d = client.call(reactor, addr.split("#", 1)[0], op, args, timeout=timeout)
+    except Exception:  # an address client.call cannot parse: a failed Deferred, as a refused dial
+        return fail()
+    return d.addCallback(settled)
 
 
 class Screen:

@@ -210,6 +210,9 @@ def build(reactor: Any, configs: Configs, store: PeerStore, identity: Identity,
     GossipService(gossip, reactor, filters).setServiceParent(node_service)
     if history is not None and catchup is not None:
         HistoryService(history, catchup, reactor).setServiceParent(node_service)
+    # Last again: what plugins do over time starts after the node's parts, stops before them.
+    for plugin_service in host.services():
+        plugin_service.setServiceParent(node_service)
     return node_service
 
 

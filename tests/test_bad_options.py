@@ -276,6 +276,7 @@ CLI_BAD: dict[tuple[str, str], tuple[list[str], list[str]]] = {
     ("devnet", "--start-timeout"): (["devnet", "--start-timeout", "{}"], SECONDS + ["0.5"]),
     ("devnet", "--connect-timeout"): (["devnet", "--connect-timeout", "{}"], SECONDS + ["0.5"]),
     ("devnet", "--stop-timeout"): (["devnet", "--stop-timeout", "{}"], SECONDS + ["0.5"]),
+    ("devnet", "--plugin"): (["devnet", "--plugin", "{}"], ["", "a..b", "no-dash", "1st.module", "no/such.py", "notes/"]),
 }
 
 

@@ -23,7 +23,8 @@ PACKAGE = Path(foxnode.__file__).parent
 LOGIC = ["node", "peers", "dialing", "handshake", "gossip", "store", "peerindex", "storewriter",
          "storefiles", "web", "limits", "service", "protocol", "frames",
          "codec", "identity", "address", "metrics", "keys", "crypto", "filters",
-         "msgstore", "history", "catchup", "plugin", "pluginhost", "plugins/time"]
+         "msgstore", "history", "catchup", "plugin", "pluginhost", "plugins/time",
+         "plugins/chain/__init__", "plugins/chain/block", "plugins/chain/ledger"]
 WALL_CLOCK = {("time", "time"), ("time", "time_ns"), ("datetime", "now"), ("datetime", "utcnow"),
               ("date", "today"), ("time", "localtime"), ("time", "gmtime")}
 

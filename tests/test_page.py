@@ -361,3 +361,38 @@ def test_feed_escapes_what_the_network_sent(tmp_path: Path) -> None:
     finally:
         stop_all([node])
     assert not errors, errors
+
+
+@pytest.mark.timeout(120)
+def test_the_page_shows_the_chain_when_the_plugin_is_loaded(tmp_path: Path) -> None:
+    """With ``--plugin chain`` the page shows the head and the last blocks,
+    and its button mines one; without it, nothing of the chain shows."""
+    node = spawn_node(tmp_path / "node", "--plugin", "chain")
+    plain = spawn_node(tmp_path / "plain")
+    errors: list[str] = []
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.goto(node.http + "/")
+                expect(page.locator("#foxchain")).to_be_visible(timeout=WAIT_MS)
+                expect(page.locator("#chain-height")).to_have_text("0")
+                expect(page.locator("#chain-blocks tr[data-key]")).to_have_count(1)
+                page.click("#chain-mine")
+                expect(page.locator("#chain-result")).to_contain_text("mined block 1", timeout=WAIT_MS)
+                expect(page.locator("#chain-height")).to_have_text("1", timeout=WAIT_MS)
+                rows = page.locator("#chain-blocks tr[data-key]")
+                expect(rows).to_have_count(2)
+                expect(rows.first).to_contain_text('"from the page"')
+                other = browser.new_page()
+                other.goto(plain.http + "/")
+                expect(other.locator("#ws-state")).to_have_attribute("data-state", "live", timeout=WAIT_MS)
+                other.wait_for_timeout(2000)  # a refresh or more
+                assert other.locator("#foxchain").is_hidden()
+            finally:
+                browser.close()
+    finally:
+        stop_all([node, plain])
+    assert not errors, errors

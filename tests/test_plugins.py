@@ -301,7 +301,8 @@ def test_the_ctx_gives_the_node_id_the_clock_the_peers_and_a_directory(node, tmp
 def test_the_ctx_holds_nothing_else():
     ctx = Ctx("p", "ab" * 32, None, "/nonexistent", lambda op, args: Deferred(), lambda: [])
     public = {n for n in dir(ctx) if not n.startswith("_")}
-    assert public == {"name", "node_id", "reactor", "log", "data_dir", "now", "peers", "publish", "history"}
+    assert public == {"name", "node_id", "reactor", "log", "data_dir", "now", "peers", "publish", "history",
+                      "ask"}
     with pytest.raises(AttributeError):
         ctx.node = object()
 
@@ -512,3 +513,84 @@ def test_ctx_peers_are_the_live_peer_connections(net, node, tmp_path):
         assert set(peers[0]) == {"node_id", "addr", "direction"}
     finally:
         other.stopService()
+
+
+SERVICE = """
+    from twisted.application.service import Service
+    from foxnode.plugin import op, service
+
+    started = []
+
+    class Ticker(Service):
+        def __init__(self, ctx):
+            self.ctx = ctx
+
+        def startService(self):
+            super().startService()
+            started.append(self.ctx.name)
+
+        def stopService(self):
+            super().stopService()
+            started.append("stopped")
+
+    @service
+    def ticker(ctx):
+        return Ticker(ctx)
+"""
+
+
+def test_a_plugins_service_joins_the_node_tree_last(tmp_path):
+    import sys
+
+    net = MemoryNetwork()
+    path = plugin_file(tmp_path, "ticking", SERVICE)
+    node = memory_node(net, tmp_path / "n", plugins=[path])
+    module = sys.modules["foxnode_plugin_ticking"]
+    assert module.started == ["ticking"]
+    assert type(node.services[-1]).__name__ == "Ticker"
+    node.stopService()
+    assert module.started == ["ticking", "stopped"]
+
+
+@pytest.mark.parametrize("body, says", [
+    ("raise ValueError('no room')", "its service broken raised ValueError: no room"),
+    ("return 3", "its service broken returned int, not an IService"),
+])
+def test_a_service_that_cannot_be_made_stops_the_build(tmp_path, body, says):
+    path = plugin_file(tmp_path, "svc", f"""
+        from foxnode.plugin import service
+
+        @service
+        def broken(ctx):
+            {body}
+    """)
+    with pytest.raises(PluginError) as caught:
+        memory_node(MemoryNetwork(), tmp_path / "n", plugins=[path])
+    assert str(caught.value).startswith(f"--plugin {path}: {says}"), str(caught.value)
+
+
+def test_a_shipped_plugin_is_named_by_its_short_name():
+    loaded = pluginhost.load(["chain"])
+    assert [(p.name, p.module.__name__) for p in loaded] == [
+        ("time", "foxnode.plugins.time"), ("chain", "foxnode.plugins.chain")]
+    # time is loaded once, however it is asked for
+    assert [p.name for p in pluginhost.load(["time"])] == ["time"]
+    assert pluginhost.shipped("nosuchplugin") is None and pluginhost.shipped("a.b") is None
+
+
+def test_ctx_ask_is_the_hosts_and_settles_replies_as_op_errors():
+    from twisted.internet.defer import succeed
+
+    asked = []
+
+    def fake_ask(addr, op_name, args, timeout):
+        asked.append((addr, op_name, args, timeout))
+        return succeed({"ok": True})
+
+    ctx = Ctx("p", "ab" * 32, None, "/nonexistent", lambda op, args: Deferred(), lambda: [], fake_ask)
+    got = []
+    ctx.ask("ws://127.0.0.1:9/ws", "chain", {"recent": 0}, timeout=2).addCallback(got.append)
+    assert got == [{"ok": True}] and asked == [("ws://127.0.0.1:9/ws", "chain", {"recent": 0}, 2)]
+    failed = []
+    pluginhost._ask(None, "not an address", "info", None, 1).addErrback(failed.append)
+    assert failed, "an address that does not parse fails the Deferred"

@@ -144,3 +144,24 @@ async def client_http(reactor, url: str) -> bytes:
             return response.read()
 
     return await deferToThreadPool(reactor, reactor.getThreadPool(), fetch)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ctx_ask_calls_another_nodes_op_and_its_refusal_is_an_op_error(reactor, tmp_path):
+    import pytest
+
+    from foxnode import pluginhost
+    from foxnode.plugin import OpError
+
+    node = await serving_node(reactor, tmp_path / "n", "--plugin", "chain")
+    try:
+        info = await pluginhost._ask(reactor, node.url, "info", None, 5)
+        assert "chain" in info["plugins"]
+        # A pinned address is dialled without its pin.
+        head = await pluginhost._ask(reactor, f"{node.url}#{info['node_id']}", "chain", {"recent": 0}, 5)
+        assert head["height"] == 0
+        with pytest.raises(OpError) as caught:
+            await pluginhost._ask(reactor, node.url, "block", {"height": 9}, 5)
+        assert caught.value.status == 404 and "No block at height 9" in caught.value.message
+    finally:
+        stop_all([node])

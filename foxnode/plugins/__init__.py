@@ -1,3 +1,4 @@
-"""The plugins that ship with foxnode (pluginhost.DEFAULTS loads them
-always; setup.cfg names them as entry points of the group
-``foxnode.plugins`` too)."""
+"""The plugins that ship with foxnode. ``time`` loads always
+(pluginhost.DEFAULTS; setup.cfg names it as an entry point of the group
+``foxnode.plugins`` too); the others load when asked for by name:
+``--plugin chain`` is foxchain (``chain/``), a proof-of-work ledger."""

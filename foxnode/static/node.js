@@ -8,6 +8,9 @@
 //     subscription with a key, and the feed shows how each was sealed
 //     ("encrypted"), who signed it ("from") and its proof of work ("pow");
 //   - `publish`, with the private-message fields (key, to, sign, pow) filled in;
+//   - `chain` {"recent": 8} with each refresh when `info` lists the chain
+//     plugin (foxnode.plugins.chain): the head and the last blocks, and a
+//     button that sends `mine`;
 //   - the "Send an op" console uses a WebSocket of its own and sends exactly
 //     what was typed, as the lab did with an online WebSocket tester.
 // Everything that comes from the network is put on the page as text
@@ -489,6 +492,9 @@
         links: connected.map((c) => [info.node_id, c.node_id]),
       };
       renderGraph(info.node_id, topology, connected);
+      if (Array.isArray(info.plugins) && info.plugins.includes("chain")) {
+        await refreshChain();
+      }
       if (Array.isArray(info.peers)) {
         renderPeers(info.peers);
       } else {
@@ -499,6 +505,41 @@
       /* the connection dropped; it reopens by itself and refreshes then */
     }
   }
+
+  // -- foxchain (when the chain plugin is loaded) -----------------------------
+
+  async function refreshChain() {
+    const reply = await link.call("chain", { recent: 8 });
+    if (reply.status !== 200 || !reply.response) return;
+    const head = reply.response;
+    $("foxchain").hidden = false;
+    setText($("chain-height"), String(head.height));
+    setText($("chain-hash"), String(head.hash));
+    setText($("chain-work"), String(head.work));
+    const blocks = Array.isArray(head.blocks) ? head.blocks : [];
+    syncList($("chain-blocks"), blocks, (b) => String(b.hash),
+      () => el("tr", {}, el("td"), el("td", {}, el("code")), el("td"), el("td")),
+      (row, b) => {
+        const cells = row.children;
+        setText(cells[0], String(b.height));
+        setText(cells[1].firstChild, short(String(b.hash), 16));
+        setText(cells[2], b.time ? new Date(b.time * 1000).toISOString().replace(".000Z", "Z") : "–");
+        setText(cells[3], JSON.stringify(b.data));
+      }, "none yet");
+  }
+
+  $("chain-mine").addEventListener("click", async () => {
+    setText($("chain-result"), "mining ...");
+    try {
+      const reply = await link.call("mine", { data: "from the page" });
+      setText($("chain-result"), reply.status === 200
+        ? "mined block " + reply.response.block.height + " " + short(reply.response.block.hash, 16)
+        : reply.status + " " + reply.error);
+      await refreshChain();
+    } catch (e) {
+      setText($("chain-result"), "no reply: " + e);
+    }
+  });
 
   async function refreshLoop() {
     await refresh();
