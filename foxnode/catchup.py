@@ -77,6 +77,12 @@ class Sync:
     wanted: set[str] = attrs.Factory(set)
     #: the ids the peer is listing, per bucket, until its last frame of it
     listing: dict[int, set[str]] = attrs.Factory(dict)
+    #: the buckets the peer is to list (the compared summaries say so),
+    #: until its last frame of each: a list of any other is not answered
+    expected: set[int] = attrs.Factory(set)
+    #: ids this side listed and the peer has not yet asked for: what its
+    #: wants may name at most (a want is an answer to a list)
+    listed: int = 0
     #: ids to push, and _DONE marks (one per list or want answered)
     queue: deque = attrs.Factory(deque)
     pumping: Any = None
@@ -193,7 +199,11 @@ class Catchup:
                 for i in range(0, max(1, len(ids)), step):
                     self._send(sync, "sync_have", bucket=bucket, ids=ids[i:i + step],
                                last=i + step >= len(ids))
+                sync.listed += len(ids)
                 sync.outstanding += 1
+            else:
+                # The peer lists; this side answers that list once.
+                sync.expected.add(bucket)
         self._check_done(sync)
 
     def on_have(self, conn: Any, event: codec.Event) -> None:
@@ -202,12 +212,17 @@ class Catchup:
         bucket, ids, last = body.get("bucket"), body.get("ids"), body.get("last")
         if sync is None or not isinstance(bucket, int) or isinstance(bucket, bool) or not isinstance(ids, list):
             return
+        if bucket not in sync.expected:
+            # Not a bucket the summaries had the peer list, or listed
+            # already: answering would push it all again (an amplifier).
+            return
         listed = sync.listing.setdefault(bucket, set())
         room = self.config.max_wanted - sum(map(len, sync.listing.values()))
         listed.update(i for i in ids[:max(0, min(room, self.config.sync_ids))] if is_message_id(i))
         if not last:
             return
         del sync.listing[bucket]
+        sync.expected.discard(bucket)
         mine = self.history.ids_in(bucket)
         theirs = listed
         lacking = [i for i in mine if i not in theirs]
@@ -234,7 +249,10 @@ class Catchup:
         ids = event.body.get("ids")
         if sync is None or not isinstance(ids, list):
             return
-        ids = [i for i in ids[:self.config.sync_ids] if is_message_id(i)]
+        # Only as many as this side listed: a want answers a list, and
+        # wants beyond would have it push again what it pushed already.
+        ids = [i for i in ids[:min(self.config.sync_ids, sync.listed)] if is_message_id(i)]
+        sync.listed -= len(ids)
         room = self.config.max_push_queue - len(sync.queue)
         if len(ids) > room:
             ids, sync.truncated = ids[:max(0, room)], True
