@@ -303,6 +303,9 @@ class Subscription:
     #: meanwhile, (id, event frame), sent after it; None otherwise
     held: list | None = None
     held_bytes: int = 0
+    #: while a ``since`` replay runs: the stored ids it left to their
+    #: live delivery (this node's publishes not yet delivered)
+    skipped: set | None = None
 
 
 class Opened(NamedTuple):
@@ -456,12 +459,14 @@ class Gossip:
             return reply
         # Kept (on disk) before 202 says so; spread once the reply is out.
         self.history.record(envelope, encoded[1], durable=True)
+        self.history.undelivered.add(envelope.id)
 
         def kept(_: Any) -> codec.Reply:
             self.reactor.callLater(0, self.accept, envelope, None, True, encoded)
             return reply
 
         def not_kept(failure: Any) -> codec.Reply:
+            self.history.undelivered.discard(envelope.id)
             return codec.unavailable(f"The message store cannot be written ({failure.getErrorMessage()}); "
                                      "nothing was published.")
 
@@ -667,6 +672,8 @@ class Gossip:
         it). ``encoded``: what ``_encode`` made of it, when it is this
         node's publish (kept already). False when it was not new."""
         self.seen[envelope.id] = envelope.expires + self.config.max_skew
+        if encoded is not None and self.history is not None:
+            self.history.undelivered.discard(envelope.id)  # delivered now
         pending = self.missing.pop(envelope.id, None)
         if pending is not None and pending[0].active():
             pending[0].cancel()

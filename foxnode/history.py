@@ -93,6 +93,10 @@ class History:
         self._buckets: dict[int, list[int]] = {}
         for message_id, created in store.all_ids():
             self._count(message_id, created, +1)
+        #: ids of this node's publishes kept and not yet delivered (gossip
+        #: accepts them a turn after the commit): a ``since`` replay leaves
+        #: them to their live delivery, or it would send them twice
+        self.undelivered: set[str] = set()
         #: Deferreds of publishes waiting for this turn's commit
         self._waiting: list[Deferred] = []
         self._commit_call: Any = None
@@ -282,6 +286,7 @@ class History:
         """Send ``sub`` the stored messages from ``since`` up to now, then
         what it got meanwhile (``sub.held``, which gossip fills until then)."""
         sub.held = []
+        sub.skipped = set()
         upto = self.store.last_seq
         self.reactor.callLater(0, self._replay, sub, since, upto, None)
 
@@ -298,18 +303,24 @@ class History:
                     if conn.can_send():
                         self.reactor.callLater(self.config.replay_wait, self._replay, sub, since, upto, after)
                     return
+                after = (row.created, row.seq)
+                if row.id in self.undelivered:
+                    # A publish of this node, kept but not yet delivered:
+                    # it comes live (held now, or after the replay).
+                    sub.skipped.add(row.id)
+                    continue
                 frame = self._event(row, sub.key, sub.senders, sub.min_pow, sub.id)
                 if frame is not None:
                     self._send(sub, frame)
-                after = (row.created, row.seq)
             if len(rows) < batch:
                 break
         # Then what came live meanwhile, but for what the replay sent (a
         # publish of this node is kept a turn before it is delivered).
         held, sub.held = sub.held, None
+        skipped, sub.skipped = sub.skipped, None
         for message_id, frame in held:
             seq = self.store.seq_of(message_id)
-            if seq is None or seq > upto:
+            if seq is None or seq > upto or message_id in skipped:
                 self._send(sub, frame)
 
     def _send(self, sub: "Subscription", frame: bytes) -> None:

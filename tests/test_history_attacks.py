@@ -53,3 +53,47 @@ async def test_a_peer_cannot_have_its_lists_and_wants_answered_again_and_again(r
         if peer is not None:
             peer.close()
         await a.stop()
+
+
+class _Reader:
+    """A subscriber's connection that reads everything at once."""
+
+    def __init__(self):
+        self.fox_state = {}
+        self.frames = []
+
+    def send_frame(self, frame, droppable=False):
+        self.frames.append(frame)
+        return True
+
+    def has_room(self):
+        return True
+
+    def can_send(self):
+        return True
+
+    def ids(self):
+        import orjson
+        return [orjson.loads(f)["id"] for f in self.frames]
+
+
+async def test_a_since_subscription_made_while_a_publish_is_on_its_way_gets_it_once(reactor, tmp_path):
+    # The publish is kept (and so replayed) before it is delivered live:
+    # a subscription made between the two must not get it both ways.
+    a = await start_node(reactor, tmp_path / "a")
+    conn = await client.connect(reactor, a.url)
+    try:
+        gossip = a.node.gossip
+        before = await publish(conn, 0)
+        reader = _Reader()
+        d = gossip.op_publish(reader, {"topic": "t", "payload": {"n": 1}})
+        gossip.add_subscription(reader, ["t"], None, None, 0.0, since=0)
+        reply = await d
+        assert reply.status == 202
+        after = await publish(conn, 2)
+        await wait_for(reactor, lambda: after in reader.ids())
+        await sleep(reactor, 0.2)
+        assert reader.ids() == [before, reply.response["id"], after]
+    finally:
+        conn.close()
+        await a.stop()
