@@ -238,6 +238,15 @@ class History:
             after = decode_cursor(args["cursor"])
             if after is None:
                 return codec.bad_args("history", '"cursor" must be the "cursor" of an earlier history reply')
+        try:
+            return self._history_page(topics, since, until, limit, after, key, senders, min_pow)
+        except sqlite3.Error as e:
+            log.error("history: the message store {path} cannot be read ({why})", path=self.store.path, why=e)
+            return codec.unavailable(f"The message store cannot be read ({e}); retry later.")
+
+    def _history_page(self, topics: list[str], since: float, until: float, limit: int,
+                      after: tuple[float, int] | None, key: str | None, senders: frozenset[str] | None,
+                      min_pow: float) -> codec.Reply:
         budget = self.config.page_bytes
         out: list[orjson.Fragment] = []
         size = scanned = 0
@@ -293,6 +302,17 @@ class History:
     def _replay(self, sub: "Subscription", since: float, upto: int, after: tuple[float, int] | None) -> None:
         if sub.held is None or not sub.topics:
             return  # unsubscribed, or its connection closed
+        try:
+            self._replay_rows(sub, since, upto, after)
+        except sqlite3.Error as e:
+            # Not the replay, but not a subscription held back for ever either: it goes live.
+            log.error("since: the message store {path} cannot be read ({why}); the subscription goes live "
+                      "without the rest of its replay", path=self.store.path, why=e)
+            held, sub.held, sub.skipped = sub.held or [], None, None
+            for _, frame in held:
+                self._send(sub, frame)
+
+    def _replay_rows(self, sub: "Subscription", since: float, upto: int, after: tuple[float, int] | None) -> None:
         conn = sub.conn
         batch = self.config.replay_batch
         while True:

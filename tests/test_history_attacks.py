@@ -97,3 +97,35 @@ async def test_a_since_subscription_made_while_a_publish_is_on_its_way_gets_it_o
     finally:
         conn.close()
         await a.stop()
+
+
+async def test_a_store_that_cannot_be_read_is_a_503_for_history_and_since_and_the_node_goes_on(
+        reactor, tmp_path, monkeypatch):
+    import sqlite3
+
+    a = await start_node(reactor, tmp_path / "a")
+    conn = await client.connect(reactor, a.url)
+    events = []
+    sub = await client.connect(reactor, a.url, on_event=lambda e: events.append(e.body))
+    try:
+        await publish(conn, 0)
+        store = a.node.gossip.history.store
+
+        def fails(*args, **kwargs):
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(store, "page", fails)
+        reply = await conn.request("history", {"topics": ["t"]})
+        assert reply.status == 503, reply
+        assert "message store" in reply.error
+        # A since replay that cannot read goes live rather than hold forever.
+        assert (await sub.request("subscribe", {"topics": ["t"], "since": 0})).status == 200
+        await sleep(reactor, 0.2)
+        monkeypatch.undo()
+        live = await publish(conn, 1)
+        await wait_for(reactor, lambda: any(e.get("id") == live for e in events))
+        assert (await conn.request("history", {"topics": ["t"]})).status == 200
+    finally:
+        conn.close()
+        sub.close()
+        await a.stop()
