@@ -334,6 +334,9 @@ class History:
                     self._send(sub, frame)
             if len(rows) < batch:
                 break
+            # A batch a turn: a long history does not hold the reactor.
+            self.reactor.callLater(0, self._replay, sub, since, upto, after)
+            return
         # Then what came live meanwhile, but for what the replay sent (a
         # publish of this node is kept a turn before it is delivered).
         held, sub.held = sub.held, None
@@ -352,7 +355,7 @@ class History:
 
 def _has_room(conn: Any) -> bool:
     """Whether ``conn`` takes more frames now without queueing them: a
-    connection while its reader keeps up; a polled filter always (it keeps
-    its own bounds)."""
+    connection while its reader keeps up; a polled filter while it holds
+    less than its bounds (filters.py)."""
     has_room = getattr(conn, "has_room", None)
     return has_room is None or has_room()

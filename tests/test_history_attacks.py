@@ -129,3 +129,44 @@ async def test_a_store_that_cannot_be_read_is_a_503_for_history_and_since_and_th
         conn.close()
         sub.close()
         await a.stop()
+
+
+def _fill(node, n, topic="t"):
+    """``n`` envelopes straight into a node's store, as gossip keeps them."""
+    from foxnode import identity
+    from foxnode.gossip import Envelope
+
+    gossip = node.node.gossip
+    signer = identity.Identity.generate()
+    now = time.time()
+    ids = []
+    for i in range(n):
+        envelope = Envelope.create(signer, topic, {"n": i}, 3600, now - n + i)
+        assert gossip.history.record(envelope, gossip._encode(envelope)[1])
+        ids.append(envelope.id)
+    gossip.history.commit()
+    return ids
+
+
+async def test_a_filter_with_since_on_a_long_history_gets_it_oldest_first_at_the_pace_it_polls(reactor, tmp_path):
+    # Not the whole store read in one turn, all but the last 1000 dropped.
+    a = await start_node(reactor, tmp_path / "a")
+    conn = await client.connect(reactor, a.url)
+    try:
+        ids = _fill(a, 2500)
+        reply = await conn.request("filter", {"topics": ["t"], "since": 0})
+        assert reply.status == 200, reply
+        filter_id = reply.response["filter"]
+        got, dropped = [], 0
+        for _ in range(200):
+            await sleep(reactor, 0.1)
+            polled = (await conn.request("poll", {"filter": filter_id})).response
+            got += [m["id"] for m in polled["messages"]]
+            dropped += polled["dropped"]
+            if len(got) >= len(ids):
+                break
+        assert dropped == 0
+        assert got == ids
+    finally:
+        conn.close()
+        await a.stop()
