@@ -170,3 +170,45 @@ async def test_a_filter_with_since_on_a_long_history_gets_it_oldest_first_at_the
     finally:
         conn.close()
         await a.stop()
+
+
+def _steps(store, call):
+    """SQLite's virtual-machine steps (in thousands) that ``call`` costs."""
+    counted = [0]
+
+    def tick():
+        counted[0] += 1
+        return 0
+
+    store._db.set_progress_handler(tick, 1000)
+    try:
+        call()
+    finally:
+        store._db.set_progress_handler(None, 0)
+    return counted[0]
+
+
+def test_a_history_page_costs_the_page_not_the_store(tmp_path):
+    # Topics with nothing in them beside a busy one, or a cursor deep in a
+    # long topic: a client's request must not scan the whole store.
+    import math
+
+    from foxnode.msgstore import STORE_FILE, MessageStore
+
+    store = MessageStore.open(str(tmp_path / STORE_FILE), 1 << 40)
+    n = 20_000
+    for i in range(n):
+        store.add(f"{i:064x}", "busy", 1000.0 + i, 1e12, b"{}")
+    store.add(f"{n:064x}", "quiet", 1000.0 + n / 2, 1e12, b"{}")
+    store.commit()
+    first = _steps(store, lambda: store.page(["busy"], 0, math.inf, 0, limit=100))
+    deep = _steps(store, lambda: store.page(["busy"], 0, math.inf, 0, after=(1000.0 + n - 200, 0), limit=100))
+    empty = _steps(store, lambda: store.page(["nothing", "nothing else"], 0, math.inf, 0, limit=100))
+    mixed = store.page(["quiet", "nothing"], 0, math.inf, 0, limit=100)
+    assert [r.topic for r in mixed] == ["quiet"]
+    both = store.page(["busy", "quiet"], 1000.0 + n / 2 - 2, math.inf, 0, limit=4)
+    assert [(r.topic, r.created) for r in both] == [("busy", 1000.0 + n / 2 - 2), ("busy", 1000.0 + n / 2 - 1),
+                                                   ("busy", 1000.0 + n / 2), ("quiet", 1000.0 + n / 2)]
+    assert deep <= 3 * first + 5, (first, deep)
+    assert empty <= 5, empty
+    store.close()
