@@ -85,6 +85,10 @@ class Sync:
     listed: int = 0
     #: ids to push, and _DONE marks (one per list or want answered)
     queue: deque = attrs.Factory(deque)
+    #: lists and wants to send, sent as the connection drains (a list of
+    #: a full minute is more than a send queue holds): ("have", bucket,
+    #: the position listed up to) or ("want", ids)
+    outbox: deque = attrs.Factory(deque)
     pumping: Any = None
     #: the peer said it had more than it could queue
     more: bool = False
@@ -133,6 +137,7 @@ class Catchup:
         sync = self.syncs.pop(conn, None)
         if sync is not None:
             sync.queue.clear()
+            sync.outbox.clear()
             if sync.pumping is not None and sync.pumping.active():
                 sync.pumping.cancel()
             if not sync.done and sync.received:
@@ -194,16 +199,12 @@ class Catchup:
             if my_n < their_n or (my_n == their_n and self.node_id < conn.node_id):
                 # This side lists; the peer pushes what it lacks.
                 sync.allowance[bucket] = min(their_n, self.config.max_wanted)
-                ids = self.history.ids_in(bucket)
-                step = self.config.sync_ids
-                for i in range(0, max(1, len(ids)), step):
-                    self._send(sync, "sync_have", bucket=bucket, ids=ids[i:i + step],
-                               last=i + step >= len(ids))
-                sync.listed += len(ids)
+                sync.outbox.append(("have", bucket, None))
                 sync.outstanding += 1
             else:
                 # The peer lists; this side answers that list once.
                 sync.expected.add(bucket)
+        self._wake(sync)
         self._check_done(sync)
 
     def on_have(self, conn: Any, event: codec.Event) -> None:
@@ -239,10 +240,10 @@ class Catchup:
         for i in range(0, len(wants), step):
             chunk = wants[i:i + step]
             sync.wanted.update(chunk)
-            self._send(sync, "sync_want", ids=chunk)
+            sync.outbox.append(("want", chunk))
             sync.outstanding += 1
         sync.queue.append(_DONE)
-        self._pump(sync)
+        self._wake(sync)
 
     def on_want(self, conn: Any, event: codec.Event) -> None:
         sync = self.syncs.get(conn)
@@ -258,14 +259,37 @@ class Catchup:
             ids, sync.truncated = ids[:max(0, room)], True
         sync.queue.extend(ids)
         sync.queue.append(_DONE)
-        self._pump(sync)
+        self._wake(sync)
 
     # -- pushing ---------------------------------------------------------------
+
+    def _wake(self, sync: Sync) -> None:
+        """Send what is queued now, unless a pump waits for the connection already."""
+        if sync.pumping is None or not sync.pumping.active():
+            self._pump(sync)
 
     def _pump(self, sync: Sync) -> None:
         sync.pumping = None
         conn = sync.conn
         if self.syncs.get(conn) is not sync:
+            return
+        step = self.config.sync_ids
+        while sync.outbox and conn.has_room():
+            item = sync.outbox.popleft()
+            if item[0] == "want":
+                self._send(sync, "sync_want", ids=item[1])
+                continue
+            _, bucket, after = item
+            rows = self.history.ids_page(bucket, after, step + 1)
+            ids = [r[0] for r in rows[:step]]
+            last = len(rows) <= step
+            self._send(sync, "sync_have", bucket=bucket, ids=ids, last=last)
+            sync.listed += len(ids)
+            if not last:
+                sync.outbox.appendleft(("have", bucket, rows[step - 1][1:]))
+        if sync.outbox:
+            if conn.can_send():
+                sync.pumping = self.reactor.callLater(self.config.replay_wait, self._pump, sync)
             return
         limit = min(self.config.push_bytes, conn.send_limit - 1024)
         while sync.queue and conn.has_room():

@@ -205,6 +205,10 @@ class History:
         width = self.config.bucket_seconds
         return self.store.ids_between(bucket * width, (bucket + 1) * width, self.reactor.seconds())
 
+    def ids_page(self, bucket: int, after: tuple[float, int] | None, limit: int) -> list[tuple[str, float, int]]:
+        width = self.config.bucket_seconds
+        return self.store.ids_page(bucket * width, (bucket + 1) * width, self.reactor.seconds(), after, limit)
+
     def rows(self, ids: Iterable[str]) -> Iterator[Row]:
         return self.store.get(ids, self.reactor.seconds())
 

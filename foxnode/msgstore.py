@@ -255,6 +255,18 @@ class MessageStore:
             "SELECT id FROM envelopes WHERE created >= ? AND created < ? AND expires >= ? ORDER BY created, seq",
             (start, end, now))]
 
+    def ids_page(self, start: float, end: float, now: float, after: tuple[float, int] | None,
+                 limit: int) -> list[tuple[str, float, int]]:
+        """(id, created, seq) of the unexpired envelopes created in
+        ``[start, end)``, oldest first, past the position ``after``: a
+        long listing read a frame at a time."""
+        sql = "SELECT id, created, seq FROM envelopes WHERE created >= ? AND created < ? AND expires >= ?"
+        params: list = [start, end, now]
+        if after is not None:
+            sql += " AND created >= ? AND (created > ? OR seq > ?)"
+            params += [after[0], after[0], after[1]]
+        return self._db.execute(sql + " ORDER BY created, seq LIMIT ?", (*params, limit)).fetchall()
+
     def get(self, ids: Iterable[str], now: float) -> Iterator[Row]:
         """The unexpired envelopes among ``ids`` that are held."""
         ids = list(ids)

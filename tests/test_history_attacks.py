@@ -212,3 +212,38 @@ def test_a_history_page_costs_the_page_not_the_store(tmp_path):
     assert deep <= 3 * first + 5, (first, deep)
     assert empty <= 5, empty
     store.close()
+
+
+async def test_a_long_listing_is_paced_and_does_not_overflow_the_send_queue(reactor, tmp_path):
+    # Two sides with many envelopes each in the same minutes (a healed
+    # partition): the one that lists sends more ids than a send queue
+    # holds, and must not be cut off for it, nor cut its peer off.
+    a = await start_node(reactor, tmp_path / "a")
+    got = []
+    peer = None
+    try:
+        history = a.node.gossip.history
+        now = time.time()
+        n = 30_000
+        for i in range(n):
+            message_id = f"{i:064x}"
+            created = now - 100 + i * 90 / n
+            history.store.add(message_id, "t", created, created + 3000, b"{}")
+            history._count(message_id, created, +1)
+        history.commit()
+        peer = await connect_as_peer(reactor, a.url, on_event=lambda e: got.append(e))
+        await wait_for(reactor, lambda: any(e.name == "sync" for e in got))
+        theirs = next(e for e in got if e.name == "sync").body["buckets"]
+        # The peer holds one more in each of those minutes: a lists.
+        peer.send_frame(codec.encode_event("sync", buckets=[[b, c + 1, "00" * 16] for b, c, _ in theirs]))
+
+        def listed():
+            return sum(len(e.body["ids"]) for e in got if e.name == "sync_have")
+
+        await wait_for(reactor, lambda: listed() >= n or not peer.fox_open, timeout=20)
+        assert listed() == n
+        assert peer.fox_open and peer.state == peer.STATE_OPEN
+    finally:
+        if peer is not None:
+            peer.close()
+        await a.stop()
