@@ -300,7 +300,8 @@ class Subscription:
     senders: frozenset[str] | None = None
     min_pow: float = 0.0
     #: while a ``since`` replay runs (history.py): what came live
-    #: meanwhile, (id, event frame), sent after it; None otherwise
+    #: meanwhile, (id, event frame), sent after it; None otherwise. Its
+    #: bytes count in the connection's ``fox_state["held_bytes"]`` too
     held: list | None = None
     held_bytes: int = 0
     #: while a ``since`` replay runs: the stored ids it left to their
@@ -794,9 +795,17 @@ class Gossip:
         assert held is not None
         held.append((message_id, frame))
         sub.held_bytes += len(frame)
-        while len(held) > 1 and sub.held_bytes > self.config.max_held_bytes:
-            sub.held_bytes -= len(held.pop(0)[1])
+        # Bounded per connection, as its send queue is: not once for each
+        # of its subscriptions that replays.
+        state = sub.conn.fox_state
+        total = state.get("held_bytes", 0) + len(frame)
+        while len(held) > 1 and (sub.held_bytes > self.config.max_held_bytes
+                                 or total > self.config.max_held_bytes):
+            gone = len(held.pop(0)[1])
+            sub.held_bytes -= gone
+            total -= gone
             self.metrics.send_dropped.labels("subscriber").inc()
+        state["held_bytes"] = total
 
     def _open(self, envelope: Envelope, key_id: str | None, payload: orjson.Fragment | None) -> Opened | None:
         """What a subscription holding ``key_id`` sees of ``envelope``; None:

@@ -304,15 +304,19 @@ class History:
         self.reactor.callLater(0, self._replay, sub, since, upto, None)
 
     def _replay(self, sub: "Subscription", since: float, upto: int, after: tuple[float, int] | None) -> None:
-        if sub.held is None or not sub.topics:
-            return  # unsubscribed, or its connection closed
+        if sub.held is None:
+            return  # its connection closed
+        if not sub.topics:
+            self._release(sub)  # unsubscribed
+            return
         try:
             self._replay_rows(sub, since, upto, after)
         except sqlite3.Error as e:
             # Not the replay, but not a subscription held back for ever either: it goes live.
             log.error("since: the message store {path} cannot be read ({why}); the subscription goes live "
                       "without the rest of its replay", path=self.store.path, why=e)
-            held, sub.held, sub.skipped = sub.held or [], None, None
+            held = sub.held or []
+            self._release(sub)
             for _, frame in held:
                 self._send(sub, frame)
 
@@ -343,12 +347,18 @@ class History:
             return
         # Then what came live meanwhile, but for what the replay sent (a
         # publish of this node is kept a turn before it is delivered).
-        held, sub.held = sub.held, None
-        skipped, sub.skipped = sub.skipped, None
+        held, skipped = sub.held, sub.skipped or set()
+        self._release(sub)
         for message_id, frame in held:
             seq = self.store.seq_of(message_id)
             if seq is None or seq > upto or message_id in skipped:
                 self._send(sub, frame)
+
+    def _release(self, sub: "Subscription") -> None:
+        """The replay is over: ``sub`` holds nothing more back."""
+        state = sub.conn.fox_state
+        state["held_bytes"] = max(0, state.get("held_bytes", 0) - sub.held_bytes)
+        sub.held, sub.skipped, sub.held_bytes = None, None, 0
 
     def _send(self, sub: "Subscription", frame: bytes) -> None:
         if sub.conn.send_frame(frame, droppable=True):

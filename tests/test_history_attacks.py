@@ -247,3 +247,32 @@ async def test_a_long_listing_is_paced_and_does_not_overflow_the_send_queue(reac
         if peer is not None:
             peer.close()
         await a.stop()
+
+
+class _Stalled(_Reader):
+    """A subscriber's connection that reads nothing for now."""
+
+    def has_room(self):
+        return False
+
+
+async def test_held_live_events_are_bounded_per_connection_not_per_subscription(reactor, tmp_path):
+    # 64 since subscriptions on one connection that does not read would
+    # each hold max_held_bytes of live events: 64 MiB for one client.
+    a = await start_node(reactor, tmp_path / "a")
+    conn = await client.connect(reactor, a.url)
+    try:
+        gossip = a.node.gossip
+        await publish(conn, 0)
+        reader = _Stalled()
+        subs = [gossip.add_subscription(reader, ["t"], None, None, 0.0, since=0) for _ in range(8)]
+        await sleep(reactor, 0.1)
+        for n in range(120):
+            await publish(conn, "x" * 20_000)
+        await sleep(reactor, 0.2)
+        held = sum(s.held_bytes for s in subs)
+        assert all(s.held for s in subs)
+        assert held <= gossip.config.max_held_bytes + 8 * 21_000, held
+    finally:
+        conn.close()
+        await a.stop()
