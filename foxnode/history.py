@@ -253,7 +253,7 @@ class History:
                       min_pow: float) -> codec.Reply:
         budget = self.config.page_bytes
         out: list[orjson.Fragment] = []
-        size = scanned = 0
+        size = scanned = scanned_bytes = 0
         now = self.reactor.seconds()
         while True:
             ask = min(max(limit, 100), self.config.scan_rows - scanned)
@@ -268,8 +268,10 @@ class History:
                     out.append(orjson.Fragment(frame))
                     size += len(frame)
                 scanned += 1
+                scanned_bytes += len(row.envelope)
                 after = (row.created, row.seq)
-                if len(out) >= limit or scanned >= self.config.scan_rows:
+                if (len(out) >= limit or scanned >= self.config.scan_rows
+                        or scanned_bytes >= self.config.scan_bytes):
                     stop = "enough"
                     break
             if stop == "full":

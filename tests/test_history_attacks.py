@@ -276,3 +276,45 @@ async def test_held_live_events_are_bounded_per_connection_not_per_subscription(
     finally:
         conn.close()
         await a.stop()
+
+
+async def test_a_history_that_leaves_everything_out_reads_a_bounded_number_of_bytes(reactor, tmp_path,
+                                                                                    monkeypatch):
+    # min_pow that nothing reaches, on a topic of large messages: each
+    # request must not decode thousands of 60 KB envelopes.
+    from foxnode import identity
+    from foxnode.gossip import Envelope
+    from foxnode.history import History
+
+    a = await start_node(reactor, tmp_path / "a")
+    conn = await client.connect(reactor, a.url)
+    try:
+        gossip = a.node.gossip
+        signer = identity.Identity.generate()
+        now = time.time()
+        for i in range(300):
+            envelope = Envelope.create(signer, "t", "x" * 60_000, 3600, now - 300 + i)
+            gossip.history.record(envelope, gossip._encode(envelope)[1])
+        gossip.history.commit()
+        read = []
+        original = History._event
+
+        def counting(self, row, *args):
+            read.append(len(row.envelope))
+            return original(self, row, *args)
+
+        monkeypatch.setattr(History, "_event", counting)
+        reply = await conn.request("history", {"topics": ["t"], "min_pow": 1e9})
+        assert reply.status == 200 and reply.response["messages"] == []
+        assert sum(read) <= 8 * gossip.history.config.page_bytes + 70_000, sum(read)
+        # The cursor says there is more to look through; followed, it ends.
+        cursor, pages = reply.response["cursor"], 1
+        assert cursor is not None
+        while cursor is not None and pages < 100:
+            reply = await conn.request("history", {"topics": ["t"], "min_pow": 1e9, "cursor": cursor})
+            assert reply.status == 200 and reply.response["messages"] == []
+            cursor, pages = reply.response["cursor"], pages + 1
+        assert cursor is None and len(read) == 300
+    finally:
+        conn.close()
+        await a.stop()
