@@ -57,7 +57,7 @@ def decode_cursor(text: Any) -> tuple[float, int] | None:
     except (ValueError, TypeError):
         return None
     if (not isinstance(created, (int, float)) or isinstance(created, bool) or not math.isfinite(created)
-            or not isinstance(seq, int) or isinstance(seq, bool) or seq < 0):
+            or not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < 2**63):
         return None
     return float(created), seq
 

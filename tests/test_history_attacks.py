@@ -318,3 +318,23 @@ async def test_a_history_that_leaves_everything_out_reads_a_bounded_number_of_by
     finally:
         conn.close()
         await a.stop()
+
+
+async def test_a_forged_cursor_is_a_400_or_a_page_never_a_500(reactor, tmp_path):
+    import base64
+
+    import orjson
+
+    a = await start_node(reactor, tmp_path / "a")
+    conn = await client.connect(reactor, a.url)
+    try:
+        await publish(conn, 0)
+        for position in ([1.0, 2**64 - 1], [1.0, 2**63], [1e308, 1], [-1e308, 0]):
+            cursor = "h1:" + base64.urlsafe_b64encode(orjson.dumps(position)).decode().rstrip("=")
+            reply = await conn.request("history", {"topics": ["t"], "cursor": cursor})
+            assert reply.status in (200, 400), (position, reply)
+            if reply.status == 400:
+                assert '"cursor"' in reply.error
+    finally:
+        conn.close()
+        await a.stop()
