@@ -117,16 +117,17 @@ class History:
         try:
             added = self.store.add(envelope.id, envelope.topic, envelope.created, envelope.expires,
                                    encoded, durable=durable)
+            if not added:
+                return False
+            self._count(envelope.id, envelope.created, +1)
+            if self.store.bytes > self.store.max_bytes:
+                # A disk full shows here too (a DELETE writes): the same break.
+                for message_id, created in self.store.evict():
+                    self._count(message_id, created, -1)
+                    self.metrics.history_evicted.inc()
         except sqlite3.Error as e:
             self._break(e)
             return True
-        if not added:
-            return False
-        self._count(envelope.id, envelope.created, +1)
-        if self.store.bytes > self.store.max_bytes:
-            for message_id, created in self.store.evict():
-                self._count(message_id, created, -1)
-                self.metrics.history_evicted.inc()
         self._schedule_commit()
         return True
 

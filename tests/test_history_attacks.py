@@ -338,3 +338,26 @@ async def test_a_forged_cursor_is_a_400_or_a_page_never_a_500(reactor, tmp_path)
     finally:
         conn.close()
         await a.stop()
+
+
+async def test_a_disk_full_while_evicting_is_a_503_for_publish_not_a_500(reactor, tmp_path, monkeypatch):
+    import sqlite3
+
+    a = await start_node(reactor, tmp_path / "a")
+    conn = await client.connect(reactor, a.url)
+    try:
+        await publish(conn, 0)
+        store = a.node.gossip.history.store
+
+        def full():
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(store, "evict", full)
+        monkeypatch.setattr(store, "max_bytes", 1)
+        reply = await conn.request("publish", {"topic": "t", "payload": {"n": 1}})
+        assert reply.status == 503, reply
+        assert "message store" in reply.error
+        assert (await conn.request("info", {})).status == 200
+    finally:
+        conn.close()
+        await a.stop()
