@@ -55,7 +55,25 @@ if TYPE_CHECKING:
 log = logs.logger(__name__)
 
 MAX_BUCKETS = 10_000
-_DONE = object()
+
+
+class _Done:
+    """A mark in a push queue: so many ``sync_done`` to send there, one per
+    list or want answered. Marks in a row are one, counted: wants that add
+    no id (from a peer that asks for nothing, and reads nothing) do not
+    grow the queue."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 1
+
+
+def _mark(queue: deque) -> None:
+    if queue and isinstance(queue[-1], _Done):
+        queue[-1].n += 1
+    else:
+        queue.append(_Done())
 
 
 @attrs.define(eq=False)
@@ -83,7 +101,7 @@ class Sync:
     #: ids this side listed and the peer has not yet asked for: what its
     #: wants may name at most (a want is an answer to a list)
     listed: int = 0
-    #: ids to push, and _DONE marks (one per list or want answered)
+    #: ids to push, and _Done marks (one per list or want answered)
     queue: deque = attrs.Factory(deque)
     #: lists and wants to send, sent as the connection drains (a list of
     #: a full minute is more than a send queue holds): ("have", bucket,
@@ -242,7 +260,7 @@ class Catchup:
             sync.wanted.update(chunk)
             sync.outbox.append(("want", chunk))
             sync.outstanding += 1
-        sync.queue.append(_DONE)
+        _mark(sync.queue)
         self._wake(sync)
 
     def on_want(self, conn: Any, event: codec.Event) -> None:
@@ -258,7 +276,7 @@ class Catchup:
         if len(ids) > room:
             ids, sync.truncated = ids[:max(0, room)], True
         sync.queue.extend(ids)
-        sync.queue.append(_DONE)
+        _mark(sync.queue)
         self._wake(sync)
 
     # -- pushing ---------------------------------------------------------------
@@ -293,16 +311,19 @@ class Catchup:
             return
         limit = min(self.config.push_bytes, conn.send_limit - 1024)
         while sync.queue and conn.has_room():
-            if sync.queue[0] is not _DONE and not sync.tokens.take(
+            head = sync.queue[0]
+            if not isinstance(head, _Done) and not sync.tokens.take(
                     _ids_ahead(sync.queue, self.config.push_envelopes)):
                 break
-            if sync.queue[0] is _DONE:
-                sync.queue.popleft()
+            if isinstance(head, _Done):
+                head.n -= 1
+                if not head.n:
+                    sync.queue.popleft()
                 self._send(sync, "sync_done", more=sync.truncated)
                 sync.truncated = False
                 continue
             ids = []
-            while sync.queue and sync.queue[0] is not _DONE and len(ids) < self.config.push_envelopes:
+            while sync.queue and not isinstance(sync.queue[0], _Done) and len(ids) < self.config.push_envelopes:
                 ids.append(sync.queue.popleft())
             batch: list[orjson.Fragment] = []
             size = 0
@@ -428,10 +449,10 @@ def _peer(conn: Any) -> str:
 
 
 def _ids_ahead(queue: deque, most: int) -> int:
-    """Ids before the next _DONE mark, up to ``most``."""
+    """Ids before the next _Done mark, up to ``most``."""
     n = 0
     for item in queue:
-        if item is _DONE or n >= most:
+        if isinstance(item, _Done) or n >= most:
             break
         n += 1
     return n

@@ -361,3 +361,26 @@ async def test_a_disk_full_while_evicting_is_a_503_for_publish_not_a_500(reactor
     finally:
         conn.close()
         await a.stop()
+
+
+async def test_wants_from_a_peer_that_does_not_read_queue_no_more_than_the_push_queue(reactor, tmp_path):
+    import attrs
+
+    a = await start_node(reactor, tmp_path / "a")
+    got = []
+    peer = None
+    try:
+        catchup = a.node.gossip.catchup
+        catchup.config = attrs.evolve(catchup.config, max_push_queue=10)
+        peer = await connect_as_peer(reactor, a.url, on_event=lambda e: got.append(e))
+        await wait_for(reactor, lambda: any(e.name == "sync" for e in got))
+        (conn, sync), = catchup.syncs.items()
+        conn.has_room = lambda: False  # the peer reads nothing more
+        for _ in range(200):
+            peer.send_frame(codec.encode_event("sync_want", ids=[]))
+        await sleep(reactor, 0.5)
+        assert len(sync.queue) <= 11, len(sync.queue)
+    finally:
+        if peer is not None:
+            peer.close()
+        await a.stop()
