@@ -71,9 +71,10 @@ class Filter:
         """Whether a frame now is kept without dropping an older one: a
         ``since`` replay waits for the next poll otherwise."""
         config = self.owner.config
-        # Room for one more of the largest frames (its payload, and the rest).
-        return (len(self.held) < config.filter_messages
-                and self.held_bytes + config.max_payload + 2048 <= config.filter_bytes)
+        # Room for one more of the largest frames (its payload, and the
+        # rest); an empty filter takes one whatever its size, as send_frame does.
+        return not self.held or (len(self.held) < config.filter_messages
+                                 and self.held_bytes + config.max_payload + 2048 <= config.filter_bytes)
 
     def can_send(self) -> bool:
         return self.owner.filters.get(self.id) is self

@@ -384,3 +384,21 @@ async def test_wants_from_a_peer_that_does_not_read_queue_no_more_than_the_push_
         if peer is not None:
             peer.close()
         await a.stop()
+
+
+async def test_a_filter_with_since_replays_on_a_node_with_payloads_larger_than_a_filter_holds(reactor, tmp_path):
+    a = await start_node(reactor, tmp_path / "a", "--max-payload", str(1 << 20))
+    conn = await client.connect(reactor, a.url)
+    try:
+        ids = [await publish(conn, n) for n in range(3)]
+        filter_id = (await conn.request("filter", {"topics": ["t"], "since": 0})).response["filter"]
+        got = []
+        for _ in range(20):
+            await sleep(reactor, 0.1)
+            got += [m["id"] for m in (await conn.request("poll", {"filter": filter_id})).response["messages"]]
+            if len(got) >= 3:
+                break
+        assert got == ids
+    finally:
+        conn.close()
+        await a.stop()
