@@ -326,25 +326,23 @@ class History:
     def _replay_rows(self, sub: "Subscription", since: float, upto: int, after: tuple[float, int] | None) -> None:
         conn = sub.conn
         batch = self.config.replay_batch
-        while True:
-            rows = self.store.page(sorted(sub.topics), since, math.inf, self.reactor.seconds(),
-                                   after=after, upto_seq=upto, limit=batch)
-            for row in rows:
-                if not _has_room(conn):
-                    if conn.can_send():
-                        self.reactor.callLater(self.config.replay_wait, self._replay, sub, since, upto, after)
-                    return
-                after = (row.created, row.seq)
-                if row.id in self.undelivered:
-                    # A publish of this node, kept but not yet delivered:
-                    # it comes live (held now, or after the replay).
-                    sub.skipped.add(row.id)
-                    continue
-                frame = self._event(row, sub.key, sub.senders, sub.min_pow, sub.id)
-                if frame is not None:
-                    self._send(sub, frame)
-            if len(rows) < batch:
-                break
+        rows = self.store.page(sorted(sub.topics), since, math.inf, self.reactor.seconds(),
+                               after=after, upto_seq=upto, limit=batch)
+        for row in rows:
+            if not _has_room(conn):
+                if conn.can_send():
+                    self.reactor.callLater(self.config.replay_wait, self._replay, sub, since, upto, after)
+                return
+            after = (row.created, row.seq)
+            if row.id in self.undelivered:
+                # A publish of this node, kept but not yet delivered:
+                # it comes live (held now, or after the replay).
+                sub.skipped.add(row.id)
+                continue
+            frame = self._event(row, sub.key, sub.senders, sub.min_pow, sub.id)
+            if frame is not None:
+                self._send(sub, frame)
+        if len(rows) == batch:
             # A batch a turn: a long history does not hold the reactor.
             self.reactor.callLater(0, self._replay, sub, since, upto, after)
             return
