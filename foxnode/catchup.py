@@ -96,8 +96,9 @@ class Sync:
     #: the ids the peer is listing, per bucket, until its last frame of it
     listing: dict[int, set[str]] = attrs.Factory(dict)
     #: the buckets the peer is to list (the compared summaries say so),
+    #: and how many times (once per round that found them different),
     #: until its last frame of each: a list of any other is not answered
-    expected: set[int] = attrs.Factory(set)
+    expected: dict[int, int] = attrs.Factory(dict)
     #: ids this side listed and the peer has not yet asked for: what its
     #: wants may name at most (a want is an answer to a list)
     listed: int = 0
@@ -221,7 +222,7 @@ class Catchup:
                 sync.outstanding += 1
             else:
                 # The peer lists; this side answers that list once.
-                sync.expected.add(bucket)
+                sync.expected[bucket] = sync.expected.get(bucket, 0) + 1
         self._wake(sync)
         self._check_done(sync)
 
@@ -241,7 +242,9 @@ class Catchup:
         if not last:
             return
         del sync.listing[bucket]
-        sync.expected.discard(bucket)
+        left = sync.expected.pop(bucket) - 1
+        if left:
+            sync.expected[bucket] = left
         mine = self.history.ids_in(bucket)
         theirs = listed
         lacking = [i for i in mine if i not in theirs]

@@ -402,3 +402,33 @@ async def test_a_filter_with_since_replays_on_a_node_with_payloads_larger_than_a
     finally:
         conn.close()
         await a.stop()
+
+
+async def test_a_list_is_answered_once_per_round_that_called_for_it_even_when_it_comes_late(reactor, tmp_path):
+    # The peer's second summary can arrive before its first round's list
+    # (lists are paced): each round's list is answered, and no more.
+    a = await start_node(reactor, tmp_path / "a")
+    conn = await client.connect(reactor, a.url)
+    got = []
+    peer = None
+    try:
+        ids = [await publish(conn, n) for n in range(5)]
+        peer = await connect_as_peer(reactor, a.url, on_event=lambda e: got.append(e))
+        await wait_for(reactor, lambda: any(e.name == "sync" for e in got))
+        buckets = [b for b, _, _ in next(e for e in got if e.name == "sync").body["buckets"]]
+        peer.send_frame(codec.encode_event("sync", buckets=[]))
+        await wait_for(reactor, lambda: a.node.gossip.catchup.syncs and
+                       next(iter(a.node.gossip.catchup.syncs.values())).answered)
+        peer.send_frame(codec.encode_event("sync", buckets=[]))  # another round
+        await wait_for(reactor, lambda: sum(e.name == "sync" for e in got) >= 2)
+        for _ in range(3):
+            for b in buckets:
+                peer.send_frame(codec.encode_event("sync_have", bucket=b, ids=[], last=True))
+        await wait_for(reactor, lambda: len(_pushed(got)) >= 10)
+        await sleep(reactor, 0.3)
+        assert sorted(_pushed(got)) == sorted(ids * 2)
+    finally:
+        conn.close()
+        if peer is not None:
+            peer.close()
+        await a.stop()
