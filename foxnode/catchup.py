@@ -55,7 +55,25 @@ if TYPE_CHECKING:
 log = logs.logger(__name__)
 
 MAX_BUCKETS = 10_000
-_DONE = object()
+
+
+class _Done:
+    """A mark in a push queue: so many ``sync_done`` to send there, one per
+    list or want answered. Marks in a row are one, counted: wants that add
+    no id (from a peer that asks for nothing, and reads nothing) do not
+    grow the queue."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 1
+
+
+def _mark(queue: deque) -> None:
+    if queue and isinstance(queue[-1], _Done):
+        queue[-1].n += 1
+    else:
+        queue.append(_Done())
 
 
 @attrs.define(eq=False)
@@ -77,8 +95,19 @@ class Sync:
     wanted: set[str] = attrs.Factory(set)
     #: the ids the peer is listing, per bucket, until its last frame of it
     listing: dict[int, set[str]] = attrs.Factory(dict)
-    #: ids to push, and _DONE marks (one per list or want answered)
+    #: the buckets the peer is to list (the compared summaries say so),
+    #: and how many times (once per round that found them different),
+    #: until its last frame of each: a list of any other is not answered
+    expected: dict[int, int] = attrs.Factory(dict)
+    #: ids this side listed and the peer has not yet asked for: what its
+    #: wants may name at most (a want is an answer to a list)
+    listed: int = 0
+    #: ids to push, and _Done marks (one per list or want answered)
     queue: deque = attrs.Factory(deque)
+    #: lists and wants to send, sent as the connection drains (a list of
+    #: a full minute is more than a send queue holds): ("have", bucket,
+    #: the position listed up to) or ("want", ids)
+    outbox: deque = attrs.Factory(deque)
     pumping: Any = None
     #: the peer said it had more than it could queue
     more: bool = False
@@ -127,6 +156,7 @@ class Catchup:
         sync = self.syncs.pop(conn, None)
         if sync is not None:
             sync.queue.clear()
+            sync.outbox.clear()
             if sync.pumping is not None and sync.pumping.active():
                 sync.pumping.cancel()
             if not sync.done and sync.received:
@@ -188,12 +218,12 @@ class Catchup:
             if my_n < their_n or (my_n == their_n and self.node_id < conn.node_id):
                 # This side lists; the peer pushes what it lacks.
                 sync.allowance[bucket] = min(their_n, self.config.max_wanted)
-                ids = self.history.ids_in(bucket)
-                step = self.config.sync_ids
-                for i in range(0, max(1, len(ids)), step):
-                    self._send(sync, "sync_have", bucket=bucket, ids=ids[i:i + step],
-                               last=i + step >= len(ids))
+                sync.outbox.append(("have", bucket, None))
                 sync.outstanding += 1
+            else:
+                # The peer lists; this side answers that list once.
+                sync.expected[bucket] = sync.expected.get(bucket, 0) + 1
+        self._wake(sync)
         self._check_done(sync)
 
     def on_have(self, conn: Any, event: codec.Event) -> None:
@@ -202,12 +232,19 @@ class Catchup:
         bucket, ids, last = body.get("bucket"), body.get("ids"), body.get("last")
         if sync is None or not isinstance(bucket, int) or isinstance(bucket, bool) or not isinstance(ids, list):
             return
+        if bucket not in sync.expected:
+            # Not a bucket the summaries had the peer list, or listed
+            # already: answering would push it all again (an amplifier).
+            return
         listed = sync.listing.setdefault(bucket, set())
         room = self.config.max_wanted - sum(map(len, sync.listing.values()))
         listed.update(i for i in ids[:max(0, min(room, self.config.sync_ids))] if is_message_id(i))
         if not last:
             return
         del sync.listing[bucket]
+        left = sync.expected.pop(bucket) - 1
+        if left:
+            sync.expected[bucket] = left
         mine = self.history.ids_in(bucket)
         theirs = listed
         lacking = [i for i in mine if i not in theirs]
@@ -224,43 +261,72 @@ class Catchup:
         for i in range(0, len(wants), step):
             chunk = wants[i:i + step]
             sync.wanted.update(chunk)
-            self._send(sync, "sync_want", ids=chunk)
+            sync.outbox.append(("want", chunk))
             sync.outstanding += 1
-        sync.queue.append(_DONE)
-        self._pump(sync)
+        _mark(sync.queue)
+        self._wake(sync)
 
     def on_want(self, conn: Any, event: codec.Event) -> None:
         sync = self.syncs.get(conn)
         ids = event.body.get("ids")
         if sync is None or not isinstance(ids, list):
             return
-        ids = [i for i in ids[:self.config.sync_ids] if is_message_id(i)]
+        # Only as many as this side listed: a want answers a list, and
+        # wants beyond would have it push again what it pushed already.
+        ids = [i for i in ids[:min(self.config.sync_ids, sync.listed)] if is_message_id(i)]
+        sync.listed -= len(ids)
         room = self.config.max_push_queue - len(sync.queue)
         if len(ids) > room:
             ids, sync.truncated = ids[:max(0, room)], True
         sync.queue.extend(ids)
-        sync.queue.append(_DONE)
-        self._pump(sync)
+        _mark(sync.queue)
+        self._wake(sync)
 
     # -- pushing ---------------------------------------------------------------
+
+    def _wake(self, sync: Sync) -> None:
+        """Send what is queued now, unless a pump waits for the connection already."""
+        if sync.pumping is None or not sync.pumping.active():
+            self._pump(sync)
 
     def _pump(self, sync: Sync) -> None:
         sync.pumping = None
         conn = sync.conn
         if self.syncs.get(conn) is not sync:
             return
+        step = self.config.sync_ids
+        while sync.outbox and conn.has_room():
+            item = sync.outbox.popleft()
+            if item[0] == "want":
+                self._send(sync, "sync_want", ids=item[1])
+                continue
+            _, bucket, after = item
+            rows = self.history.ids_page(bucket, after, step + 1)
+            ids = [r[0] for r in rows[:step]]
+            last = len(rows) <= step
+            self._send(sync, "sync_have", bucket=bucket, ids=ids, last=last)
+            sync.listed += len(ids)
+            if not last:
+                sync.outbox.appendleft(("have", bucket, rows[step - 1][1:]))
+        if sync.outbox:
+            if conn.can_send():
+                sync.pumping = self.reactor.callLater(self.config.replay_wait, self._pump, sync)
+            return
         limit = min(self.config.push_bytes, conn.send_limit - 1024)
         while sync.queue and conn.has_room():
-            if sync.queue[0] is not _DONE and not sync.tokens.take(
+            head = sync.queue[0]
+            if not isinstance(head, _Done) and not sync.tokens.take(
                     _ids_ahead(sync.queue, self.config.push_envelopes)):
                 break
-            if sync.queue[0] is _DONE:
-                sync.queue.popleft()
+            if isinstance(head, _Done):
+                head.n -= 1
+                if not head.n:
+                    sync.queue.popleft()
                 self._send(sync, "sync_done", more=sync.truncated)
                 sync.truncated = False
                 continue
             ids = []
-            while sync.queue and sync.queue[0] is not _DONE and len(ids) < self.config.push_envelopes:
+            while sync.queue and not isinstance(sync.queue[0], _Done) and len(ids) < self.config.push_envelopes:
                 ids.append(sync.queue.popleft())
             batch: list[orjson.Fragment] = []
             size = 0
@@ -386,10 +452,10 @@ def _peer(conn: Any) -> str:
 
 
 def _ids_ahead(queue: deque, most: int) -> int:
-    """Ids before the next _DONE mark, up to ``most``."""
+    """Ids before the next _Done mark, up to ``most``."""
     n = 0
     for item in queue:
-        if item is _DONE or n >= most:
+        if isinstance(item, _Done) or n >= most:
             break
         n += 1
     return n

@@ -226,6 +226,8 @@ class HistoryConfig:
     #: stored messages one history request reads at most, when its
     #: ``key``/``from``/``min_pow`` leave most of them out
     scan_rows: int = 5000
+    #: and bytes of them: a page of what a filter leaves out costs at most this
+    scan_bytes: int = 4 * 1024 * 1024
     #: stored messages read at a time by a ``since`` replay, and the
     #: seconds it waits for a slow reader to catch up
     replay_batch: int = 100

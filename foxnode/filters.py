@@ -69,6 +69,18 @@ class Filter:
             self.owner.metrics.filter_dropped.inc()
         return True
 
+    def has_room(self) -> bool:
+        """Whether a frame now is kept without dropping an older one: a
+        ``since`` replay waits for the next poll otherwise."""
+        config = self.owner.config
+        # Room for one more of the largest frames (its payload, and the
+        # rest); an empty filter takes one whatever its size, as send_frame does.
+        return not self.held or (len(self.held) < config.filter_messages
+                                 and self.held_bytes + config.max_payload + 2048 <= config.filter_bytes)
+
+    def can_send(self) -> bool:
+        return self.owner.filters.get(self.id) is self
+
     def describe(self) -> str:
         return f"filter {self.id[:8]}"
 

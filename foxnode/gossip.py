@@ -339,12 +339,16 @@ class Subscription:
     senders: frozenset[str] | None = None
     min_pow: float = 0.0
     #: while a ``since`` replay runs (history.py): what came live
-    #: meanwhile, (id, event frame), sent after it; None otherwise
+    #: meanwhile, (id, event frame), sent after it; None otherwise. Its
+    #: bytes count in the connection's ``fox_state["held_bytes"]`` too
     held: list | None = None
     held_bytes: int = 0
     #: the client address it counts against (``limits.client_key``); None:
     #: the operator's, or a polled filter's (filters.py counts those)
     client: str | None = None
+    #: while a ``since`` replay runs: the stored ids it left to their
+    #: live delivery (this node's publishes not yet delivered)
+    skipped: set | None = None
 
 
 class Opened(NamedTuple):
@@ -538,12 +542,14 @@ class Gossip:
             return reply
         # Kept (on disk) before 202 says so; spread once the reply is out.
         self.history.record(envelope, encoded[1], durable=True)
+        self.history.undelivered.add(envelope.id)
 
         def kept(_: Any) -> codec.Reply:
             self.reactor.callLater(0, self.accept, envelope, None, True, encoded)
             return reply
 
         def not_kept(failure: Any) -> codec.Reply:
+            self.history.undelivered.discard(envelope.id)
             return codec.unavailable(f"The message store cannot be written ({failure.getErrorMessage()}); "
                                      "nothing was published.")
 
@@ -765,6 +771,8 @@ class Gossip:
         it). ``encoded``: what ``_encode`` made of it, when it is this
         node's publish (kept already). False when it was not new."""
         self.seen[envelope.id] = envelope.expires + self.config.max_skew
+        if encoded is not None and self.history is not None:
+            self.history.undelivered.discard(envelope.id)  # delivered now
         pending = self._unawait(envelope.id)
         if pending is not None and pending[0].active():
             pending[0].cancel()
@@ -887,9 +895,17 @@ class Gossip:
         assert held is not None
         held.append((message_id, frame))
         sub.held_bytes += len(frame)
-        while len(held) > 1 and sub.held_bytes > self.config.max_held_bytes:
-            sub.held_bytes -= len(held.pop(0)[1])
+        # Bounded per connection, as its send queue is: not once for each
+        # of its subscriptions that replays.
+        state = sub.conn.fox_state
+        total = state.get("held_bytes", 0) + len(frame)
+        while len(held) > 1 and (sub.held_bytes > self.config.max_held_bytes
+                                 or total > self.config.max_held_bytes):
+            gone = len(held.pop(0)[1])
+            sub.held_bytes -= gone
+            total -= gone
             self.metrics.send_dropped.labels("subscriber").inc()
+        state["held_bytes"] = total
 
     def _open(self, envelope: Envelope, key_id: str | None, payload: orjson.Fragment | None) -> Opened | None:
         """What a subscription holding ``key_id`` sees of ``envelope``; None:

@@ -57,7 +57,7 @@ def decode_cursor(text: Any) -> tuple[float, int] | None:
     except (ValueError, TypeError):
         return None
     if (not isinstance(created, (int, float)) or isinstance(created, bool) or not math.isfinite(created)
-            or not isinstance(seq, int) or isinstance(seq, bool) or seq < 0):
+            or not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < 2**63):
         return None
     return float(created), seq
 
@@ -93,6 +93,10 @@ class History:
         self._buckets: dict[int, list[int]] = {}
         for message_id, created in store.all_ids():
             self._count(message_id, created, +1)
+        #: ids of this node's publishes kept and not yet delivered (gossip
+        #: accepts them a turn after the commit): a ``since`` replay leaves
+        #: them to their live delivery, or it would send them twice
+        self.undelivered: set[str] = set()
         #: Deferreds of publishes waiting for this turn's commit
         self._waiting: list[Deferred] = []
         self._commit_call: Any = None
@@ -113,16 +117,17 @@ class History:
         try:
             added = self.store.add(envelope.id, envelope.topic, envelope.created, envelope.expires,
                                    encoded, durable=durable)
+            if not added:
+                return False
+            self._count(envelope.id, envelope.created, +1)
+            if self.store.bytes > self.store.max_bytes:
+                # A disk full shows here too (a DELETE writes): the same break.
+                for message_id, created in self.store.evict():
+                    self._count(message_id, created, -1)
+                    self.metrics.history_evicted.inc()
         except sqlite3.Error as e:
             self._break(e)
             return True
-        if not added:
-            return False
-        self._count(envelope.id, envelope.created, +1)
-        if self.store.bytes > self.store.max_bytes:
-            for message_id, created in self.store.evict():
-                self._count(message_id, created, -1)
-                self.metrics.history_evicted.inc()
         self._schedule_commit()
         return True
 
@@ -201,6 +206,10 @@ class History:
         width = self.config.bucket_seconds
         return self.store.ids_between(bucket * width, (bucket + 1) * width, self.reactor.seconds())
 
+    def ids_page(self, bucket: int, after: tuple[float, int] | None, limit: int) -> list[tuple[str, float, int]]:
+        width = self.config.bucket_seconds
+        return self.store.ids_page(bucket * width, (bucket + 1) * width, self.reactor.seconds(), after, limit)
+
     def rows(self, ids: Iterable[str]) -> Iterator[Row]:
         return self.store.get(ids, self.reactor.seconds())
 
@@ -234,9 +243,18 @@ class History:
             after = decode_cursor(args["cursor"])
             if after is None:
                 return codec.bad_args("history", '"cursor" must be the "cursor" of an earlier history reply')
+        try:
+            return self._history_page(topics, since, until, limit, after, key, senders, min_pow)
+        except sqlite3.Error as e:
+            log.error("history: the message store {path} cannot be read ({why})", path=self.store.path, why=e)
+            return codec.unavailable(f"The message store cannot be read ({e}); retry later.")
+
+    def _history_page(self, topics: list[str], since: float, until: float, limit: int,
+                      after: tuple[float, int] | None, key: str | None, senders: frozenset[str] | None,
+                      min_pow: float) -> codec.Reply:
         budget = self.config.page_bytes
         out: list[orjson.Fragment] = []
-        size = scanned = 0
+        size = scanned = scanned_bytes = 0
         now = self.reactor.seconds()
         while True:
             ask = min(max(limit, 100), self.config.scan_rows - scanned)
@@ -251,8 +269,10 @@ class History:
                     out.append(orjson.Fragment(frame))
                     size += len(frame)
                 scanned += 1
+                scanned_bytes += len(row.envelope)
                 after = (row.created, row.seq)
-                if len(out) >= limit or scanned >= self.config.scan_rows:
+                if (len(out) >= limit or scanned >= self.config.scan_rows
+                        or scanned_bytes >= self.config.scan_bytes):
                     stop = "enough"
                     break
             if stop == "full":
@@ -282,35 +302,64 @@ class History:
         """Send ``sub`` the stored messages from ``since`` up to now, then
         what it got meanwhile (``sub.held``, which gossip fills until then)."""
         sub.held = []
+        sub.skipped = set()
         upto = self.store.last_seq
         self.reactor.callLater(0, self._replay, sub, since, upto, None)
 
     def _replay(self, sub: "Subscription", since: float, upto: int, after: tuple[float, int] | None) -> None:
-        if sub.held is None or not sub.topics:
-            return  # unsubscribed, or its connection closed
+        if sub.held is None:
+            return  # its connection closed
+        if not sub.topics:
+            self._release(sub)  # unsubscribed
+            return
+        try:
+            self._replay_rows(sub, since, upto, after)
+        except sqlite3.Error as e:
+            # Not the replay, but not a subscription held back for ever either: it goes live.
+            log.error("since: the message store {path} cannot be read ({why}); the subscription goes live "
+                      "without the rest of its replay", path=self.store.path, why=e)
+            held = sub.held or []
+            self._release(sub)
+            for _, frame in held:
+                self._send(sub, frame)
+
+    def _replay_rows(self, sub: "Subscription", since: float, upto: int, after: tuple[float, int] | None) -> None:
         conn = sub.conn
         batch = self.config.replay_batch
-        while True:
-            rows = self.store.page(sorted(sub.topics), since, math.inf, self.reactor.seconds(),
-                                   after=after, upto_seq=upto, limit=batch)
-            for row in rows:
-                if not _has_room(conn):
-                    if conn.can_send():
-                        self.reactor.callLater(self.config.replay_wait, self._replay, sub, since, upto, after)
-                    return
-                frame = self._event(row, sub.key, sub.senders, sub.min_pow, sub.id)
-                if frame is not None:
-                    self._send(sub, frame)
-                after = (row.created, row.seq)
-            if len(rows) < batch:
-                break
+        rows = self.store.page(sorted(sub.topics), since, math.inf, self.reactor.seconds(),
+                               after=after, upto_seq=upto, limit=batch)
+        for row in rows:
+            if not _has_room(conn):
+                if conn.can_send():
+                    self.reactor.callLater(self.config.replay_wait, self._replay, sub, since, upto, after)
+                return
+            after = (row.created, row.seq)
+            if row.id in self.undelivered:
+                # A publish of this node, kept but not yet delivered:
+                # it comes live (held now, or after the replay).
+                sub.skipped.add(row.id)
+                continue
+            frame = self._event(row, sub.key, sub.senders, sub.min_pow, sub.id)
+            if frame is not None:
+                self._send(sub, frame)
+        if len(rows) == batch:
+            # A batch a turn: a long history does not hold the reactor.
+            self.reactor.callLater(0, self._replay, sub, since, upto, after)
+            return
         # Then what came live meanwhile, but for what the replay sent (a
         # publish of this node is kept a turn before it is delivered).
-        held, sub.held = sub.held, None
+        held, skipped = sub.held, sub.skipped or set()
+        self._release(sub)
         for message_id, frame in held:
             seq = self.store.seq_of(message_id)
-            if seq is None or seq > upto:
+            if seq is None or seq > upto or message_id in skipped:
                 self._send(sub, frame)
+
+    def _release(self, sub: "Subscription") -> None:
+        """The replay is over: ``sub`` holds nothing more back."""
+        state = sub.conn.fox_state
+        state["held_bytes"] = max(0, state.get("held_bytes", 0) - sub.held_bytes)
+        sub.held, sub.skipped, sub.held_bytes = None, None, 0
 
     def _send(self, sub: "Subscription", frame: bytes) -> None:
         if sub.conn.send_frame(frame, droppable=True):
@@ -321,7 +370,7 @@ class History:
 
 def _has_room(conn: Any) -> bool:
     """Whether ``conn`` takes more frames now without queueing them: a
-    connection while its reader keeps up; a polled filter always (it keeps
-    its own bounds)."""
+    connection while its reader keeps up; a polled filter while it holds
+    less than its bounds (filters.py)."""
     has_room = getattr(conn, "has_room", None)
     return has_room is None or has_room()

@@ -29,6 +29,7 @@ when the reader passed that point: a ``since`` replay or a later
 
 from __future__ import annotations
 
+import heapq
 import os
 import sqlite3
 from typing import Iterable, Iterator, NamedTuple
@@ -209,28 +210,62 @@ class MessageStore:
              limit: int = 100) -> list[Row]:
         """Unexpired envelopes on ``topics`` created from ``since`` to
         ``until``, oldest first, past the position ``after`` (a row's
-        ``(created, seq)``), arrived no later than ``upto_seq``."""
+        ``(created, seq)``), arrived no later than ``upto_seq``.
+
+        What it costs is the page, not the store: each topic is read along
+        its own index, from the cursor on (the position of each of them,
+        then the envelopes of the first ``limit`` of all), so topics with
+        little in them beside a busy one, or a cursor deep in a long topic,
+        scan no more than they return."""
         topics = list(dict.fromkeys(topics))
         if not topics:
             return []
-        sql = [f"SELECT seq, id, topic, created, expires, envelope FROM envelopes "
-               f"WHERE topic IN ({','.join('?' * len(topics))}) AND created >= ? AND created <= ? AND expires >= ?"]
-        params: list = [*topics, since, until, now]
-        if after is not None:
-            sql.append("AND (created > ? OR (created = ? AND seq > ?))")
+        where = ["topic = ? AND created <= ? AND expires >= ?"]
+        params: list = [until, now]
+        if after is None or since > after[0]:
+            where.append("AND created >= ?")  # all of the range is past the cursor
+            params.append(since)
+        else:
+            # "created >= ?" apart, so that the index is entered at the cursor.
+            where.append("AND created >= ? AND (created > ? OR seq > ?)")
             params += [after[0], after[0], after[1]]
         if upto_seq is not None:
-            sql.append("AND seq <= ?")
+            where.append("AND seq <= ?")
             params.append(upto_seq)
-        sql.append("ORDER BY created, seq LIMIT ?")
-        params.append(limit)
-        return [Row(*r) for r in self._db.execute(" ".join(sql), params)]
+        condition = " ".join(where)
+        if len(topics) == 1:
+            return [Row(*r) for r in self._db.execute(
+                f"SELECT seq, id, topic, created, expires, envelope FROM envelopes INDEXED BY envelopes_by_topic "
+                f"WHERE {condition} ORDER BY created, seq LIMIT ?", (topics[0], *params, limit))]
+        positions = heapq.nsmallest(limit, (p for topic in topics for p in self._db.execute(
+            f"SELECT created, seq FROM envelopes INDEXED BY envelopes_by_topic "
+            f"WHERE {condition} ORDER BY created, seq LIMIT ?", (topic, *params, limit))))
+        seqs = [seq for _, seq in positions]
+        rows: list[Row] = []
+        for i in range(0, len(seqs), 500):  # within any SQLite's count of variables
+            chunk = seqs[i:i + 500]
+            rows += (Row(*r) for r in self._db.execute(
+                f"SELECT seq, id, topic, created, expires, envelope FROM envelopes "
+                f"WHERE seq IN ({','.join('?' * len(chunk))}) ORDER BY created, seq", chunk))
+        return rows
 
     def ids_between(self, start: float, end: float, now: float) -> list[str]:
         """Ids of the unexpired envelopes created in ``[start, end)``."""
         return [r[0] for r in self._db.execute(
             "SELECT id FROM envelopes WHERE created >= ? AND created < ? AND expires >= ? ORDER BY created, seq",
             (start, end, now))]
+
+    def ids_page(self, start: float, end: float, now: float, after: tuple[float, int] | None,
+                 limit: int) -> list[tuple[str, float, int]]:
+        """(id, created, seq) of the unexpired envelopes created in
+        ``[start, end)``, oldest first, past the position ``after``: a
+        long listing read a frame at a time."""
+        sql = "SELECT id, created, seq FROM envelopes WHERE created >= ? AND created < ? AND expires >= ?"
+        params: list = [start, end, now]
+        if after is not None:
+            sql += " AND created >= ? AND (created > ? OR seq > ?)"
+            params += [after[0], after[0], after[1]]
+        return self._db.execute(sql + " ORDER BY created, seq LIMIT ?", (*params, limit)).fetchall()
 
     def get(self, ids: Iterable[str], now: float) -> Iterator[Row]:
         """The unexpired envelopes among ``ids`` that are held."""
