@@ -102,14 +102,10 @@ class Filters:
 
     def op_filter(self, conn: Any, args: Any) -> codec.Reply:
         gossip = self.gossip
-        topics = gossip._topics_arg("filter", args)
-        if isinstance(topics, codec.Reply):
-            return topics
-        if len(set(topics)) > self.config.max_topics_per_connection:
-            return codec.bad_args("filter", f'"topics": at most {self.config.max_topics_per_connection} per filter')
-        wanted = gossip._filter_args("filter", args)
-        if isinstance(wanted, codec.Reply):
-            return wanted
+        selection = gossip.selection_args("filter", args)
+        if isinstance(selection, codec.Reply):
+            return selection
+        topics, *wanted = selection
         since = gossip.since_arg("filter", args)
         if isinstance(since, codec.Reply):
             return since

@@ -625,6 +625,20 @@ class Gossip:
             return codec.bad_args(op, f'"topics" must be a list of strings of 1 to {limit} characters')
         return topics
 
+    def selection_args(self, op: str, args: Any) -> tuple[list[str], str | None, frozenset[str] | None, float] | codec.Reply:
+        """What ``filter`` and ``history`` select by: ``topics`` (at most
+        ``max_topics_per_connection`` of them) and ``key``/``from``/``min_pow``,
+        or the refusal."""
+        topics = self._topics_arg(op, args)
+        if isinstance(topics, codec.Reply):
+            return topics
+        if len(set(topics)) > self.config.max_topics_per_connection:
+            return codec.bad_args(op, f'"topics": at most {self.config.max_topics_per_connection}')
+        wanted = self._filter_args(op, args)
+        if isinstance(wanted, codec.Reply):
+            return wanted
+        return (topics, *wanted)
+
     def _subscriptions(self, conn: Any) -> dict[str, Subscription]:
         return conn.fox_state.setdefault("subscriptions", {})
 

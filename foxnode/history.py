@@ -219,16 +219,10 @@ class History:
     # -- history ---------------------------------------------------------------
 
     def op_history(self, conn: Any, args: Any) -> codec.Reply:
-        gossip = self.gossip
-        topics = gossip._topics_arg("history", args)
-        if isinstance(topics, codec.Reply):
-            return topics
-        if len(set(topics)) > gossip.config.max_topics_per_connection:
-            return codec.bad_args("history", f'"topics": at most {gossip.config.max_topics_per_connection}')
-        wanted = gossip._filter_args("history", args)
-        if isinstance(wanted, codec.Reply):
-            return wanted
-        key, senders, min_pow = wanted
+        selection = self.gossip.selection_args("history", args)
+        if isinstance(selection, codec.Reply):
+            return selection
+        topics, key, senders, min_pow = selection
         since, until = _time_arg(args, "since"), _time_arg(args, "until")
         for value in (since, until):
             if isinstance(value, codec.Reply):

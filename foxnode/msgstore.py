@@ -101,7 +101,9 @@ class MessageStore:
         is not ours or not sound (the file is left as it was)."""
         check_file(path)
         try:
-            db = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+            # A lock held by another program fails a write at once rather
+            # than holding the reactor for the default 5 s.
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=True, timeout=0.05)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             if db.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
