@@ -349,9 +349,10 @@ class HangUp:
             log.info("SIGHUP: no log file to reopen; the node goes on")
 
 
-def makeService(config: Options, reactor: Any = None) -> NodeService:
+def makeService(config: Options, reactor: Any = None, runner: Any = None) -> NodeService:
     """Options, then configs, then the files, then build; the service listens
-    when twistd starts it."""
+    when twistd starts it. ``runner`` runs the peer store's writes (default:
+    a thread of its own; host.py shares one among its nodes)."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -361,7 +362,7 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
     # A bad endpoint (syntax, TLS files) is refused before anything is locked or read.
     endpoint = _server_endpoint(reactor, config["listen"])
     metrics = NodeMetrics()
-    file_locks, store, node_identity, key_store = _open_files(reactor, config, configs, metrics)
+    file_locks, store, node_identity, key_store = _open_files(reactor, config, configs, metrics, runner)
     named = configs.node.bootstrap + configs.peers.static
     if named:
         # Dialed whatever the disk does: the operator named them, so a
@@ -385,8 +386,8 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
     return node_service
 
 
-def _open_files(reactor: Any, config: Options, configs: Configs, metrics: NodeMetrics
-                ) -> tuple[list[locks.FileLock], PeerStore, identity.Identity, keys.KeyStore]:
+def _open_files(reactor: Any, config: Options, configs: Configs, metrics: NodeMetrics,
+                runner: Any = None) -> tuple[list[locks.FileLock], PeerStore, identity.Identity, keys.KeyStore]:
     """Lock the node's files, then read the peer store, the key and the key
     store; any fault ends the start in one line, with nothing left locked
     and no file written."""
@@ -399,7 +400,8 @@ def _open_files(reactor: Any, config: Options, configs: Configs, metrics: NodeMe
     # The store first: a node refused for its peers file leaves nothing behind.
     try:
         store = PeerStore.open(reactor, config["peers-file"], max_peers=configs.store.max_peers,
-                               flush_delay=configs.store.flush_delay, on_write=metrics.store_writes.observe)
+                               flush_delay=configs.store.flush_delay, on_write=metrics.store_writes.observe,
+                               runner=runner)
         # Read before node.key may be created: a refused start leaves the data directory as it was.
         key_store = keys.KeyStore.open(reactor, os.path.join(config["data-dir"], keys.KEY_FILE),
                                        configs.keys)
