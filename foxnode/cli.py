@@ -507,14 +507,18 @@ def parser() -> argparse.ArgumentParser:
 
     devnet = sub.add_parser(
         "devnet", help="run N nodes on 127.0.0.1 that form one network",
-        description="Start N nodes (twistd foxnode) on 127.0.0.1, each with its own data directory "
+        description="Start N nodes on 127.0.0.1, each with its own data directory "
                     "DIR/node-i and port BASE-PORT+i, every node after the first bootstrapping from "
-                    "node-0. Shows the nodes coming up and their live peer connections, prints each "
+                    "node-0 (above 30 nodes, or with --per-process, K nodes share one process, "
+                    "twistd foxnode-host, and node i bootstraps from node (i-1)//2). Shows the nodes coming up and their live peer connections, prints each "
                     "node's addresses, and keeps running until Ctrl-C or SIGTERM, which stop the nodes. "
                     "DIR is kept: running again reuses it, so the nodes keep their ids and peers.",
     )
-    devnet.add_argument("--nodes", "-n", type=_count(100), default=3, metavar="N",
+    devnet.add_argument("--nodes", "-n", type=_count(1000), default=3, metavar="N",
                         help="how many nodes (default: %(default)s)")
+    devnet.add_argument("--per-process", type=_count(1000), default=None, metavar="K",
+                        help="run K nodes in each process (twistd foxnode-host), sharing its reactor "
+                             "(default: 1 up to 30 nodes, 50 above)")
     devnet.add_argument("--base-port", type=_port, default=9000, metavar="P",
                         help="node i listens on P+i (default: %(default)s)")
     devnet.add_argument("--dir", type=directory, default="devnet", metavar="DIR",

@@ -28,6 +28,7 @@ Every address here is on 127.0.0.1.
 from __future__ import annotations
 
 import os
+import resource
 from typing import Any
 
 from twisted.application import service
@@ -165,11 +166,23 @@ class HostService(service.MultiService):
         return result
 
 
+def _more_files() -> None:
+    """K nodes hold K listening sockets, their connections and files: take
+    the hard limit of open files, as far as the soft one may go."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
+        except (ValueError, OSError):
+            pass
+
+
 def makeService(config: Options, reactor: Any = None) -> HostService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    _more_files()
     runner = ThreadRunner(reactor, name="foxnode-host-writer")
     shared = SharedRunner(runner)
     host = HostService(runner)
