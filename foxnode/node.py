@@ -380,6 +380,8 @@ class Node:
             "ops": sorted(self._ops),
             # Envelopes below it are refused here (--min-pow): what a publisher must reach.
             "min_pow": self.gossip.config.min_pow if self.gossip is not None else 0.0,
+            # Link emulation on the links this node dials (links.py), or None.
+            "links": self.peers.links_info() if self.peers is not None else None,
         }
 
     def health(self) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 
-from foxnode import PROTOCOL_VERSION, address, codec, identity, logs
+from foxnode import PROTOCOL_VERSION, address, codec, identity, links, logs
 from foxnode.client import endpoint_for
 from foxnode.config import PeerConfig
 from foxnode.dialing import IN_FLIGHT, DialBook, Event, Seen, State, choose, expired
@@ -99,6 +99,8 @@ class PeerManager:
         self.peers: dict[str, Any] = {}
         #: every address's dial lifecycle (dialing.py)
         self.book = DialBook()
+        #: the draws of link emulation (links.py): jitter and loss
+        self._link_rng = random.Random()
         # ``jitter``: what is added to each retry delay (tests fix it).
         rng = jitter or (lambda: random.uniform(0, self.config.backoff_initial))
         self._backoff = backoffPolicy(
@@ -287,6 +289,14 @@ class PeerManager:
             self._unproven[addr] = None
             self.tick_soon()
 
+    def links_info(self) -> dict[str, Any] | None:
+        """What ``info`` says of the link emulation, or None without one."""
+        c = self.config.links
+        if c.is_plain():
+            return None
+        return {"emulation": links.EMULATION, "default": links.describe(c.default),
+                "rules": [{"ports": [low, high], **links.describe(s)} for low, high, s in c.rules]}
+
     def dial(self, addr: str, probe: bool = False) -> Deferred:
         """Connect to ``addr`` and say hello; fires with the connection or
         fails with the reason. Bookkeeping (the dial record, the store) is
@@ -307,6 +317,7 @@ class PeerManager:
                                    max_depth=c.max_depth, ping_interval=c.ping_interval,
                                    ping_timeout=c.ping_timeout, open_timeout=self.config.dial_timeout)
         endpoint = endpoint_for(self.reactor, parsed, self.config.trust_roots, self.config.dial_timeout)
+        endpoint = links.wrap_endpoint(endpoint, self.config.links, parsed.port, self.reactor, self._link_rng)
         log.debug("dialing {addr}", addr=addr)
         d = endpoint.connect(factory)
         dial = self.book.get(addr)

@@ -18,10 +18,10 @@ from OpenSSL import SSL, crypto
 from twisted.internet.endpoints import serverFromString
 from twisted.python import logfile, usage
 
-from foxnode import address, frames, identity, keys, locks, logs
+from foxnode import address, frames, identity, keys, links, locks, logs
 from foxnode.client import TrustError, load_trust_root
-from foxnode.config import (DEFAULT_TRUSTED, GossipConfig, NodeConfig, PeerConfig, StoreConfig,
-                            WebConfig, default)
+from foxnode.config import (DEFAULT_TRUSTED, GossipConfig, LinkConfig, LinkShape, NodeConfig, PeerConfig,
+                            StoreConfig, WebConfig, default)
 from foxnode.metrics import NodeMetrics
 from foxnode.service import (  # noqa: F401  (CannotStart and why_not_listening were tap's)
     CannotStart, Configs, NodeService, build, why_not_listening)
@@ -90,6 +90,16 @@ def _frames(text: str) -> str:
 _frames.coerceDoc = f"One of: {', '.join(frames.CHOICES)}."  # shown in --help
 
 
+def _link(option: str, parse: Any) -> Any:
+    def coerce(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise usage.UsageError(f"--{option} {e}") from None
+
+    return coerce
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
@@ -152,6 +162,14 @@ class Options(usage.Options):
         ["frames", None, default(NodeConfig, "frames"),
          "Who reads and writes WebSocket frames: own (the node's fast path) or autobahn "
          "(Autobahn's frame code alone; slower, for comparison and as a way out).", _frames],
+        ["link-latency", None, None,
+         "Emulate this one-way latency, with jitter after a colon (40ms:10ms), on the peer links this "
+         "node dials, both ways (links.py).", _link("link-latency", links.parse_latency)],
+        ["link-loss", None, None,
+         "Emulate this share of lost TCP segments (1%) on the links this node dials: each costs a "
+         "retransmission's delay, as on TCP.", _link("link-loss", links.parse_loss)],
+        ["link-bandwidth", None, None, "Emulate this bandwidth (1mbit, 100kbit) on each link this node dials.",
+         _link("link-bandwidth", links.parse_rate)],
         ["cafile", None, None, "CA certificates (a PEM file or a directory of them) to verify wss:// peers with (default: system trust)."],
     ]
     optFlags = [
@@ -166,6 +184,16 @@ class Options(usage.Options):
         self["trusted"] = []
         self["allowed-origin"] = []
         self["allowed-host"] = []
+        self["link-rule"] = []
+
+    def opt_link_rule(self, rule: str) -> None:
+        """Links to peers on these ports take this shape instead of the
+        --link-* ones: PORT-PORT=latency=40ms:10ms,loss=1%,bandwidth=1mbit
+        (a group of a devnet); repeatable, the first that matches counts."""
+        try:
+            self["link-rule"].append(links.parse_rule(rule))
+        except ValueError as e:
+            raise usage.UsageError(f"--link-rule {e}") from None
 
     def opt_allowed_origin(self, origin: str) -> None:
         """An origin (scheme://host[:port]) besides the node's own whose web
@@ -269,7 +297,14 @@ class Options(usage.Options):
             trust_roots=self["cafile"],
             static=tuple(dict.fromkeys(self["static-peer"])),
             trusted_peers=frozenset(self["trusted-peer"]),
+            links=self.link_config(),
         )
+
+    def link_config(self) -> LinkConfig:
+        latency, jitter = self["link-latency"] or (0.0, 0.0)
+        shape = LinkShape(latency=latency, jitter=jitter, loss=self["link-loss"] or 0.0,
+                          bandwidth=self["link-bandwidth"])
+        return LinkConfig(default=shape, rules=tuple(self["link-rule"]))
 
     def web_config(self) -> WebConfig:
         origins = self["allowed-origin"]

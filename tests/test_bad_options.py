@@ -107,6 +107,11 @@ NODE_BAD: dict[str, list[str]] = {
     "min-pow": ["nan", "NaN", "inf", "-inf", "1e999", "abc", "", "-1", "-0.5", "2e12"],
     "send-queue": bad_numbers(1024, 1 << 30, whole=True),
     "frames": ["", "fast", "0", "own,autobahn", "auto" + UNDECODABLE],
+    "link-latency": ["", "-40ms", "40ms:-1ms", "abc", "nan", "inf", "61s", "40ms:"],
+    "link-loss": ["", "-1%", "100%", "1.5", "abc", "nan", "inf"],
+    "link-bandwidth": ["", "0", "-1mbit", "fast", "nan", "inf", "1e999"],
+    "link-rule": ["", "9000", "9000=latency=-1ms", "9001-9000=latency=1ms", "x=latency=1ms",
+                  "9000=jitter=1ms", "0-9=latency=1ms", "9000=loss=100%"],
 }
 
 

@@ -22,7 +22,7 @@ PACKAGE = Path(foxnode.__file__).parent
 #: The modules of node logic: they take the time from the reactor handed in.
 LOGIC = ["node", "peers", "dialing", "handshake", "gossip", "store", "peerindex", "storewriter",
          "storefiles", "web", "limits", "service", "protocol", "frames",
-         "codec", "identity", "address", "metrics", "keys", "crypto", "filters"]
+         "codec", "identity", "address", "metrics", "keys", "crypto", "filters", "links"]
 WALL_CLOCK = {("time", "time"), ("time", "time_ns"), ("datetime", "now"), ("datetime", "utcnow"),
               ("date", "today"), ("time", "localtime"), ("time", "gmtime")}
 
