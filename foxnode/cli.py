@@ -35,7 +35,7 @@ from twisted.internet.defer import (
 )
 from twisted.internet.task import deferLater, react
 
-from foxnode import __version__, address, client, codec, crypto
+from foxnode import __version__, address, client, codec, crypto, links
 from foxnode.config import NodeConfig, default
 from foxnode.protocol import CLOSE_NORMAL, FoxClientFactory, FoxClientProtocol, RequestFailed
 
@@ -421,6 +421,18 @@ def directory(value: str) -> str:
     return value
 
 
+def _checked(parse: Callable[[str], Any]) -> Callable[[str], str]:
+    """An argument checked by ``parse`` and kept as written (the nodes parse it again)."""
+    def check(text: str) -> str:
+        try:
+            parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+
+    return check
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -533,6 +545,14 @@ def parser() -> argparse.ArgumentParser:
                              "saying which have none (default: %(default)s)")
     devnet.add_argument("--stop-timeout", type=_seconds(1), default=10.0, metavar="SECONDS",
                         help="how long a node may take to stop before it is killed (default: %(default)s)")
+    devnet.add_argument("--latency", type=_checked(links.parse_latency), metavar="DELAY[:JITTER]",
+                        help="emulate this one-way latency (with jitter) on every peer link, e.g. 40ms:10ms "
+                             "(in the nodes' own connections; no root needed)")
+    devnet.add_argument("--loss", type=_checked(links.parse_loss), metavar="SHARE",
+                        help="emulate this share of lost TCP segments on every peer link, e.g. 1%% "
+                             "(each costs a retransmission's delay)")
+    devnet.add_argument("--bandwidth", type=_checked(links.parse_rate), metavar="RATE",
+                        help="emulate this bandwidth on every peer link, e.g. 1mbit")
     devnet.add_argument("--debug", action="store_true", help="run the nodes with --debug logging")
     return top
 

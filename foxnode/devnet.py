@@ -33,7 +33,7 @@ import attrs
 import orjson
 from twisted.internet.defer import DeferredList, ensureDeferred
 
-from foxnode import client, launch
+from foxnode import client, launch, links
 from foxnode.cli import EXIT_ERROR, EXIT_USAGE, Failed, _say, _sleep
 from foxnode.launch import LOOPBACK, exit_text, log_tail
 from foxnode.storefiles import write_atomically
@@ -135,7 +135,7 @@ class Devnet:
 
     def __init__(self, reactor: Any, directory: Path, count: int, base_port: int,
                  network: str, *, debug: bool = False, out: IO[str] | None = None,
-                 poll_interval: float = 0.5, per_process: int = 1) -> None:
+                 poll_interval: float = 0.5, per_process: int = 1, node_options: tuple[str, ...] = ()) -> None:
         self.reactor = reactor
         self.directory = directory
         self.network = network
@@ -143,6 +143,8 @@ class Devnet:
         self.out = out or sys.stdout
         self.poll_interval = poll_interval
         self.base_port = base_port
+        #: foxnode options every node is given (link emulation, ...)
+        self.node_options = list(node_options)
         self.nodes = [DevNode(i, base_port + i, directory / f"node-{i}") for i in range(count)]
         #: the host processes (none when every node runs in its own process)
         self.hosts: list[DevHost] = []
@@ -165,7 +167,7 @@ class Devnet:
 
     def options(self, node: DevNode) -> list[str]:
         """The foxnode options of ``node`` beyond its port and directory."""
-        extra = ["--network", self.network]
+        extra = ["--network", self.network, *self.node_options]
         if node.index > 0:
             extra += ["--peer", self.nodes[0].url]
         if self.debug:
@@ -192,7 +194,7 @@ class Devnet:
 
     def host_options(self) -> list[str]:
         """The foxnode options every node of a host process is given."""
-        return ["--network", self.network] + (["--debug"] if self.debug else [])
+        return ["--network", self.network, *self.node_options] + (["--debug"] if self.debug else [])
 
     def processes(self) -> list[tuple[str, launch.Launched]]:
         """(name, process) of every child started, one per process."""
@@ -451,6 +453,16 @@ class Devnet:
             self._lock = None
 
 
+def link_options(latency: str | None, loss: str | None, bandwidth: str | None) -> tuple[str, ...]:
+    """The nodes' ``--link-*`` options for the devnet's ``--latency``,
+    ``--loss`` and ``--bandwidth`` (already checked)."""
+    out: list[str] = []
+    for option, value in (("--link-latency", latency), ("--link-loss", loss), ("--link-bandwidth", bandwidth)):
+        if value is not None:
+            out += [option, value]
+    return tuple(out)
+
+
 def _names(nodes: list[DevNode], most: int = 10) -> str:
     """``node-3, node-7`` (and how many more)."""
     shown = ", ".join(n.name for n in nodes[:most])
@@ -459,7 +471,11 @@ def _names(nodes: list[DevNode], most: int = 10) -> str:
 
 async def run_devnet(reactor: Any, opts: argparse.Namespace) -> None:
     net = Devnet(reactor, Path(opts.dir).absolute(), opts.nodes, opts.base_port, opts.network,
-                 debug=opts.debug, per_process=per_process(opts.nodes, opts.per_process))
+                 debug=opts.debug, per_process=per_process(opts.nodes, opts.per_process),
+                 node_options=link_options(opts.latency, opts.loss, opts.bandwidth))
+    if net.node_options:
+        net.say(f"links: {' '.join(net.node_options)} (emulated in each node's connections, "
+                f"no root: {links.EMULATION})")
     net.prepare()
     reactor.addSystemEventTrigger("before", "shutdown", lambda: ensureDeferred(net.stop(opts.stop_timeout)))
     # A closed terminal stops the devnet as Ctrl-C does (the nodes are in
