@@ -554,7 +554,39 @@ def parser() -> argparse.ArgumentParser:
     devnet.add_argument("--bandwidth", type=_checked(links.parse_rate), metavar="RATE",
                         help="emulate this bandwidth on every peer link, e.g. 1mbit")
     devnet.add_argument("--debug", action="store_true", help="run the nodes with --debug logging")
+
+    experiment = sub.add_parser(
+        "experiment", help="run an experiment from a scenario file on a devnet, and write its report",
+        description="foxnode experiment run FILE: start the network FILE (TOML) names, run its "
+                    "timeline (publish, kill, restart), and write the figures (report.json) and plots "
+                    "(PNG) to a report folder. Ctrl-C stops every node and keeps the partial report.",
+    )
+    experiment.add_argument("action", choices=["run"], metavar="ACTION", help="run")
+    experiment.add_argument("file", type=scenario_file, metavar="FILE", help="the scenario (TOML)")
+    experiment.add_argument("--out", type=directory, metavar="DIR",
+                            help="the report folder (default: ./FILE's name-report)")
+    experiment.add_argument("--dir", type=directory, metavar="DIR",
+                            help="where the nodes keep their data (default: ./FILE's name-nodes)")
     return top
+
+
+def scenario_file(value: str) -> str:
+    """A scenario, checked whole before anything starts (experiment.py)."""
+    from foxnode.experiment import ScenarioError, load_scenario
+
+    if not value:
+        raise argparse.ArgumentTypeError("give a scenario file")
+    try:
+        load_scenario(value)
+    except ScenarioError as e:
+        raise argparse.ArgumentTypeError(f"{value}: {e}") from None
+    return value
+
+
+async def run_experiment(reactor: Any, opts: argparse.Namespace) -> None:
+    from foxnode.experiment import run_experiment as experiment
+
+    await experiment(reactor, opts)
 
 
 async def run_devnet(reactor: Any, opts: argparse.Namespace) -> None:
@@ -571,7 +603,8 @@ async def run_attach(reactor: Any, opts: argparse.Namespace) -> None:
     await attach(reactor, opts)
 
 
-_RUNNERS = {"call": run_call, "watch": run_watch, "devnet": run_devnet, "attach": run_attach}
+_RUNNERS = {"call": run_call, "watch": run_watch, "devnet": run_devnet, "attach": run_attach,
+            "experiment": run_experiment}
 
 
 async def _run(reactor: Any, opts: argparse.Namespace) -> None:

@@ -211,24 +211,33 @@ class Devnet:
         if self.hosts:
             self.directory.mkdir(parents=True, exist_ok=True)
             for host in self.hosts:
-                stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-                host.process = launch.launch_host(
-                    self.reactor, self.directory, host.last - host.first + 1, host.first, self.base_port,
-                    *self.host_options(), log_path=host.log_path, bootstrap="tree", new_session=True,
-                    banner=f"=== foxnode devnet: {host.name} ({host.span}) starting at {stamp} ===")
-                for node in self.nodes[host.first:host.last + 1]:
-                    node.process = host.process
-                self.say(f"{host.name}: starting {host.span} (pid {host.process.pid}), log {host.log_path}")
+                self.relaunch(host)
             return
         for node in self.nodes:
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            self.relaunch(node)
+
+    def relaunch(self, what: DevHost | DevNode) -> None:
+        """Start a host process or a node (again: its data is kept)."""
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if isinstance(what, DevHost):
+            host = what
             # A session of its own: Ctrl-C reaches the devnet only, which
             # then stops every node in order.
-            node.process = launch.launch_node(
-                self.reactor, node.directory, *self.options(node), port=node.port,
-                log_path=node.log_path, new_session=True,
-                banner=f"=== foxnode devnet: {node.name} starting at {stamp} ===")
-            self.say(f"{node.name}: starting (pid {node.process.pid}), log {node.log_path}")
+            host.process = launch.launch_host(
+                self.reactor, self.directory, host.last - host.first + 1, host.first, self.base_port,
+                *self.host_options(), log_path=host.log_path, bootstrap="tree", new_session=True,
+                banner=f"=== foxnode devnet: {host.name} ({host.span}) starting at {stamp} ===")
+            for node in self.nodes[host.first:host.last + 1]:
+                node.process, node.exit_reported = host.process, False
+            self.say(f"{host.name}: starting {host.span} (pid {host.process.pid}), log {host.log_path}")
+            return
+        node = what
+        node.process = launch.launch_node(
+            self.reactor, node.directory, *self.options(node), port=node.port,
+            log_path=node.log_path, new_session=True,
+            banner=f"=== foxnode devnet: {node.name} starting at {stamp} ===")
+        node.exit_reported = False
+        self.say(f"{node.name}: starting (pid {node.process.pid}), log {node.log_path}")
 
     async def _info(self, node: DevNode, timeout: float = 2.0) -> dict | None:
         """The node's ``info``, or None when it does not answer."""

@@ -1,0 +1,527 @@
+"""``foxnode experiment run FILE``: an experiment as a file, run on a devnet,
+its figures written to a report folder.
+
+A scenario (TOML) names the network, a timeline and what to keep::
+
+    [network]
+    nodes = 40             # 2 to 1000
+    per_process = 20       # nodes per process (default: as foxnode devnet)
+    latency = "40ms:10ms"  # emulated on every peer link (links.py), optional
+    loss = "1%"            # optional
+    bandwidth = "1mbit"    # optional
+
+    [[timeline]]
+    at = 0                 # seconds after every node has a peer
+    action = "publish"     # publish, kill, restart
+    count = 20
+    rate = 2               # messages per second
+
+    [[timeline]]
+    at = 15
+    action = "kill"
+    share = 0.2            # of the processes (all their nodes), at random
+
+    [[timeline]]
+    at = 25
+    action = "restart"     # what was killed
+
+    [measure]
+    settle = 10            # seconds to wait for deliveries after the last event
+    plots = true           # PNG plots (needs matplotlib)
+
+Everything is checked before anything starts: an unknown key, an
+impossible size, a negative latency end the command in one line naming it.
+
+The report folder holds ``report.json`` (the scenario, which emulation ran,
+every message: where and when it was published, when each node got it; the
+delivery over time; copies of each envelope a node received per message;
+peer connections per node) and, with plots, ``delivery.png``,
+``copies.png``, ``latency.png`` and ``connections.png``. Ctrl-C stops every
+node and writes what was measured so far, marked ``"interrupted": true``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import IO, Any
+
+import attrs
+import orjson
+from twisted.internet.defer import DeferredList, ensureDeferred
+
+from foxnode import client, devnet, links
+from foxnode.cli import EXIT_USAGE, Failed, _say, _sleep
+from foxnode.launch import LOOPBACK
+from foxnode.storefiles import write_atomically
+
+ACTIONS = ("publish", "kill", "restart")
+NETWORK_KEYS = {"nodes", "per_process", "base_port", "name", "latency", "loss", "bandwidth", "seed"}
+EVENT_KEYS = {"publish": {"at", "action", "count", "rate", "topic"},
+              "kill": {"at", "action", "share"},
+              "restart": {"at", "action"}}
+MEASURE_KEYS = {"settle", "plots"}
+TOP_KEYS = {"network", "timeline", "measure"}
+#: The longest an experiment's timeline may run, in seconds.
+MAX_AT = 86_400
+
+
+class ScenarioError(ValueError):
+    """What is wrong with a scenario, in one line naming the key."""
+
+
+@attrs.frozen
+class Event:
+    at: float
+    action: str
+    count: int = 0
+    rate: float = 1.0
+    topic: str = "experiment"
+    share: float = 0.0
+
+
+@attrs.frozen
+class Scenario:
+    nodes: int
+    per_process: int | None = None
+    base_port: int = 9000
+    name: str = "experiment"
+    latency: str | None = None
+    loss: str | None = None
+    bandwidth: str | None = None
+    seed: int = 1
+    timeline: tuple[Event, ...] = ()
+    settle: float = 10.0
+    plots: bool = True
+
+    def node_options(self) -> tuple[str, ...]:
+        return devnet.link_options(self.latency, self.loss, self.bandwidth)
+
+    def as_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+def _unknown(table: dict, known: set[str], where: str) -> None:
+    for key in table:
+        if key not in known:
+            raise ScenarioError(f"{where}{key}: unknown key (known: {', '.join(sorted(known))})")
+
+
+def _number(table: dict, key: str, where: str, low: float, high: float, whole: bool = False,
+            default: Any = None) -> Any:
+    if key not in table:
+        if default is None:
+            raise ScenarioError(f"{where}{key}: missing")
+        return default
+    value = table[key]
+    kind = "a whole number" if whole else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+        raise ScenarioError(f"{where}{key} = {value!r}: give {kind} from {low:g} to {high:g}")
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ScenarioError(f"{where}{key} = {value!r}: give {kind} from {low:g} to {high:g}")
+    return value
+
+
+def _figure(table: dict, key: str, where: str, parse: Any) -> str | None:
+    if key not in table:
+        return None
+    value = table[key]
+    if not isinstance(value, str):
+        raise ScenarioError(f"{where}{key} = {value!r}: give a string, e.g. \"40ms:10ms\", \"1%\", \"1mbit\"")
+    try:
+        parse(value)
+    except ValueError as e:
+        raise ScenarioError(f"{where}{key} = {e}") from None
+    return value
+
+
+def parse_scenario(data: dict) -> Scenario:
+    """A scenario from its parsed TOML, or ``ScenarioError`` naming the fault."""
+    _unknown(data, TOP_KEYS, "")
+    net = data.get("network")
+    if not isinstance(net, dict):
+        raise ScenarioError("network: missing (a [network] table with nodes = N)")
+    _unknown(net, NETWORK_KEYS, "network.")
+    nodes = _number(net, "nodes", "network.", 2, 1000, whole=True)
+    per_process = _number(net, "per_process", "network.", 1, 1000, whole=True, default=0) or None
+    base_port = _number(net, "base_port", "network.", 1, 65535, whole=True, default=9000)
+    if base_port + nodes - 1 > 65535:
+        raise ScenarioError(f"network.base_port = {base_port}: {nodes} nodes run past port 65535")
+    name = net.get("name", "experiment")
+    if not (isinstance(name, str) and 0 < len(name) <= 64 and name.isprintable()):
+        raise ScenarioError(f"network.name = {name!r}: give a name of 1 to 64 printable characters")
+    latency = _figure(net, "latency", "network.", links.parse_latency)
+    loss = _figure(net, "loss", "network.", links.parse_loss)
+    bandwidth = _figure(net, "bandwidth", "network.", links.parse_rate)
+    seed = _number(net, "seed", "network.", 0, 2**31, whole=True, default=1)
+    timeline = data.get("timeline", [])
+    if not isinstance(timeline, list):
+        raise ScenarioError("timeline: give a list of [[timeline]] tables")
+    events = []
+    for i, ev in enumerate(timeline):
+        where = f"timeline[{i}]."
+        if not isinstance(ev, dict):
+            raise ScenarioError(f"timeline[{i}]: give a table")
+        action = ev.get("action")
+        if action not in ACTIONS:
+            raise ScenarioError(f"{where}action = {action!r}: give one of {', '.join(ACTIONS)}")
+        _unknown(ev, EVENT_KEYS[action], where)
+        at = _number(ev, "at", where, 0, MAX_AT)
+        if action == "publish":
+            topic = ev.get("topic", "experiment")
+            if not (isinstance(topic, str) and 0 < len(topic) <= 128 and topic.isprintable()):
+                raise ScenarioError(f"{where}topic = {topic!r}: give a topic of 1 to 128 printable characters")
+            events.append(Event(at, action, count=_number(ev, "count", where, 1, 100_000, whole=True),
+                                rate=_number(ev, "rate", where, 0.01, 1000), topic=topic))
+        elif action == "kill":
+            events.append(Event(at, action, share=_number(ev, "share", where, 0.001, 1)))
+        else:
+            events.append(Event(at, action))
+    measure = data.get("measure", {})
+    if not isinstance(measure, dict):
+        raise ScenarioError("measure: give a [measure] table")
+    _unknown(measure, MEASURE_KEYS, "measure.")
+    settle = _number(measure, "settle", "measure.", 0, 3600, default=10.0)
+    plots = measure.get("plots", True)
+    if not isinstance(plots, bool):
+        raise ScenarioError(f"measure.plots = {plots!r}: give true or false")
+    return Scenario(nodes=nodes, per_process=per_process, base_port=base_port, name=name, latency=latency,
+                    loss=loss, bandwidth=bandwidth, seed=seed,
+                    timeline=tuple(sorted(events, key=lambda e: e.at)), settle=float(settle), plots=plots)
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and check a scenario file; ``ScenarioError`` in one line."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ScenarioError(f"cannot read it: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ScenarioError(f"not TOML: {e}") from None
+    scenario = parse_scenario(data)
+    if scenario.plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ScenarioError("measure.plots = true, but matplotlib is not installed "
+                                "(pip install matplotlib, or plots = false)") from None
+    return scenario
+
+
+# -- the run ------------------------------------------------------------------------------
+
+
+class Run:
+    """One experiment on one devnet, its measurements as it goes."""
+
+    def __init__(self, reactor: Any, scenario: Scenario, data_dir: Path, report_dir: Path,
+                 out: IO[str] | None = None) -> None:
+        self.reactor = reactor
+        self.scenario = scenario
+        self.report_dir = report_dir
+        self.out = out or sys.stdout
+        self.rng = random.Random(scenario.seed)
+        per = devnet.per_process(scenario.nodes, scenario.per_process)
+        self.net = devnet.Devnet(reactor, data_dir, scenario.nodes, scenario.base_port, scenario.name,
+                                 out=self.out, per_process=per, node_options=scenario.node_options())
+        #: message id -> {"origin", "sent", "topic", "expected", "got": {node index: seconds}}
+        self.messages: dict[str, dict[str, Any]] = {}
+        self.events: list[dict[str, Any]] = []
+        self.t0: float | None = None
+        self.killed: list[Any] = []
+        self.subscribers: dict[int, Any] = {}
+        self.copies_before: dict[int, float] = {}
+        self.finished = False
+        self.interrupted = False
+
+    def say(self, line: str) -> None:
+        _say(self.out, line)
+
+    def now(self) -> float:
+        return self.reactor.seconds() - (self.t0 or self.reactor.seconds())
+
+    # -- subscribers -----------------------------------------------------
+
+    def _on_event(self, index: int, event: Any) -> None:
+        if event.name != "message":
+            return
+        msg = self.messages.get(event.body.get("id"))
+        if msg is not None:
+            msg["got"].setdefault(index, self.now())
+
+    async def subscribe(self, nodes: list[devnet.DevNode]) -> None:
+        topics = sorted({e.topic for e in self.scenario.timeline if e.action == "publish"}) or ["experiment"]
+
+        async def one(node: devnet.DevNode) -> None:
+            conn = await client.connect(self.reactor, node.url, timeout=10,
+                                        on_event=lambda ev, i=node.index: self._on_event(i, ev))
+            reply = await conn.request("subscribe", {"topics": topics}, timeout=10)
+            if not reply.ok():
+                raise Failed(1, f"{node.name} refused the subscription: {reply.error}")
+            self.subscribers[node.index] = conn
+
+        for at in range(0, len(nodes), 100):
+            await DeferredList([ensureDeferred(one(n)) for n in nodes[at:at + 100]], consumeErrors=True)
+
+    # -- the timeline ----------------------------------------------------
+
+    def alive(self) -> list[devnet.DevNode]:
+        return [n for n in self.net.nodes if n.running() and n.index in self.subscribers]
+
+    async def publish(self, event: Event) -> None:
+        for i in range(event.count):
+            nodes = self.alive()
+            if nodes:
+                node = self.rng.choice(nodes)
+                sent = self.now()
+                try:
+                    reply = await self.subscribers[node.index].request(
+                        "publish", {"topic": event.topic, "payload": {"seq": i, "from": node.index}}, timeout=10)
+                except Exception:
+                    reply = None
+                if reply is not None and reply.ok():
+                    self.messages[reply.response["id"]] = {
+                        "origin": node.index, "sent": sent, "topic": event.topic,
+                        "expected": len(nodes), "got": {}}
+            await _sleep(self.reactor, 1 / event.rate)
+
+    def _processes(self) -> list[tuple[Any, list[devnet.DevNode]]]:
+        if self.net.hosts:
+            return [(h, self.net.nodes[h.first:h.last + 1]) for h in self.net.hosts]
+        return [(n, [n]) for n in self.net.nodes]
+
+    async def kill(self, event: Event) -> None:
+        running = [(p, nodes) for p, nodes in self._processes() if nodes[0].running()]
+        count = max(1, round(len(running) * event.share))
+        chosen = self.rng.sample(running, min(count, len(running)))
+        for proc, nodes in chosen:
+            proc.process.kill()
+            for n in nodes:
+                conn = self.subscribers.pop(n.index, None)
+                if conn is not None:
+                    conn.close()
+            self.killed.append((proc, nodes))
+        for proc, _ in chosen:
+            await proc.process.when_ended()
+        down = sum(len(nodes) for _, nodes in chosen)
+        self.say(f"t={self.now():.1f}s: killed {len(chosen)} process(es), {down} node(s)")
+        self.events.append({"t": self.now(), "action": "kill", "nodes": [n.index for _, ns in chosen for n in ns]})
+
+    async def restart(self, event: Event) -> None:
+        again, self.killed = self.killed, []
+        for proc, nodes in again:
+            self.net.relaunch(proc)
+        for proc, nodes in again:
+            try:
+                await proc.process.serving(60)
+            except Exception as e:
+                self.say(f"t={self.now():.1f}s: {proc.name} did not come back: {e}".splitlines()[0])
+                continue
+            await self.subscribe(nodes)
+        back = [n.index for _, ns in again for n in ns]
+        self.say(f"t={self.now():.1f}s: restarted {len(back)} node(s)")
+        self.events.append({"t": self.now(), "action": "restart", "nodes": back})
+
+    async def run(self) -> None:
+        s = self.scenario
+        net = self.net
+        net.prepare()
+        emulation = f"links emulated ({links.EMULATION}): {' '.join(s.node_options())}" if s.node_options() \
+            else "no link emulation"
+        self.say(f"experiment: {s.nodes} nodes, {emulation}; report in {self.report_dir}")
+        net.start()
+        started = time.monotonic()
+        await net.wait_up(max(60.0, s.nodes * 0.2))
+        net.show_addresses()
+        await net.wait_connected(60)
+        self.startup = time.monotonic() - started
+        await self.subscribe(net.nodes)
+        self.copies_before = await self.copies()
+        self.t0 = self.reactor.seconds()
+        self.say(f"t=0: timeline starts ({len(s.timeline)} event(s))")
+        background = []
+        for event in s.timeline:
+            wait = event.at - self.now()
+            if wait > 0:
+                await _sleep(self.reactor, wait)
+            if event.action == "publish":
+                self.say(f"t={self.now():.1f}s: publishing {event.count} message(s) at {event.rate:g}/s")
+                self.events.append({"t": self.now(), "action": "publish", "count": event.count})
+                background.append(ensureDeferred(self.publish(event)))
+            elif event.action == "kill":
+                await self.kill(event)
+            else:
+                await self.restart(event)
+        if background:
+            await DeferredList(background)
+        self.say(f"t={self.now():.1f}s: settling for {s.settle:g}s")
+        await _sleep(self.reactor, s.settle)
+
+    # -- measuring -------------------------------------------------------
+
+    async def copies(self) -> dict[int, float]:
+        """Envelopes each running node has received from peers (accepted and duplicate)."""
+        from twisted.web.client import Agent, readBody
+
+        agent = Agent(self.reactor)
+        found: dict[int, float] = {}
+
+        async def one(node: devnet.DevNode) -> None:
+            reply = await agent.request(b"GET", f"http://{LOOPBACK}:{node.port}/metrics".encode())
+            body = (await readBody(reply)).decode()
+            total = 0.0
+            for line in body.splitlines():
+                if line.startswith("foxnode_gossip_envelopes_received_total{") and (
+                        'outcome="accepted"' in line or 'outcome="duplicate"' in line):
+                    total += float(line.rsplit(" ", 1)[1])
+            found[node.index] = total
+
+        nodes = [n for n in self.net.nodes if n.running()]
+        for at in range(0, len(nodes), 100):
+            await DeferredList([ensureDeferred(one(n)) for n in nodes[at:at + 100]], consumeErrors=True)
+        return found
+
+    def figures(self, copies_after: dict[int, float]) -> dict[str, Any]:
+        msgs = sorted(self.messages.items(), key=lambda kv: kv[1]["sent"])
+        delivered = sum(len(m["got"]) for _, m in msgs)
+        expected = sum(m["expected"] for _, m in msgs)
+        latencies = sorted(t - m["sent"] for _, m in msgs for t in m["got"].values())
+        timeline = sorted(t for _, m in msgs for t in m["got"].values())
+        # Copies: envelopes received from peers per node and message, at the
+        # nodes that neither died nor restarted meanwhile (their counters ran throughout).
+        steady = [i for i in copies_after if i in self.copies_before]
+        received = sum(copies_after[i] - self.copies_before[i] for i in steady)
+        reached = sum(1 for _, m in msgs for i in m["got"] if i in steady and i != m["origin"])
+        per_node = {i: (copies_after[i] - self.copies_before[i]) / max(1, len(msgs)) for i in steady}
+        return {
+            "messages": len(msgs),
+            "delivery": delivered / expected if expected else None,
+            "latency": {"median": latencies[len(latencies) // 2] if latencies else None,
+                        "p99": latencies[int(len(latencies) * 0.99)] if latencies else None,
+                        "max": latencies[-1] if latencies else None},
+            "copies_per_node_per_message": received / reached if reached else None,
+            "copies_per_node": per_node,
+            "deliveries_over_time": timeline,
+            "expected_deliveries": expected,
+            "connections_per_node": {n.index: n.connected for n in self.net.nodes},
+            "per_message": [{"id": mid, "origin": m["origin"], "sent": m["sent"], "expected": m["expected"],
+                             "delivered": len(m["got"]),
+                             "last": max(m["got"].values()) - m["sent"] if m["got"] else None}
+                            for mid, m in msgs],
+        }
+
+    async def finish(self, interrupted: bool) -> None:
+        """Write the report (partial when interrupted), then stop every node."""
+        if self.finished:
+            return
+        self.finished = True
+        self.interrupted = interrupted
+        try:
+            try:
+                copies_after = await self.copies() if not interrupted else {}
+                await self.net._poll_connections()
+            except Exception:
+                copies_after = {}
+            self.write_report(copies_after)
+        finally:
+            for conn in self.subscribers.values():
+                conn.close()
+            await self.net.stop()
+
+    def write_report(self, copies_after: dict[int, float]) -> None:
+        self.report_dir.mkdir(parents=True, exist_ok=True)
+        figures = self.figures(copies_after)
+        report = {"scenario": self.scenario.as_dict(),
+                  "links": {"emulation": links.EMULATION if self.scenario.node_options() else None,
+                            "options": list(self.scenario.node_options())},
+                  "interrupted": self.interrupted,
+                  "startup_seconds": getattr(self, "startup", None),
+                  "events": self.events, **figures}
+        write_atomically(self.report_dir / "report.json",
+                         orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+        self.say(f"report: {self.report_dir / 'report.json'}: {figures['messages']} message(s), delivery "
+                 + (f"{figures['delivery']:.1%}" if figures["delivery"] is not None else "-")
+                 + (f", copies per node per message {figures['copies_per_node_per_message']:.2f}"
+                    if figures["copies_per_node_per_message"] is not None else "")
+                 + (" (interrupted: partial)" if self.interrupted else ""))
+        if self.scenario.plots:
+            plot(report, self.report_dir)
+            self.say(f"plots: {', '.join(PLOTS)} in {self.report_dir}")
+
+
+PLOTS = ("delivery.png", "copies.png", "latency.png", "connections.png")
+
+
+def plot(report: dict[str, Any], directory: Path) -> None:
+    """The report's four figures as PNG files (matplotlib, without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(directory / name, dpi=100)
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    times = report["deliveries_over_time"]
+    expected = report["expected_deliveries"] or 1
+    ax.step(times, [(i + 1) / expected for i in range(len(times))], where="post")
+    for ev in report["events"]:
+        if ev["action"] != "publish":
+            ax.axvline(ev["t"], color="grey", linestyle="--")
+            ax.text(ev["t"], 0.02, ev["action"], rotation=90, color="grey")
+    ax.set_xlabel("seconds since the timeline started")
+    ax.set_ylabel("share of expected deliveries")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Delivery over time")
+    save(fig, "delivery.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    per_node = list(report["copies_per_node"].values())
+    ax.hist(per_node, bins=30)
+    ax.set_xlabel("envelopes received per message")
+    ax.set_ylabel("nodes")
+    ax.set_title(f"Copies per node per message (mean {report['copies_per_node_per_message'] or 0:.2f})")
+    save(fig, "copies.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    last = [m["last"] for m in report["per_message"] if m["last"] is not None]
+    ax.hist(last, bins=30)
+    ax.set_xlabel("seconds until the last node had the message")
+    ax.set_ylabel("messages")
+    ax.set_title("Last-node latency per message")
+    save(fig, "latency.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    conns = [c for c in report["connections_per_node"].values() if c is not None]
+    ax.hist(conns, bins=range(0, max(conns, default=1) + 2))
+    ax.set_xlabel("live peer connections")
+    ax.set_ylabel("nodes")
+    ax.set_title("Connections per node (at the end)")
+    save(fig, "connections.png")
+
+
+async def run_experiment(reactor: Any, opts: argparse.Namespace) -> None:
+    try:
+        scenario = load_scenario(opts.file)
+    except ScenarioError as e:
+        raise Failed(EXIT_USAGE, f"{opts.file}: {e}") from None
+    stem = Path(opts.file).stem
+    report_dir = Path(opts.out or f"{stem}-report").absolute()
+    data_dir = Path(opts.dir or f"{stem}-nodes").absolute()
+    run = Run(reactor, scenario, data_dir, report_dir)
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: ensureDeferred(run.finish(interrupted=True)))
+    try:
+        await run.run()
+    except BaseException:
+        await run.finish(interrupted=True)
+        raise
+    await run.finish(interrupted=False)
