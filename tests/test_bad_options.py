@@ -283,6 +283,8 @@ def test_bad_node_options_of_a_host_are_one_line(node_args, named, tmp_path):
 # -- foxnode ---------------------------------------------------------------------------
 
 URL = f"ws://{LOOPBACK}:9/ws"
+#: the shipped scenario: a good FILE for foxnode experiment
+EXAMPLE = str(Path(__file__).resolve().parent.parent / "examples" / "gossip-kill.toml")
 SECONDS = ["nan", "inf", "-inf", "1e999", "abc", "", "0", "-1", "86401"]
 
 #: (subcommand, argument) -> (argv with {} for the bad value, bad values);
@@ -330,6 +332,10 @@ CLI_BAD: dict[tuple[str, str], tuple[list[str], list[str]]] = {
     ("devnet", "--start-timeout"): (["devnet", "--start-timeout", "{}"], SECONDS + ["0.5"]),
     ("devnet", "--connect-timeout"): (["devnet", "--connect-timeout", "{}"], SECONDS + ["0.5"]),
     ("devnet", "--stop-timeout"): (["devnet", "--stop-timeout", "{}"], SECONDS + ["0.5"]),
+    ("experiment", "ACTION"): (["experiment", "{}", EXAMPLE], ["", "walk", "Run"]),
+    ("experiment", "FILE"): (["experiment", "run", "{}"], ["", "/no/such/scenario.toml", "/", UNDECODABLE]),
+    ("experiment", "--out"): (["experiment", "run", EXAMPLE, "--out", "{}"], [""]),
+    ("experiment", "--dir"): (["experiment", "run", EXAMPLE, "--dir", "{}"], [""]),
 }
 
 
