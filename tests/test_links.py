@@ -20,7 +20,7 @@ from twisted.python.usage import UsageError
 
 from foxnode import links, tap
 from foxnode.config import LinkConfig, LinkShape
-from foxnode.testing import running_node, wait_for
+from foxnode.testing import running_node, sleep, wait_for
 
 
 class Recorder:
@@ -209,3 +209,30 @@ async def test_on_the_wire_a_request_takes_twice_the_configured_latency(reactor,
             assert 0.095 <= best <= 0.2, times
         # Without emulation: far below.
         assert b.node.info()["links"] is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_partition_closes_the_links_dialed_across_it_and_healing_dials_again(reactor, tmp_path):
+    from foxnode import client
+
+    async with running_node(reactor, tmp_path / "b") as b:
+        async with running_node(reactor, tmp_path / "a", "--peer", b.url) as a:
+            await wait_for(reactor, lambda: a.node.peers.peers, timeout=20, what="A's peer")
+            port = b.port
+            reply = await client.call(reactor, a.url, "links", {"block": [[port, port]]})
+            assert reply.status == 200 and reply.response == {"block": [[port, port]], "closed": 1}, reply
+            # Each side is told (B learned A's address from A's hello, and would dial it).
+            reply = await client.call(reactor, b.url, "links", {"block": [[a.port, a.port]]})
+            assert reply.status == 200, reply
+            await wait_for(reactor, lambda: not a.node.peers.peers and not b.node.peers.peers, timeout=10,
+                           what="the link closed")
+            assert a.node.info()["links"]["blocked"] == [[port, port]]
+            # Not dialed again while partitioned (rounds run every second).
+            await sleep(reactor, 2.5)
+            assert not a.node.peers.peers
+            reply = await client.call(reactor, a.url, "links", {"block": []})
+            assert reply.status == 200 and reply.response == {"block": [], "closed": 0}
+            await client.call(reactor, b.url, "links", {"block": []})
+            await wait_for(reactor, lambda: a.node.peers.peers, timeout=10, what="the link again")
+            bad = await client.call(reactor, a.url, "links", {"block": [[9, 8]]})
+            assert bad.status == 400 and '"block"' in bad.error
