@@ -558,7 +558,7 @@ def parser() -> argparse.ArgumentParser:
     experiment = sub.add_parser(
         "experiment", help="run an experiment from a scenario file on a devnet, and write its report",
         description="foxnode experiment run FILE: start the network FILE (TOML) names, run its "
-                    "timeline (publish, kill, restart), and write the figures (report.json) and plots "
+                    "timeline (publish, kill, restart, partition, heal), and write the figures (report.json) and plots "
                     "(PNG) to a report folder. Ctrl-C stops every node and keeps the partial report.",
     )
     experiment.add_argument("action", choices=["run"], metavar="ACTION", help="run")

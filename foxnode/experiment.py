@@ -25,6 +25,15 @@ A scenario (TOML) names the network, a timeline and what to keep::
     at = 25
     action = "restart"     # what was killed
 
+    [[timeline]]
+    at = 30
+    action = "partition"   # nodes 0..k-1 | k..N-1, k = split x N: no link between
+    split = 0.5
+
+    [[timeline]]
+    at = 40
+    action = "heal"
+
     [measure]
     settle = 10            # seconds to wait for deliveries after the last event
     plots = true           # PNG plots (needs matplotlib)
@@ -60,11 +69,13 @@ from foxnode.cli import EXIT_USAGE, Failed, _say, _sleep
 from foxnode.launch import LOOPBACK
 from foxnode.storefiles import write_atomically
 
-ACTIONS = ("publish", "kill", "restart")
+ACTIONS = ("publish", "kill", "restart", "partition", "heal")
 NETWORK_KEYS = {"nodes", "per_process", "base_port", "name", "latency", "loss", "bandwidth", "seed"}
 EVENT_KEYS = {"publish": {"at", "action", "count", "rate", "topic"},
               "kill": {"at", "action", "share"},
-              "restart": {"at", "action"}}
+              "restart": {"at", "action"},
+              "partition": {"at", "action", "split"},
+              "heal": {"at", "action"}}
 MEASURE_KEYS = {"settle", "plots"}
 TOP_KEYS = {"network", "timeline", "measure"}
 #: The longest an experiment's timeline may run, in seconds.
@@ -180,6 +191,8 @@ def parse_scenario(data: dict) -> Scenario:
                                 rate=_number(ev, "rate", where, 0.01, 1000), topic=topic))
         elif action == "kill":
             events.append(Event(at, action, share=_number(ev, "share", where, 0.001, 1)))
+        elif action == "partition":
+            events.append(Event(at, action, share=_number(ev, "split", where, 0.001, 0.999, default=0.5)))
         else:
             events.append(Event(at, action))
     measure = data.get("measure", {})
@@ -238,6 +251,8 @@ class Run:
         self.subscribers: dict[int, Any] = {}
         self.copies_before: dict[int, float] = {}
         self.finished = False
+        #: the first node of group B while partitioned, else None
+        self.split: int | None = None
         self.interrupted = False
 
     def say(self, line: str) -> None:
@@ -288,7 +303,7 @@ class Run:
                 if reply is not None and reply.ok():
                     self.messages[reply.response["id"]] = {
                         "origin": node.index, "sent": sent, "topic": event.topic,
-                        "expected": len(nodes), "got": {}}
+                        "expected": len(nodes), "got": {}, "partitioned": self.split is not None}
             await _sleep(self.reactor, 1 / event.rate)
 
     def _processes(self) -> list[tuple[Any, list[devnet.DevNode]]]:
@@ -324,9 +339,42 @@ class Run:
                 self.say(f"t={self.now():.1f}s: {proc.name} did not come back: {e}".splitlines()[0])
                 continue
             await self.subscribe(nodes)
+            if self.split is not None:
+                await self._tell_links(nodes)  # a restarted node is on its side still
         back = [n.index for _, ns in again for n in ns]
         self.say(f"t={self.now():.1f}s: restarted {len(back)} node(s)")
         self.events.append({"t": self.now(), "action": "restart", "nodes": back})
+
+    def _block_for(self, index: int) -> list[list[int]]:
+        """The ports node ``index`` must not link to: the other group's."""
+        if self.split is None:
+            return []
+        base, n = self.scenario.base_port, self.scenario.nodes
+        if index < self.split:
+            return [[base + self.split, base + n - 1]]
+        return [[base, base + self.split - 1]]
+
+    async def _tell_links(self, nodes: list[devnet.DevNode]) -> None:
+        async def one(node: devnet.DevNode) -> None:
+            conn = self.subscribers.get(node.index)
+            if conn is not None:
+                await conn.request("links", {"block": self._block_for(node.index)}, timeout=10)
+
+        for at in range(0, len(nodes), 100):
+            await DeferredList([ensureDeferred(one(n)) for n in nodes[at:at + 100]], consumeErrors=True)
+
+    async def partition(self, event: Event) -> None:
+        self.split = max(1, min(self.scenario.nodes - 1, round(self.scenario.nodes * event.share)))
+        await self._tell_links(self.alive())
+        self.say(f"t={self.now():.1f}s: partitioned node-0..node-{self.split - 1} | "
+                 f"node-{self.split}..node-{self.scenario.nodes - 1}")
+        self.events.append({"t": self.now(), "action": "partition", "split": self.split})
+
+    async def heal(self, event: Event) -> None:
+        self.split = None
+        await self._tell_links(self.alive())
+        self.say(f"t={self.now():.1f}s: healed the partition")
+        self.events.append({"t": self.now(), "action": "heal"})
 
     async def run(self) -> None:
         s = self.scenario
@@ -356,6 +404,10 @@ class Run:
                 background.append(ensureDeferred(self.publish(event)))
             elif event.action == "kill":
                 await self.kill(event)
+            elif event.action == "partition":
+                await self.partition(event)
+            elif event.action == "heal":
+                await self.heal(event)
             else:
                 await self.restart(event)
         if background:
@@ -411,7 +463,7 @@ class Run:
             "expected_deliveries": expected,
             "connections_per_node": {n.index: n.connected for n in self.net.nodes},
             "per_message": [{"id": mid, "origin": m["origin"], "sent": m["sent"], "expected": m["expected"],
-                             "delivered": len(m["got"]),
+                             "delivered": len(m["got"]), "partitioned": m["partitioned"],
                              "last": max(m["got"].values()) - m["sent"] if m["got"] else None}
                             for mid, m in msgs],
         }

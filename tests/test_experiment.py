@@ -29,6 +29,7 @@ BIN = Path(sys.executable).parent
 FOXNODE = [str(BIN / "foxnode")]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "gossip-kill.toml"
+PARTITION = EXAMPLE.with_name("partition-heal.toml")
 
 
 def free_ports(count: int) -> int:
@@ -55,6 +56,8 @@ def free_ports(count: int) -> int:
     ("[network]\nnodes = 10\n[[timeline]]\nat = 1\naction = \"publish\"\nrate = 1\n", "timeline[0].count: missing"),
     ("[network]\nnodes = 10\n[measure]\nplots = 1\n", "measure.plots = 1"),
     ("", "network: missing"),
+    ("[network]\nnodes = 10\n[[timeline]]\nat = 1\naction = \"partition\"\nsplit = 1\n", "timeline[0].split = 1"),
+    ("[network]\nnodes = 10\n[[timeline]]\nat = 1\naction = \"heal\"\nsplit = 0.5\n", "timeline[0].split: unknown"),
 ])
 def test_a_bad_scenario_is_one_line_naming_the_key(text, named):
     with pytest.raises(ScenarioError) as e:
@@ -89,9 +92,9 @@ def test_the_command_refuses_a_bad_scenario_in_one_line_before_anything_starts(t
     assert not any(p.name.endswith(("-nodes", "-report")) for p in tmp_path.iterdir())
 
 
-def small_example(tmp_path: Path, nodes: int = 6, per_process: int = 3) -> Path:
+def small_example(tmp_path: Path, nodes: int = 6, per_process: int = 3, example: Path = EXAMPLE) -> Path:
     """The shipped example at a small size, on free ports."""
-    text = EXAMPLE.read_text()
+    text = example.read_text()
     text = re.sub(r"(?m)^nodes = \d+", f"nodes = {nodes}", text)
     text = re.sub(r"(?m)^per_process = \d+", f"per_process = {per_process}", text)
     text = re.sub(r"(?m)^base_port = \d+", f"base_port = {free_ports(nodes)}", text)
@@ -158,3 +161,18 @@ def test_ctrl_c_stops_every_node_and_keeps_the_partial_report(tmp_path):
         # A zombie is gone too (its parent, the command, has exited).
         state = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}/stat").exists() else "X"
         assert state in ("Z", "X"), f"node process {pid} still runs"
+
+
+def test_the_partition_example_splits_the_network_and_heals_it(tmp_path):
+    path = small_example(tmp_path, example=PARTITION)
+    result = subprocess.run(FOXNODE + ["experiment", "run", str(path)], cwd=tmp_path, env=ENV,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = orjson.loads((tmp_path / "small-report" / "report.json").read_bytes())
+    assert [e["action"] for e in report["events"]] == ["publish", "partition", "publish", "heal", "publish"]
+    assert report["events"][1]["split"] == 3
+    during = [m for m in report["per_message"] if m["partitioned"]]
+    after = report["per_message"][-10:]
+    assert len(during) == 10 and all(m["delivered"] <= 3 for m in during), during
+    assert all(m["delivered"] == m["expected"] == 6 for m in after), after
+    assert "partitioned node-0..node-2 | node-3..node-5" in result.stdout
