@@ -253,6 +253,10 @@ class Run:
         self.finished = False
         #: the first node of group B while partitioned, else None
         self.split: int | None = None
+        #: snapshots of the peer graph (node index -> linked node indexes),
+        #: taken when the timeline starts and after each change of the network
+        self.graphs: list[dict[int, list[int]]] = []
+        self.memory: dict[str, Any] | None = None
         self.interrupted = False
 
     def say(self, line: str) -> None:
@@ -289,6 +293,11 @@ class Run:
     def alive(self) -> list[devnet.DevNode]:
         return [n for n in self.net.nodes if n.running() and n.index in self.subscribers]
 
+    async def _snapshot_later(self, delay: float) -> None:
+        await _sleep(self.reactor, delay)
+        if not self.finished:
+            await self.snapshot()
+
     async def publish(self, event: Event) -> None:
         for i in range(event.count):
             nodes = self.alive()
@@ -303,7 +312,8 @@ class Run:
                 if reply is not None and reply.ok():
                     self.messages[reply.response["id"]] = {
                         "origin": node.index, "sent": sent, "topic": event.topic,
-                        "expected": len(nodes), "got": {}, "partitioned": self.split is not None}
+                        "expected": len(nodes), "got": {}, "partitioned": self.split is not None,
+                        "graph": len(self.graphs) - 1}
             await _sleep(self.reactor, 1 / event.rate)
 
     def _processes(self) -> list[tuple[Any, list[devnet.DevNode]]]:
@@ -376,6 +386,49 @@ class Run:
         self.say(f"t={self.now():.1f}s: healed the partition")
         self.events.append({"t": self.now(), "action": "heal"})
 
+    async def snapshot(self) -> None:
+        """The peer graph as the nodes' ``info`` shows it now."""
+        base = self.scenario.base_port
+        graph: dict[int, list[int]] = {}
+        nodes = [n for n in self.net.nodes if n.running()]
+
+        async def one(node: devnet.DevNode) -> None:
+            info = await self.net._info(node, timeout=10)
+            if info is None:
+                return
+            linked = []
+            for peer in info.get("connected") or []:
+                try:
+                    linked.append(int(peer["addr"].rsplit(":", 1)[1].split("/")[0]) - base)
+                except (KeyError, ValueError, IndexError, AttributeError):
+                    pass
+            graph[node.index] = linked
+
+        for at in range(0, len(nodes), 100):
+            await DeferredList([ensureDeferred(one(n)) for n in nodes[at:at + 100]], consumeErrors=True)
+        # A link either side reports is a link.
+        for a, bs in list(graph.items()):
+            for b in bs:
+                if b in graph and a not in graph[b]:
+                    graph[b].append(a)
+        self.graphs.append(graph)
+
+    def measure_memory(self) -> None:
+        """Resident memory of the node processes, in all and per node."""
+        total = 0
+        pids = {p.pid for _, p in self.net.processes() if p.running}
+        for pid in pids:
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            except OSError:
+                pass
+        self.memory = {"processes": len(pids), "rss_total_mib": round(total / 2**20, 1),
+                       "rss_per_node_mib": round(total / 2**20 / self.scenario.nodes, 3)}
+        self.say(f"memory: {self.memory['rss_total_mib']} MiB in {len(pids)} process(es), "
+                 f"{self.memory['rss_per_node_mib']:.2f} MiB per node")
+
     async def run(self) -> None:
         s = self.scenario
         net = self.net
@@ -391,6 +444,8 @@ class Run:
         self.startup = time.monotonic() - started
         await self.subscribe(net.nodes)
         self.copies_before = await self.copies()
+        self.measure_memory()
+        await self.snapshot()
         self.t0 = self.reactor.seconds()
         self.say(f"t=0: timeline starts ({len(s.timeline)} event(s))")
         background = []
@@ -410,6 +465,9 @@ class Run:
                 await self.heal(event)
             else:
                 await self.restart(event)
+            if event.action != "publish":
+                # The peers' reaction first (closes seen, redials), then the graph.
+                ensureDeferred(self._snapshot_later(2.0))
         if background:
             await DeferredList(background)
         self.say(f"t={self.now():.1f}s: settling for {s.settle:g}s")
@@ -439,8 +497,34 @@ class Run:
             await DeferredList([ensureDeferred(one(n)) for n in nodes[at:at + 100]], consumeErrors=True)
         return found
 
+    def hops(self, graph: int, origin: int) -> dict[int, int]:
+        """Hop counts from ``origin`` in peer graph number ``graph`` (breadth first)."""
+        if graph < 0 or graph >= len(self.graphs):
+            return {}
+        g = self.graphs[graph]
+        dist, frontier = {origin: 0}, [origin]
+        while frontier:
+            nxt = []
+            for a in frontier:
+                for b in g.get(a, ()):
+                    if b not in dist:
+                        dist[b] = dist[a] + 1
+                        nxt.append(b)
+            frontier = nxt
+        return dist
+
     def figures(self, copies_after: dict[int, float]) -> dict[str, Any]:
         msgs = sorted(self.messages.items(), key=lambda kv: kv[1]["sent"])
+        one_way = links.parse_latency(self.scenario.latency)[0] if self.scenario.latency else 0.0
+        by_hops: list[tuple[int, float]] = []
+        best: dict[str, Any] = {}
+        for mid, m in msgs:
+            dist = self.hops(m["graph"], m["origin"])
+            far = [dist[i] for i in m["got"] if i in dist]
+            best[mid] = max(far) if far else None
+            by_hops += [(dist[i], t - m["sent"]) for i, t in m["got"].items() if i in dist and i != m["origin"]]
+        if len(by_hops) > 20_000:
+            by_hops = random.Random(0).sample(by_hops, 20_000)
         delivered = sum(len(m["got"]) for _, m in msgs)
         expected = sum(m["expected"] for _, m in msgs)
         latencies = sorted(t - m["sent"] for _, m in msgs for t in m["got"].values())
@@ -453,6 +537,9 @@ class Run:
         per_node = {i: (copies_after[i] - self.copies_before[i]) / max(1, len(msgs)) for i in steady}
         return {
             "messages": len(msgs),
+            "memory": self.memory,
+            "link_latency": one_way,
+            "latency_by_hops": by_hops,
             "delivery": delivered / expected if expected else None,
             "latency": {"median": latencies[len(latencies) // 2] if latencies else None,
                         "p99": latencies[int(len(latencies) * 0.99)] if latencies else None,
@@ -464,6 +551,8 @@ class Run:
             "connections_per_node": {n.index: n.connected for n in self.net.nodes},
             "per_message": [{"id": mid, "origin": m["origin"], "sent": m["sent"], "expected": m["expected"],
                              "delivered": len(m["got"]), "partitioned": m["partitioned"],
+                             "hops": best[mid],
+                             "best": best[mid] * one_way if best[mid] is not None else None,
                              "last": max(m["got"].values()) - m["sent"] if m["got"] else None}
                             for mid, m in msgs],
         }
@@ -545,11 +634,17 @@ def plot(report: dict[str, Any], directory: Path) -> None:
     save(fig, "copies.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    last = [m["last"] for m in report["per_message"] if m["last"] is not None]
-    ax.hist(last, bins=30)
-    ax.set_xlabel("seconds until the last node had the message")
-    ax.set_ylabel("messages")
-    ax.set_title("Last-node latency per message")
+    points = report["latency_by_hops"]
+    if points:
+        ax.scatter([h for h, _ in points], [t for _, t in points], s=4, alpha=0.3, label="a delivery")
+        top = max(h for h, _ in points)
+        if report["link_latency"]:
+            ax.plot([0, top], [0, top * report["link_latency"]], color="red",
+                    label="best possible: hops x link latency")
+        ax.legend()
+    ax.set_xlabel("hops from the publishing node (shortest path in the peer graph)")
+    ax.set_ylabel("seconds until delivered")
+    ax.set_title("Latency against hop count")
     save(fig, "latency.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
