@@ -120,6 +120,12 @@ def test_the_shipped_example_runs_at_a_small_size_and_writes_its_report(tmp_path
     for name in ("delivery.png", "copies.png", "latency.png", "connections.png"):
         assert (report_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "devnet stopped" in result.stdout
+    # The network page: the data inline, every message's spread over its graph.
+    page = (report_dir / "network.html").read_text()
+    data = orjson.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>', page, re.S)[1])
+    assert data["nodes"] == 6 and data["graphs"] and data["messages"]
+    assert report["memory"]["rss_per_node_mib"] < 60
+    assert all(m["hops"] is None or m["best"] == pytest.approx(m["hops"] * 0.04) for m in report["per_message"])
 
 
 def test_ctrl_c_stops_every_node_and_keeps_the_partial_report(tmp_path):
