@@ -535,8 +535,26 @@ class Run:
         received = sum(copies_after[i] - self.copies_before[i] for i in steady)
         reached = sum(1 for _, m in msgs for i in m["got"] if i in steady and i != m["origin"])
         per_node = {i: (copies_after[i] - self.copies_before[i]) / max(1, len(msgs)) for i in steady}
+        # Phases: the messages between one change of the network and the next.
+        marks = [e for e in self.events if e["action"] != "publish"]
+        phases = []
+        for k in range(len(marks) + 1):
+            start = marks[k - 1]["t"] if k else float("-inf")
+            end = marks[k]["t"] if k < len(marks) else float("inf")
+            inside = [(mid, m) for mid, m in msgs if start <= m["sent"] < end]
+            if not inside:
+                continue
+            lasts = sorted(max(m["got"].values()) - m["sent"] for _, m in inside if m["got"])
+            bests = sorted(best[mid] * one_way for mid, _ in inside if best[mid] is not None)
+            phases.append({
+                "after": marks[k - 1]["action"] if k else "start", "messages": len(inside),
+                "delivery": sum(len(m["got"]) for _, m in inside) / max(1, sum(m["expected"] for _, m in inside)),
+                "last_node_latency_median": lasts[len(lasts) // 2] if lasts else None,
+                "best_possible_median": bests[len(bests) // 2] if bests else None,
+            })
         return {
             "messages": len(msgs),
+            "phases": phases,
             "memory": self.memory,
             "link_latency": one_way,
             "latency_by_hops": by_hops,
@@ -594,6 +612,10 @@ class Run:
         write_network_page(self.report_dir / "network.html", self.scenario.nodes, self.graphs,
                            self.page_messages())
         self.say(f"the network, and each message spreading: {self.report_dir / 'network.html'}")
+        for ph in figures["phases"]:
+            self.say(f"  after {ph['after']}: {ph['messages']} message(s), delivery {ph['delivery']:.1%}"
+                     + (f", last node median {ph['last_node_latency_median']:.3f}s" if ph["last_node_latency_median"] is not None else "")
+                     + (f" (best possible {ph['best_possible_median']:.3f}s)" if ph["best_possible_median"] is not None else ""))
         if self.scenario.plots:
             plot(report, self.report_dir)
             self.say(f"plots: {', '.join(PLOTS)} in {self.report_dir}")
