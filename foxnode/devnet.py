@@ -148,6 +148,7 @@ class Devnet:
         self.nodes = [DevNode(i, base_port + i, directory / f"node-{i}") for i in range(count)]
         #: the host processes (none when every node runs in its own process)
         self.hosts: list[DevHost] = []
+        self.per_process = per_process
         if per_process > 1:
             for j, first in enumerate(range(0, count, per_process)):
                 last = min(first + per_process, count) - 1
@@ -204,7 +205,7 @@ class Devnet:
 
     def start(self) -> None:
         last = self.nodes[-1].port
-        packed = (f", {len(self.hosts)} process(es) of up to {self.hosts[0].last - self.hosts[0].first + 1} nodes"
+        packed = (f", {len(self.hosts)} process(es) of up to {self.per_process} nodes"
                   if self.hosts else "")
         self.say(f"foxnode devnet: {len(self.nodes)} node(s) on {LOOPBACK}, ports {self.nodes[0].port}-{last}, "
                  f"network {self.network!r}, data in {self.directory}{packed}")

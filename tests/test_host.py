@@ -174,3 +174,42 @@ async def test_a_devnet_of_40_nodes_in_2_processes_and_one_process_dying(reactor
         await net.stop(10)
     assert all(not p.running for _, p in net.processes())
     assert out.getvalue().splitlines()[-1] == f"devnet stopped; data kept in {tmp_path / 'devnet'}"
+
+
+def test_foxnode_devnet_packs_above_30_nodes_and_emulates_links(tmp_path):
+    """The command as a user types it: 31 nodes go into one host process
+    by default, every node gets a peer, --latency reaches every node."""
+    import re
+    import subprocess
+    import sys
+    import urllib.request
+
+    import orjson
+
+    base = free_ports(31)
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("foxnode")), "devnet", "--nodes", "31", "--base-port", str(base),
+         "--dir", str(tmp_path / "devnet"), "--latency", "20ms", "--connect-timeout", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith(("all 31 nodes connected", "not connected after")):
+                break
+        text = "\n".join(lines)
+        assert "all 31 nodes connected" in text, text
+        assert "1 process(es) of up to 50 nodes" in text
+        assert "links: --link-latency 20ms" in text
+        assert re.search(r"^host-0: starting node-0\.\.node-30 \(pid \d+\)", text, re.M), text
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{base + 30}/healthz", timeout=5) as r:
+            assert r.status == 200
+        listing = orjson.loads((tmp_path / "devnet" / "nodes.json").read_bytes())
+        assert len(listing) == 31 and {n["process"] for n in listing} == {"host-0"}
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=30)
+        assert process.returncode == 0, rest
+        assert rest.rstrip().endswith(f"devnet stopped; data kept in {tmp_path / 'devnet'}")
+    finally:
+        if process.poll() is None:
+            process.kill()
