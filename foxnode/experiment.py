@@ -9,6 +9,7 @@ A scenario (TOML) names the network, a timeline and what to keep::
     latency = "40ms:10ms"  # emulated on every peer link (links.py), optional
     loss = "1%"            # optional
     bandwidth = "1mbit"    # optional
+    warmup = 35            # seconds to wait, once every node has a peer, before t = 0
 
     [[timeline]]
     at = 0                 # seconds after every node has a peer
@@ -70,7 +71,7 @@ from foxnode.launch import LOOPBACK
 from foxnode.storefiles import write_atomically
 
 ACTIONS = ("publish", "kill", "restart", "partition", "heal")
-NETWORK_KEYS = {"nodes", "per_process", "base_port", "name", "latency", "loss", "bandwidth", "seed"}
+NETWORK_KEYS = {"nodes", "per_process", "base_port", "name", "latency", "loss", "bandwidth", "seed", "warmup"}
 EVENT_KEYS = {"publish": {"at", "action", "count", "rate", "topic"},
               "kill": {"at", "action", "share"},
               "restart": {"at", "action"},
@@ -106,6 +107,9 @@ class Scenario:
     loss: str | None = None
     bandwidth: str | None = None
     seed: int = 1
+    #: seconds between every node having a peer and the timeline's start
+    #: (peer exchange runs every 30 s: a network that had one is meshed)
+    warmup: float = 0.0
     timeline: tuple[Event, ...] = ()
     settle: float = 10.0
     plots: bool = True
@@ -170,6 +174,7 @@ def parse_scenario(data: dict) -> Scenario:
     loss = _figure(net, "loss", "network.", links.parse_loss)
     bandwidth = _figure(net, "bandwidth", "network.", links.parse_rate)
     seed = _number(net, "seed", "network.", 0, 2**31, whole=True, default=1)
+    warmup = _number(net, "warmup", "network.", 0, 3600, default=0.0)
     timeline = data.get("timeline", [])
     if not isinstance(timeline, list):
         raise ScenarioError("timeline: give a list of [[timeline]] tables")
@@ -204,7 +209,7 @@ def parse_scenario(data: dict) -> Scenario:
     if not isinstance(plots, bool):
         raise ScenarioError(f"measure.plots = {plots!r}: give true or false")
     return Scenario(nodes=nodes, per_process=per_process, base_port=base_port, name=name, latency=latency,
-                    loss=loss, bandwidth=bandwidth, seed=seed,
+                    loss=loss, bandwidth=bandwidth, seed=seed, warmup=float(warmup),
                     timeline=tuple(sorted(events, key=lambda e: e.at)), settle=float(settle), plots=plots)
 
 
@@ -442,6 +447,9 @@ class Run:
         net.show_addresses()
         await net.wait_connected(60)
         self.startup = time.monotonic() - started
+        if s.warmup:
+            self.say(f"warming up for {s.warmup:g}s (peer exchange meshes the network)")
+            await _sleep(self.reactor, s.warmup)
         await self.subscribe(net.nodes)
         self.copies_before = await self.copies()
         self.measure_memory()

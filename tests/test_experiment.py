@@ -56,6 +56,7 @@ def free_ports(count: int) -> int:
     ("[network]\nnodes = 10\n[[timeline]]\nat = 1\naction = \"publish\"\nrate = 1\n", "timeline[0].count: missing"),
     ("[network]\nnodes = 10\n[measure]\nplots = 1\n", "measure.plots = 1"),
     ("", "network: missing"),
+    ("[network]\nnodes = 10\nwarmup = -1\n", "network.warmup = -1"),
     ("[network]\nnodes = 10\n[[timeline]]\nat = 1\naction = \"partition\"\nsplit = 1\n", "timeline[0].split = 1"),
     ("[network]\nnodes = 10\n[[timeline]]\nat = 1\naction = \"heal\"\nsplit = 0.5\n", "timeline[0].split: unknown"),
 ])
