@@ -35,6 +35,13 @@ A scenario (TOML) names the network, a timeline and what to keep::
     at = 40
     action = "heal"
 
+    [[timeline]]
+    at = 45
+    action = "churn"       # kill a share every 10 s, restart it 5 s later
+    share = 0.1
+    every = 10
+    duration = 30
+
     [measure]
     settle = 10            # seconds to wait for deliveries after the last event
     plots = true           # PNG plots (needs matplotlib)
@@ -70,13 +77,14 @@ from foxnode.cli import EXIT_USAGE, Failed, _say, _sleep
 from foxnode.launch import LOOPBACK
 from foxnode.storefiles import write_atomically
 
-ACTIONS = ("publish", "kill", "restart", "partition", "heal")
+ACTIONS = ("publish", "kill", "restart", "partition", "heal", "churn")
 NETWORK_KEYS = {"nodes", "per_process", "base_port", "name", "latency", "loss", "bandwidth", "seed", "warmup"}
 EVENT_KEYS = {"publish": {"at", "action", "count", "rate", "topic"},
               "kill": {"at", "action", "share"},
               "restart": {"at", "action"},
               "partition": {"at", "action", "split"},
-              "heal": {"at", "action"}}
+              "heal": {"at", "action"},
+              "churn": {"at", "action", "share", "every", "duration"}}
 MEASURE_KEYS = {"settle", "plots"}
 TOP_KEYS = {"network", "timeline", "measure"}
 #: The longest an experiment's timeline may run, in seconds.
@@ -95,6 +103,9 @@ class Event:
     rate: float = 1.0
     topic: str = "experiment"
     share: float = 0.0
+    #: churn: a kill every ``every`` seconds, its restart half-way to the next, for ``duration``
+    every: float = 0.0
+    duration: float = 0.0
 
 
 @attrs.frozen
@@ -196,6 +207,10 @@ def parse_scenario(data: dict) -> Scenario:
                                 rate=_number(ev, "rate", where, 0.01, 1000), topic=topic))
         elif action == "kill":
             events.append(Event(at, action, share=_number(ev, "share", where, 0.001, 1)))
+        elif action == "churn":
+            events.append(Event(at, action, share=_number(ev, "share", where, 0.001, 1),
+                                every=_number(ev, "every", where, 1, 3600),
+                                duration=_number(ev, "duration", where, 1, MAX_AT)))
         elif action == "partition":
             events.append(Event(at, action, share=_number(ev, "split", where, 0.001, 0.999, default=0.5)))
         else:
@@ -434,6 +449,16 @@ class Run:
         self.say(f"memory: {self.memory['rss_total_mib']} MiB in {len(pids)} process(es), "
                  f"{self.memory['rss_per_node_mib']:.2f} MiB per node")
 
+    async def churn(self, event: Event) -> None:
+        """Kill a share of the processes, restart them half-way to the next
+        kill, again and again for ``duration`` seconds."""
+        start = self.now()
+        for k in range(max(1, int(event.duration // event.every))):
+            await _sleep(self.reactor, max(0.0, start + k * event.every - self.now()))
+            await self.kill(event)
+            await _sleep(self.reactor, max(0.0, start + (k + 0.5) * event.every - self.now()))
+            await self.restart(event)
+
     async def run(self) -> None:
         s = self.scenario
         net = self.net
@@ -471,6 +496,9 @@ class Run:
                 await self.partition(event)
             elif event.action == "heal":
                 await self.heal(event)
+            elif event.action == "churn":
+                self.say(f"t={self.now():.1f}s: churn for {event.duration:g}s")
+                await self.churn(event)
             else:
                 await self.restart(event)
             if event.action != "publish":

@@ -57,6 +57,10 @@ def free_ports(count: int) -> int:
     ("[network]\nnodes = 10\n[measure]\nplots = 1\n", "measure.plots = 1"),
     ("", "network: missing"),
     ("[network]\nnodes = 10\nwarmup = -1\n", "network.warmup = -1"),
+    ("[network]\nnodes = 10\n[[timeline]]\nat = 1\naction = \"churn\"\nshare = 0.1\nevery = 0\nduration = 5\n",
+     "timeline[0].every = 0"),
+    ("[network]\nnodes = 10\n[[timeline]]\nat = 1\naction = \"churn\"\nshare = 0.1\nevery = 2\n",
+     "timeline[0].duration: missing"),
     ("[network]\nnodes = 10\n[[timeline]]\nat = 1\naction = \"partition\"\nsplit = 1\n", "timeline[0].split = 1"),
     ("[network]\nnodes = 10\n[[timeline]]\nat = 1\naction = \"heal\"\nsplit = 0.5\n", "timeline[0].split: unknown"),
 ])
@@ -183,3 +187,39 @@ def test_the_partition_example_splits_the_network_and_heals_it(tmp_path):
     assert len(during) == 10 and all(m["delivered"] <= 3 for m in during), during
     assert all(m["delivered"] == m["expected"] == 6 for m in after), after
     assert "partitioned node-0..node-2 | node-3..node-5" in result.stdout
+
+
+def test_churn_kills_and_restarts_a_share_again_and_again(tmp_path):
+    path = tmp_path / "churn.toml"
+    path.write_text(f"""
+[network]
+nodes = 4
+per_process = 1
+base_port = {free_ports(4)}
+
+[[timeline]]
+at = 0
+action = "publish"
+count = 12
+rate = 2
+
+[[timeline]]
+at = 0.5
+action = "churn"
+share = 0.25
+every = 2
+duration = 4
+
+[measure]
+settle = 2
+plots = false
+""")
+    result = subprocess.run(FOXNODE + ["experiment", "run", str(path)], cwd=tmp_path, env=ENV,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = orjson.loads((tmp_path / "churn-report" / "report.json").read_bytes())
+    actions = [e["action"] for e in report["events"]]
+    assert actions == ["publish", "kill", "restart", "kill", "restart"], actions
+    assert all(len(e["nodes"]) == 1 for e in report["events"][1:])
+    assert report["messages"] == 12 and report["delivery"] > 0.5
+    assert not (tmp_path / "churn-report" / "delivery.png").exists()  # plots = false
