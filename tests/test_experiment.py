@@ -153,7 +153,12 @@ def test_ctrl_c_stops_every_node_and_keeps_the_partial_report(tmp_path):
         process.wait(timeout=60)
     finally:
         if process.poll() is None:
-            process.kill()
+            # SIGTERM first: the command stops its nodes (in sessions of their own).
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
     rest = []
     while (line := lines.get(timeout=10)) is not None:
         rest.append(line)

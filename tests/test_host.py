@@ -212,4 +212,9 @@ def test_foxnode_devnet_packs_above_30_nodes_and_emulates_links(tmp_path):
         assert rest.rstrip().endswith(f"devnet stopped; data kept in {tmp_path / 'devnet'}")
     finally:
         if process.poll() is None:
-            process.kill()
+            # SIGTERM, not SIGKILL: the devnet stops its nodes (in sessions of their own) first.
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
