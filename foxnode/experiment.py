@@ -70,7 +70,8 @@ from typing import IO, Any
 
 import attrs
 import orjson
-from twisted.internet.defer import DeferredList, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.python.failure import Failure
 
 from foxnode import client, devnet, links
 from foxnode.cli import EXIT_USAGE, Failed, _say, _sleep
@@ -271,6 +272,7 @@ class Run:
         self.subscribers: dict[int, Any] = {}
         self.copies_before: dict[int, float] = {}
         self.finished = False
+        self._finishing: Deferred | None = None
         #: the first node of group B while partitioned, else None
         self.split: int | None = None
         #: snapshots of the peer graph (node index -> linked node indexes),
@@ -611,11 +613,21 @@ class Run:
                             for mid, m in msgs],
         }
 
-    async def finish(self, interrupted: bool) -> None:
-        """Write the report (partial when interrupted), then stop every node."""
-        if self.finished:
-            return
-        self.finished = True
+    def finish(self, interrupted: bool) -> Deferred:
+        """Write the report (partial when interrupted), then stop every node;
+        every caller (the run's end, Ctrl-C's shutdown) waits for the one finish."""
+        if self._finishing is None:
+            self.finished = True
+            self._finishing = ensureDeferred(self._finish(interrupted))
+        d: Deferred = Deferred()
+
+        def relay(result: Any) -> None:
+            (d.errback if isinstance(result, Failure) else d.callback)(result)
+
+        self._finishing.addBoth(relay)
+        return d
+
+    async def _finish(self, interrupted: bool) -> None:
         self.interrupted = interrupted
         try:
             try:
@@ -807,7 +819,7 @@ async def run_experiment(reactor: Any, opts: argparse.Namespace) -> None:
     report_dir = Path(opts.out or f"{stem}-report").absolute()
     data_dir = Path(opts.dir or f"{stem}-nodes").absolute()
     run = Run(reactor, scenario, data_dir, report_dir)
-    reactor.addSystemEventTrigger("before", "shutdown", lambda: ensureDeferred(run.finish(interrupted=True)))
+    reactor.addSystemEventTrigger("before", "shutdown", run.finish, True)
     try:
         await run.run()
     except BaseException:
