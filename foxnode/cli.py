@@ -538,8 +538,8 @@ def parser() -> argparse.ArgumentParser:
     devnet.add_argument("--network", type=text("network name", 64), default=default(NodeConfig, "network"),
                         metavar="NAME",
                         help="the network name every node is given (default: %(default)s)")
-    devnet.add_argument("--start-timeout", type=_seconds(1), default=30.0, metavar="SECONDS",
-                        help="how long nodes may take to come up (default: %(default)s)")
+    devnet.add_argument("--start-timeout", type=_seconds(1), default=None, metavar="SECONDS",
+                        help="how long nodes may take to come up (default: 30, or 0.1 per node above 300)")
     devnet.add_argument("--connect-timeout", type=_seconds(1), default=30.0, metavar="SECONDS",
                         help="how long to wait for every node to have a live peer connection before "
                              "saying which have none (default: %(default)s)")

@@ -149,6 +149,8 @@ class Devnet:
         #: the host processes (none when every node runs in its own process)
         self.hosts: list[DevHost] = []
         self.per_process = per_process
+        #: how long one host process may take to serve
+        self.host_timeout = 60.0
         if per_process > 1:
             for j, first in enumerate(range(0, count, per_process)):
                 last = min(first + per_process, count) - 1
@@ -211,11 +213,34 @@ class Devnet:
                  f"network {self.network!r}, data in {self.directory}{packed}")
         if self.hosts:
             self.directory.mkdir(parents=True, exist_ok=True)
-            for host in self.hosts:
-                self.relaunch(host)
+            self._launch_ready()
             return
         for node in self.nodes:
             self.relaunch(node)
+
+    def _needs(self, host: DevHost) -> set[int]:
+        """The other hosts running the first peers (node (i-1)//2) of ``host``'s nodes."""
+        return {((i - 1) // 2) // self.per_process for i in range(max(1, host.first), host.last + 1)} - {host.index}
+
+    def _launch_ready(self) -> None:
+        """Launch every host whose nodes' first peers all serve already:
+        then no first dial is refused into a growing backoff, and the
+        processes come up in waves (1, 2, 4, ...) rather than all at once
+        on the cores."""
+        if self.stopping:
+            return
+        serving = {h.index for h in self.hosts if self.nodes[h.first].serving}
+        for host in self.hosts:
+            if host.process is None and self._needs(host) <= serving:
+                self.relaunch(host)
+
+                def served(_: Any, host: DevHost = host) -> None:
+                    for node in self.nodes[host.first:host.last + 1]:
+                        node.serving = True
+                    self._launch_ready()
+
+                # A host that does not serve is seen by wait_up, from its exit or the time.
+                host.process.serving(self.host_timeout).addCallbacks(served, lambda _: None)
 
     def relaunch(self, what: DevHost | DevNode) -> None:
         """Start a host process or a node (again: its data is kept)."""
@@ -289,15 +314,9 @@ class Devnet:
         def served(_: Any, node: DevNode) -> None:
             node.serving = True
 
-        def host_served(_: Any, host: DevHost) -> None:
-            for node in self.nodes[host.first:host.last + 1]:
-                node.serving = True
-
-        # An exit or a timeout is seen below, from the node's state.
-        if self.hosts:
-            for host in self.hosts:
-                host.process.serving(timeout).addCallbacks(host_served, lambda _: None, callbackArgs=(host,))
-        else:
+        # An exit or a timeout is seen below, from the node's state; hosts
+        # are marked serving as they are launched, one after another (start).
+        if not self.hosts:
             for node in self.nodes:
                 node.process.serving(timeout).addCallbacks(served, lambda _: None, callbackArgs=(node,))
         deadline = self.reactor.seconds() + timeout
@@ -463,6 +482,12 @@ class Devnet:
             self._lock = None
 
 
+def start_timeout(given: float | None, nodes: int) -> float:
+    """``--start-timeout``, or 30 s and a tenth of a second per node above
+    300 (host processes start one after another)."""
+    return given if given is not None else max(30.0, nodes / 10)
+
+
 def link_options(latency: str | None, loss: str | None, bandwidth: str | None) -> tuple[str, ...]:
     """The nodes' ``--link-*`` options for the devnet's ``--latency``,
     ``--loss`` and ``--bandwidth`` (already checked)."""
@@ -492,7 +517,7 @@ async def run_devnet(reactor: Any, opts: argparse.Namespace) -> None:
     # sessions of their own and would not notice).
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(reactor.stop))
     net.start()
-    await net.wait_up(opts.start_timeout)
+    await net.wait_up(start_timeout(opts.start_timeout, opts.nodes))
     net.show_addresses()
     await net.wait_connected(opts.connect_timeout)
     net.say("Ctrl-C stops the devnet.")

@@ -470,7 +470,7 @@ class Run:
         self.say(f"experiment: {s.nodes} nodes, {emulation}; report in {self.report_dir}")
         net.start()
         started = time.monotonic()
-        await net.wait_up(max(60.0, s.nodes * 0.2))
+        await net.wait_up(max(60.0, s.nodes * 0.2))  # hosts start one after another
         net.show_addresses()
         await net.wait_connected(60)
         self.startup = time.monotonic() - started

@@ -121,6 +121,12 @@ def test_the_devnet_packs_nodes_into_processes():
     assert [(h.first, h.last) for h in net.hosts] == [(0, 19), (20, 39), (40, 44)]
     assert net.nodes[44].host is net.hosts[2] and net.nodes[44].log_path == net.hosts[2].log_path
     assert devnet.Devnet(None, Path("/nonexistent"), 3, 20000, "x").hosts == []
+    # Hosts start in waves: each once the hosts of its nodes' first peers serve.
+    big = devnet.Devnet(None, Path("/nonexistent"), 1000, 9000, "x", per_process=50)
+    assert [sorted(big._needs(h)) for h in big.hosts[:5]] == [[], [0], [0, 1], [1], [1, 2]]
+    assert all(max(big._needs(h), default=-1) < h.index for h in big.hosts)
+    assert devnet.start_timeout(None, 1000) == 100 and devnet.start_timeout(None, 40) == 30
+    assert devnet.start_timeout(5, 1000) == 5
 
 
 async def _live_peers(reactor, net: devnet.Devnet, node: devnet.DevNode) -> list[int]:
