@@ -36,7 +36,7 @@ from twisted.internet.defer import (
 )
 from twisted.internet.task import deferLater, react
 
-from foxnode import __version__, address, client, codec, crypto
+from foxnode import __version__, address, client, codec, crypto, links
 from foxnode.config import NodeConfig, default
 from foxnode.protocol import CLOSE_NORMAL, FoxClientFactory, FoxClientProtocol, RequestFailed
 
@@ -441,6 +441,18 @@ def directory(value: str) -> str:
     return value
 
 
+def _checked(parse: Callable[[str], Any]) -> Callable[[str], str]:
+    """An argument checked by ``parse`` and kept as written (the nodes parse it again)."""
+    def check(text: str) -> str:
+        try:
+            parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+
+    return check
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -533,14 +545,18 @@ def parser() -> argparse.ArgumentParser:
 
     devnet = sub.add_parser(
         "devnet", help="run N nodes on 127.0.0.1 that form one network",
-        description="Start N nodes (twistd foxnode) on 127.0.0.1, each with its own data directory "
+        description="Start N nodes on 127.0.0.1, each with its own data directory "
                     "DIR/node-i and port BASE-PORT+i, every node after the first bootstrapping from "
-                    "node-0. Shows the nodes coming up and their live peer connections, prints each "
+                    "node-0 (above 30 nodes, or with --per-process, K nodes share one process, "
+                    "twistd foxnode-host, and node i bootstraps from node (i-1)//2). Shows the nodes coming up and their live peer connections, prints each "
                     "node's addresses, and keeps running until Ctrl-C or SIGTERM, which stop the nodes. "
                     "DIR is kept: running again reuses it, so the nodes keep their ids and peers.",
     )
-    devnet.add_argument("--nodes", "-n", type=_count(100), default=3, metavar="N",
+    devnet.add_argument("--nodes", "-n", type=_count(1000), default=3, metavar="N",
                         help="how many nodes (default: %(default)s)")
+    devnet.add_argument("--per-process", type=_count(1000), default=None, metavar="K",
+                        help="run K nodes in each process (twistd foxnode-host), sharing its reactor "
+                             "(default: 1 up to 30 nodes, 50 above)")
     devnet.add_argument("--base-port", type=_port, default=9000, metavar="P",
                         help="node i listens on P+i (default: %(default)s)")
     devnet.add_argument("--dir", type=directory, default="devnet", metavar="DIR",
@@ -548,18 +564,58 @@ def parser() -> argparse.ArgumentParser:
     devnet.add_argument("--network", type=text("network name", 64), default=default(NodeConfig, "network"),
                         metavar="NAME",
                         help="the network name every node is given (default: %(default)s)")
-    devnet.add_argument("--start-timeout", type=_seconds(1), default=30.0, metavar="SECONDS",
-                        help="how long nodes may take to come up (default: %(default)s)")
+    devnet.add_argument("--start-timeout", type=_seconds(1), default=None, metavar="SECONDS",
+                        help="how long nodes may take to come up (default: 30, or 0.1 per node above 300)")
     devnet.add_argument("--connect-timeout", type=_seconds(1), default=30.0, metavar="SECONDS",
                         help="how long to wait for every node to have a live peer connection before "
                              "saying which have none (default: %(default)s)")
     devnet.add_argument("--stop-timeout", type=_seconds(1), default=10.0, metavar="SECONDS",
                         help="how long a node may take to stop before it is killed (default: %(default)s)")
+    devnet.add_argument("--latency", type=_checked(links.parse_latency), metavar="DELAY[:JITTER]",
+                        help="emulate this one-way latency (with jitter) on every peer link, e.g. 40ms:10ms "
+                             "(in the nodes' own connections; no root needed)")
+    devnet.add_argument("--loss", type=_checked(links.parse_loss), metavar="SHARE",
+                        help="emulate this share of lost TCP segments on every peer link, e.g. 1%% "
+                             "(each costs a retransmission's delay)")
+    devnet.add_argument("--bandwidth", type=_checked(links.parse_rate), metavar="RATE",
+                        help="emulate this bandwidth on every peer link, e.g. 1mbit")
     devnet.add_argument("--debug", action="store_true", help="run the nodes with --debug logging")
     devnet.add_argument("--plugin", type=_plugin_spec, action="append", default=[], metavar="P",
                         help="a plugin every node loads: a dotted module name, a .py file, or the name "
                              "of one shipped with foxnode (chain); repeatable")
+
+    experiment = sub.add_parser(
+        "experiment", help="run an experiment from a scenario file on a devnet, and write its report",
+        description="foxnode experiment run FILE: start the network FILE (TOML) names, run its "
+                    "timeline (publish, kill, restart, partition, heal), and write the figures (report.json) and plots "
+                    "(PNG) to a report folder. Ctrl-C stops every node and keeps the partial report.",
+    )
+    experiment.add_argument("action", choices=["run"], metavar="ACTION", help="run")
+    experiment.add_argument("file", type=scenario_file, metavar="FILE", help="the scenario (TOML)")
+    experiment.add_argument("--out", type=directory, metavar="DIR",
+                            help="the report folder (default: ./FILE's name-report)")
+    experiment.add_argument("--dir", type=directory, metavar="DIR",
+                            help="where the nodes keep their data (default: ./FILE's name-nodes)")
     return top
+
+
+def scenario_file(value: str) -> str:
+    """A scenario, checked whole before anything starts (experiment.py)."""
+    from foxnode.experiment import ScenarioError, load_scenario
+
+    if not value:
+        raise argparse.ArgumentTypeError("give a scenario file")
+    try:
+        load_scenario(value)
+    except ScenarioError as e:
+        raise argparse.ArgumentTypeError(f"{value}: {e}") from None
+    return value
+
+
+async def run_experiment(reactor: Any, opts: argparse.Namespace) -> None:
+    from foxnode.experiment import run_experiment as experiment
+
+    await experiment(reactor, opts)
 
 
 def _plugin_spec(value: str) -> str:
@@ -587,7 +643,8 @@ async def run_attach(reactor: Any, opts: argparse.Namespace) -> None:
     await attach(reactor, opts)
 
 
-_RUNNERS = {"call": run_call, "watch": run_watch, "devnet": run_devnet, "attach": run_attach}
+_RUNNERS = {"call": run_call, "watch": run_watch, "devnet": run_devnet, "attach": run_attach,
+            "experiment": run_experiment}
 
 
 async def _run(reactor: Any, opts: argparse.Namespace) -> None:

@@ -102,6 +102,44 @@ class KeyConfig:
 
 
 @attrs.frozen
+class LinkShape:
+    """One emulated link (links.py): per direction, as netem's on each side."""
+
+    #: seconds one way, and the most a draw adds or takes (uniform)
+    latency: float = 0.0
+    jitter: float = 0.0
+    #: the share of TCP segments lost (and so retransmitted, late)
+    loss: float = 0.0
+    #: bytes per second; None: as fast as the machine
+    bandwidth: float | None = None
+
+    def is_plain(self) -> bool:
+        return not (self.latency or self.jitter or self.loss or self.bandwidth)
+
+
+@attrs.frozen
+class LinkConfig:
+    """Link emulation on the peer connections a node dials (``--link-*``)."""
+
+    #: the shape of every link, unless a rule says otherwise
+    default: LinkShape = LinkShape()
+    #: (lowest port, highest port, shape): links to peers on those ports
+    #: (a group of a devnet) take this shape; the first rule that matches
+    rules: tuple[tuple[int, int, LinkShape], ...] = ()
+    #: TCP's least retransmission timeout (Linux's): what a lost segment costs
+    min_rto: float = 0.2
+
+    def shape_for(self, port: int) -> LinkShape:
+        for low, high, shape in self.rules:
+            if low <= port <= high:
+                return shape
+        return self.default
+
+    def is_plain(self) -> bool:
+        return self.default.is_plain() and all(s.is_plain() for _, _, s in self.rules)
+
+
+@attrs.frozen
 class PeerConfig:
     """Dialing, the handshake and peer exchange."""
 
@@ -133,6 +171,8 @@ class PeerConfig:
     #: seconds between sweeps that forget addresses failing too long
     sweep_interval: float = 10.0
     trust_roots: str | None = None
+    #: link emulation on dialed peer connections (links.py); plain: none
+    links: LinkConfig = LinkConfig()
 
 
 @attrs.frozen

@@ -74,6 +74,18 @@ def twistd_command(directory: Path, port: int, *extra: str,
     ]
 
 
+def host_command(directory: Path, nodes: int, first: int, base_port: int, *node_args: str,
+                 bootstrap: str = "first", twistd_options: Sequence[str] = ()) -> list[str]:
+    """``twistd --nodaemon --pidfile= foxnode-host``: ``nodes`` nodes from
+    index ``first``, node g on 127.0.0.1:``base_port``+g with its data in
+    ``directory``/node-g, each given the foxnode options ``node_args``."""
+    return [
+        *twistd(), "--nodaemon", "--pidfile=", *twistd_options, "foxnode-host",
+        "--nodes", str(nodes), "--first", str(first), "--base-port", str(base_port),
+        "--dir", str(directory), "--bootstrap", bootstrap, "--", *node_args,
+    ]
+
+
 def node_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """The child's environment: ours (PYTHONPATH included, so the child
     imports the same foxnode) with unbuffered output, so its log is current."""
@@ -389,4 +401,18 @@ def launch_node(reactor: Any, directory: Path, *extra: str, port: int,
     directory.mkdir(parents=True, exist_ok=True)
     return launch(reactor, twistd_command(directory, port, *extra, twistd_options=twistd_options),
                   log_path=log_path or directory / "twistd.log", port=port, directory=directory,
+                  env=env, new_session=new_session, banner=banner)
+
+
+def launch_host(reactor: Any, directory: Path, nodes: int, first: int, base_port: int,
+                *node_args: str, log_path: Path, bootstrap: str = "first",
+                env: dict[str, str] | None = None, new_session: bool = False,
+                banner: str | None = None) -> Launched:
+    """``twistd foxnode-host``: ``nodes`` nodes in one process (host.py).
+    It serves once its last node's /healthz answers: every node of a host
+    binds its port before the reactor turns, so then all of them listen."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    return launch(reactor, host_command(directory, nodes, first, base_port, *node_args, bootstrap=bootstrap),
+                  log_path=log_path, port=base_port + first + nodes - 1, directory=directory,
                   env=env, new_session=new_session, banner=banner)

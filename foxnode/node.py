@@ -385,6 +385,8 @@ class Node:
             # Envelopes below it are refused here (--min-pow): what a publisher must reach.
             "min_pow": self.gossip.config.min_pow if self.gossip is not None else 0.0,
             "plugins": list(self.plugins),
+            # Link emulation on the links this node dials (links.py), or None.
+            "links": self.peers.links_info() if self.peers is not None else None,
         }
 
     def health(self) -> dict[str, Any]:

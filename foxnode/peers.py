@@ -48,7 +48,7 @@ from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 
-from foxnode import PROTOCOL_VERSION, address, codec, identity, logs
+from foxnode import PROTOCOL_VERSION, address, codec, identity, links, logs
 from foxnode.client import endpoint_for
 from foxnode.config import PeerConfig
 from foxnode.dialing import IN_FLIGHT, DialBook, Event, Seen, State, choose, expired
@@ -99,6 +99,8 @@ class PeerManager:
         self.peers: dict[str, Any] = {}
         #: every address's dial lifecycle (dialing.py)
         self.book = DialBook()
+        #: the draws of link emulation (links.py): jitter and loss
+        self._link_rng = random.Random()
         # ``jitter``: what is added to each retry delay (tests fix it).
         rng = jitter or (lambda: random.uniform(0, self.config.backoff_initial))
         self._backoff = backoffPolicy(
@@ -117,7 +119,10 @@ class PeerManager:
         self.ops = {"hello": self.op_hello, "exchange": self.op_exchange}
         #: ``--static-peer`` addresses: dialed apart from the others
         self._static = set(self.config.static)
-        self.operator_ops = {"unregister": self.op_unregister}
+        self.operator_ops = {"unregister": self.op_unregister, "links": self.op_links}
+        #: port ranges this node neither dials nor keeps dialed links to:
+        #: an emulated partition (``links`` op), until healed
+        self.blocked: tuple[tuple[int, int], ...] = ()
         #: (the store's generation, endpoint -> the node ids its pinned records name)
         self._pins: tuple[int, dict[str, frozenset[str]]] = (-1, {})
 
@@ -171,6 +176,8 @@ class PeerManager:
     def _static_ids(self) -> set[str]:
         ids = set()
         for addr in self._static:
+            if self.blocked and self._blocked(addr):
+                continue
             record = self.store.get(addr)
             pinned = address.parse(addr).node_id
             ids.update(i for i in (pinned, record.node_id if record else None) if i)
@@ -221,7 +228,8 @@ class PeerManager:
             # Decided before scanning the store: a register flood asks for a
             # round often, and the periodic round comes back for what waits.
             seen = (Seen(r.addr, r.node_id, r.source == BOOTSTRAP or r.verified, r.failures)
-                    for r in self.store.records() if not r.is_self and r.addr not in self._static)
+                    for r in self.store.records() if not r.is_self and r.addr not in self._static
+                    and not (self.blocked and self._blocked(r.addr)))
             for pick in choose(self.book, seen, set(self.peers), free):
                 if not self._dial_tokens.take():
                     break
@@ -239,6 +247,8 @@ class PeerManager:
         node is not connected another way: outside every bound but its own
         backoff, as the operator asked for exactly these."""
         for addr in self._static:
+            if self.blocked and self._blocked(addr):
+                continue
             record = self.store.get(addr)
             if self.book.state(addr) is not State.IDLE or (record is not None and record.node_id in self.peers):
                 continue
@@ -321,6 +331,43 @@ class PeerManager:
             self._pins = (self.store.generation, pins)
         return pins.get(address.endpoint(addr), frozenset())
 
+    def _blocked(self, addr: str) -> bool:
+        try:
+            port = address.parse(addr).port
+        except address.InvalidAddress:
+            return False
+        return any(low <= port <= high for low, high in self.blocked)
+
+    def op_links(self, conn: Any, args: Any) -> Any:
+        """``{"block": [[low port, high port], ...]}``: an emulated
+        partition: the node stops dialing peers on those ports and closes
+        the links it dialed to them (the other side closes the rest, when
+        told the same); ``{"block": []}`` heals it, and the node dials
+        again at once. Operator op; the emulation's other figures are the
+        node's options."""
+        ranges = args.get("block") if isinstance(args, dict) else None
+        if not isinstance(ranges, list) or len(ranges) > 1000 or not all(
+                isinstance(r, list) and len(r) == 2 and all(type(p) is int for p in r)
+                and 1 <= r[0] <= r[1] <= 65535 for r in ranges):
+            return codec.bad_args("links", '"block": give a list of [low port, high port] (at most 1000)')
+        self.blocked = tuple((low, high) for low, high in ranges)
+        closed = 0
+        for peer in list(self.peers.values()):
+            dialed = peer.fox_state.get("dial_addr")
+            if self.blocked and dialed is not None and self._blocked(dialed):
+                peer.close(CLOSE_NORMAL, "partitioned (link emulation)")
+                closed += 1
+        self.tick_soon()
+        return codec.ok({"block": [list(r) for r in self.blocked], "closed": closed})
+
+    def links_info(self) -> dict[str, Any] | None:
+        """What ``info`` says of the link emulation, or None without one."""
+        c = self.config.links
+        if c.is_plain() and not self.blocked:
+            return None
+        return {"emulation": links.EMULATION, "blocked": [list(r) for r in self.blocked], "default": links.describe(c.default),
+                "rules": [{"ports": [low, high], **links.describe(s)} for low, high, s in c.rules]}
+
     def dial(self, addr: str, probe: bool = False) -> Deferred:
         """Connect to ``addr`` and say hello; fires with the connection or
         fails with the reason. Bookkeeping (the dial record, the store) is
@@ -342,6 +389,7 @@ class PeerManager:
                                    ping_timeout=c.ping_timeout, open_timeout=self.config.dial_timeout)
         pins = self.pins_of(addr)
         endpoint = endpoint_for(self.reactor, parsed, self.config.trust_roots, self.config.dial_timeout)
+        endpoint = links.wrap_endpoint(endpoint, self.config.links, parsed.port, self.reactor, self._link_rng)
         log.debug("dialing {addr}", addr=addr)
         d = endpoint.connect(factory)
         dial = self.book.get(addr)

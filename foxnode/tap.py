@@ -18,10 +18,10 @@ from OpenSSL import SSL, crypto
 from twisted.internet.endpoints import serverFromString
 from twisted.python import logfile, usage
 
-from foxnode import address, frames, identity, keys, locks, logs, msgstore, pluginhost
+from foxnode import address, frames, identity, keys, links, locks, logs, msgstore, pluginhost
 from foxnode.client import TrustError, load_trust_root
-from foxnode.config import (DEFAULT_TRUSTED, GossipConfig, HistoryConfig, NodeConfig, PeerConfig,
-                            PluginConfig, StoreConfig, WebConfig, default)
+from foxnode.config import (DEFAULT_TRUSTED, GossipConfig, HistoryConfig, LinkConfig, LinkShape, NodeConfig,
+                            PeerConfig, PluginConfig, StoreConfig, WebConfig, default)
 from foxnode.metrics import NodeMetrics
 from foxnode.service import (  # noqa: F401  (CannotStart and why_not_listening were tap's)
     CannotStart, Configs, NodeService, build, why_not_listening)
@@ -90,6 +90,16 @@ def _frames(text: str) -> str:
 _frames.coerceDoc = f"One of: {', '.join(frames.CHOICES)}."  # shown in --help
 
 
+def _link(option: str, parse: Any) -> Any:
+    def coerce(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise usage.UsageError(f"--{option} {e}") from None
+
+    return coerce
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
@@ -156,6 +166,14 @@ class Options(usage.Options):
         ["frames", None, default(NodeConfig, "frames"),
          "Who reads and writes WebSocket frames: own (the node's fast path) or autobahn "
          "(Autobahn's frame code alone; slower, for comparison and as a way out).", _frames],
+        ["link-latency", None, None,
+         "Emulate this one-way latency, with jitter after a colon (40ms:10ms), on the peer links this "
+         "node dials, both ways (links.py).", _link("link-latency", links.parse_latency)],
+        ["link-loss", None, None,
+         "Emulate this share of lost TCP segments (1%) on the links this node dials: each costs a "
+         "retransmission's delay, as on TCP.", _link("link-loss", links.parse_loss)],
+        ["link-bandwidth", None, None, "Emulate this bandwidth (1mbit, 100kbit) on each link this node dials.",
+         _link("link-bandwidth", links.parse_rate)],
         ["cafile", None, None, "CA certificates (a PEM file or a directory of them) to verify wss:// peers with (default: system trust)."],
     ]
     optFlags = [
@@ -171,6 +189,7 @@ class Options(usage.Options):
         self["allowed-origin"] = []
         self["allowed-host"] = []
         self["plugin"] = []
+        self["link-rule"] = []
 
     def opt_plugin(self, spec: str) -> None:
         """A plugin to load: a dotted module name (mypackage.myplugin) or a
@@ -180,6 +199,15 @@ class Options(usage.Options):
         if wrong:
             raise usage.UsageError(f"--plugin {spec}: {wrong}")
         self["plugin"].append(spec)
+
+    def opt_link_rule(self, rule: str) -> None:
+        """Links to peers on these ports take this shape instead of the
+        --link-* ones: PORT-PORT=latency=40ms:10ms,loss=1%,bandwidth=1mbit
+        (a group of a devnet); repeatable, the first that matches counts."""
+        try:
+            self["link-rule"].append(links.parse_rule(rule))
+        except ValueError as e:
+            raise usage.UsageError(f"--link-rule {e}") from None
 
     def opt_allowed_origin(self, origin: str) -> None:
         """An origin (scheme://host[:port]) besides the node's own whose web
@@ -285,7 +313,14 @@ class Options(usage.Options):
             trust_roots=self["cafile"],
             static=tuple(dict.fromkeys(self["static-peer"])),
             trusted_peers=frozenset(self["trusted-peer"]),
+            links=self.link_config(),
         )
+
+    def link_config(self) -> LinkConfig:
+        latency, jitter = self["link-latency"] or (0.0, 0.0)
+        shape = LinkShape(latency=latency, jitter=jitter, loss=self["link-loss"] or 0.0,
+                          bandwidth=self["link-bandwidth"])
+        return LinkConfig(default=shape, rules=tuple(self["link-rule"]))
 
     def web_config(self) -> WebConfig:
         origins = self["allowed-origin"]
@@ -365,9 +400,10 @@ class HangUp:
             log.info("SIGHUP: no log file to reopen; the node goes on")
 
 
-def makeService(config: Options, reactor: Any = None) -> NodeService:
+def makeService(config: Options, reactor: Any = None, runner: Any = None) -> NodeService:
     """Options, then configs, then the files, then build; the service listens
-    when twistd starts it."""
+    when twistd starts it. ``runner`` runs the peer store's writes (default:
+    a thread of its own; host.py shares one among its nodes)."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -383,7 +419,8 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
     except pluginhost.PluginError as e:
         raise SystemExit(f"foxnode: cannot start: {e}") from None
     metrics = NodeMetrics()
-    file_locks, store, node_identity, key_store, messages = _open_files(reactor, config, configs, metrics)
+    file_locks, store, node_identity, key_store, messages = _open_files(reactor, config, configs, metrics,
+                                                                        runner)
     named = configs.node.bootstrap + configs.peers.static
     if named:
         # Dialed whatever the disk does: the operator named them, so a
@@ -416,9 +453,9 @@ def makeService(config: Options, reactor: Any = None) -> NodeService:
     return node_service
 
 
-def _open_files(reactor: Any, config: Options, configs: Configs, metrics: NodeMetrics
-                ) -> tuple[list[locks.FileLock], PeerStore, identity.Identity, keys.KeyStore,
-                           msgstore.MessageStore]:
+def _open_files(reactor: Any, config: Options, configs: Configs, metrics: NodeMetrics,
+                runner: Any = None) -> tuple[list[locks.FileLock], PeerStore, identity.Identity, keys.KeyStore,
+                                             msgstore.MessageStore]:
     """Lock the node's files, then read the peer store, the key and the key
     store; any fault ends the start in one line, with nothing left locked
     and no file written."""
@@ -431,7 +468,8 @@ def _open_files(reactor: Any, config: Options, configs: Configs, metrics: NodeMe
     # The store first: a node refused for its peers file leaves nothing behind.
     try:
         store = PeerStore.open(reactor, config["peers-file"], max_peers=configs.store.max_peers,
-                               flush_delay=configs.store.flush_delay, on_write=metrics.store_writes.observe)
+                               flush_delay=configs.store.flush_delay, on_write=metrics.store_writes.observe,
+                               runner=runner)
         # Read before node.key may be created: a refused start leaves the data directory as it was.
         key_store = keys.KeyStore.open(reactor, os.path.join(config["data-dir"], keys.KEY_FILE),
                                        configs.keys)

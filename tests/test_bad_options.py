@@ -111,6 +111,11 @@ NODE_BAD: dict[str, list[str]] = {
     # refused at parsing (not a name, no such file), or at start (does not import)
     "plugin": ["", "not a module", "1abc", "a..b", "{tmp}/missing.py", "{file}", "{tmp}",
                "foxnode_no_such_plugin", "foxnode.no_such_plugin", "{tmp}/broken.py"],
+    "link-latency": ["", "-40ms", "40ms:-1ms", "abc", "nan", "inf", "61s", "40ms:"],
+    "link-loss": ["", "-1%", "100%", "1.5", "abc", "nan", "inf"],
+    "link-bandwidth": ["", "0", "-1mbit", "fast", "nan", "inf", "1e999"],
+    "link-rule": ["", "9000", "9000=latency=-1ms", "9001-9000=latency=1ms", "x=latency=1ms",
+                  "9000=jitter=1ms", "0-9=latency=1ms", "9000=loss=100%"],
 }
 
 
@@ -227,9 +232,64 @@ def test_options_parsed_outside_twistd_still_raise_usage_error():
         tap.Options().parseOptions(["--burst", "0.5"])
 
 
+# -- twistd foxnode-host ----------------------------------------------------------------
+
+HOST = [str(BIN / "twistd"), "--nodaemon", "--pidfile=", "foxnode-host"]
+
+#: option -> its bad values (host.py); what follows "--" is twistd foxnode's
+#: (NODE_BAD), and the options that make a node itself are the host's.
+HOST_BAD: dict[str, list[str]] = {
+    "nodes": bad_numbers(1, 1000, whole=True),
+    "first": bad_numbers(0, 65534, whole=True),
+    "base-port": bad_numbers(1, 65535, whole=True),
+    "dir": [""],
+    "bootstrap": ["", "ring", "tree" + UNDECODABLE],
+}
+
+
+def host_options_taking_values() -> set[str]:
+    from foxnode import host
+
+    return {o[:-1] for o in host.Options().longOpt if o.endswith("=")}
+
+
+def test_every_host_option_has_bad_values():
+    assert host_options_taking_values() == set(HOST_BAD)
+
+
+def run_host(cwd: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*HOST, *args], cwd=cwd, env=ENV, capture_output=True, text=True,
+                          errors="replace", timeout=DEADLINE)
+
+
+@pytest.mark.parametrize("option", sorted(HOST_BAD))
+def test_bad_host_option_is_refused_in_one_line(option, tmp_path):
+    # Good values first: one node on loopback, in the test's directory.
+    good = ["--dir", str(tmp_path / "devnet"), "--nodes", "1", "--base-port", str(free_port())]
+    argvs = [[*good, f"--{option}", value] for value in HOST_BAD[option]]
+    results = run_all(lambda args: run_host(str(tmp_path), *args), argvs)
+    for result in results:
+        line = assert_refused(result, f"--{option}")
+        assert line.startswith("twistd foxnode-host: "), line
+
+
+@pytest.mark.parametrize("node_args, named", [
+    (["--max-outbound", "-1"], "node option --max-outbound -1"),
+    (["--port", "9000"], "--port: each node's own"),
+    (["--listen", f"tcp:9000:interface={LOOPBACK}"], "--listen: each node's own"),
+    (["--data-dir", "x"], "--data-dir: each node's own"),
+])
+def test_bad_node_options_of_a_host_are_one_line(node_args, named, tmp_path):
+    result = run_host(str(tmp_path), "--dir", str(tmp_path / "devnet"), "--base-port", str(free_port()),
+                      "--", *node_args)
+    assert named in assert_refused(result, named)
+
+
 # -- foxnode ---------------------------------------------------------------------------
 
 URL = f"ws://{LOOPBACK}:9/ws"
+#: the shipped scenario: a good FILE for foxnode experiment
+EXAMPLE = str(Path(__file__).resolve().parent.parent / "examples" / "gossip-kill.toml")
 SECONDS = ["nan", "inf", "-inf", "1e999", "abc", "", "0", "-1", "86401"]
 
 #: (subcommand, argument) -> (argv with {} for the bad value, bad values);
@@ -269,7 +329,11 @@ CLI_BAD: dict[tuple[str, str], tuple[list[str], list[str]]] = {
                                        ["nan", "inf", "abc", "", "0", "-1", "1023", str((1 << 30) + 1)]),
     ("attach", "--cafile"): (["attach", "--cafile", "{}", f"wss://{LOOPBACK}:9/ws"], ["", "/no/such/ca.pem"]),
     ("attach", "--history"): (["attach", "--history", "{}", URL], ["/", "/no/such/dir/history", "a\x01"]),
-    ("devnet", "--nodes/-n"): (["devnet", "--nodes", "{}"], ["0", "-1", "101", "abc", "nan", "inf", "", "1.5"]),
+    ("devnet", "--nodes/-n"): (["devnet", "--nodes", "{}"], ["0", "-1", "1001", "abc", "nan", "inf", "", "1.5"]),
+    ("devnet", "--latency"): (["devnet", "--latency", "{}"], ["", "-40ms", "40ms:-1ms", "abc", "nan", "61s"]),
+    ("devnet", "--loss"): (["devnet", "--loss", "{}"], ["", "-1%", "100%", "abc", "nan"]),
+    ("devnet", "--bandwidth"): (["devnet", "--bandwidth", "{}"], ["", "0", "fast", "nan", "-1mbit"]),
+    ("devnet", "--per-process"): (["devnet", "--per-process", "{}"], ["0", "-1", "1001", "abc", "nan", "", "1.5"]),
     ("devnet", "--base-port"): (["devnet", "--base-port", "{}"], ["0", "-1", "65536", "abc", "nan", ""]),
     ("devnet", "--dir"): (["devnet", "--dir", "{}"], [""]),
     ("devnet", "--network"): (["devnet", "--network", "{}"], ["", "x" * 65, "lab\x01net", "lab" + UNDECODABLE]),
@@ -277,6 +341,10 @@ CLI_BAD: dict[tuple[str, str], tuple[list[str], list[str]]] = {
     ("devnet", "--connect-timeout"): (["devnet", "--connect-timeout", "{}"], SECONDS + ["0.5"]),
     ("devnet", "--stop-timeout"): (["devnet", "--stop-timeout", "{}"], SECONDS + ["0.5"]),
     ("devnet", "--plugin"): (["devnet", "--plugin", "{}"], ["", "a..b", "no-dash", "1st.module", "no/such.py", "notes/"]),
+    ("experiment", "ACTION"): (["experiment", "{}", EXAMPLE], ["", "walk", "Run"]),
+    ("experiment", "FILE"): (["experiment", "run", "{}"], ["", "/no/such/scenario.toml", "/", UNDECODABLE]),
+    ("experiment", "--out"): (["experiment", "run", EXAMPLE, "--out", "{}"], [""]),
+    ("experiment", "--dir"): (["experiment", "run", EXAMPLE, "--dir", "{}"], [""]),
 }
 
 

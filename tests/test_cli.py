@@ -106,7 +106,7 @@ def test_help_on_every_subcommand(command, capsys):
     (["call", "ws://127.0.0.1:9000/ws"], "required: OP"),
     (["call", "--timeout", "0", "ws://127.0.0.1:9000/ws", "peers"], "give seconds from 0.1 to 86400"),
     (["watch", "ws://127.0.0.1:9000/ws"], "required: TOPIC"),
-    (["devnet", "--nodes", "0"], "give a whole number from 1 to 100"),
+    (["devnet", "--nodes", "0"], "give a whole number from 1 to 1000"),
     (["devnet", "--base-port", "65535", "--nodes", "2"], "past 65535"),
 ])
 def test_usage_errors_exit_2_with_one_line(argv, says, capsys):

@@ -24,7 +24,7 @@ LOGIC = ["node", "peers", "dialing", "handshake", "gossip", "store", "peerindex"
          "storefiles", "web", "limits", "service", "protocol", "frames",
          "codec", "identity", "address", "metrics", "keys", "crypto", "filters",
          "msgstore", "history", "catchup", "plugin", "pluginhost", "plugins/time",
-         "plugins/chain/__init__", "plugins/chain/block", "plugins/chain/ledger"]
+         "plugins/chain/__init__", "plugins/chain/block", "plugins/chain/ledger", "links"]
 WALL_CLOCK = {("time", "time"), ("time", "time_ns"), ("datetime", "now"), ("datetime", "utcnow"),
               ("date", "today"), ("time", "localtime"), ("time", "gmtime")}
 

@@ -129,6 +129,10 @@ SPECS: dict[str, Spec] = {
                      unknown={"filter": lambda v: isinstance(v, str)}),
     # an operator op: a client on loopback is the operator by default
     "unregister": Spec({"addr": lambda v: v == "ws://127.3.0.1:9/ws"}, frozenset({"addr"})),
+    # an emulated partition (links.py, peers.py): port ranges, [] heals
+    "links": Spec({"block": lambda v: isinstance(v, list) and len(v) <= 1000 and all(
+        isinstance(r, list) and len(r) == 2 and all(_port(p) for p in r) and r[0] <= r[1] for r in v)},
+        frozenset({"block"})),
     # operator ops too; no variant is a key id of the node's (ids are random)
     "newkey": Spec({"type": lambda v: v == "sym", "password": _password}, frozenset({"type"})),
     "addkey": Spec({"type": lambda v: v == "sym", "key": _hex32,
@@ -156,6 +160,7 @@ VALID_ARGS = {
     "filter": {"topics": ["t"]}, "history": {"topics": ["t"]},
     # poll: {"filter": <a filter the walk makes first>}
     "unregister": {"addr": "ws://127.3.0.1:9/ws"},
+    "links": {"block": []},
     "newkey": {"type": "sym", "password": "pw"},
     "addkey": {"type": "sym", "key": "ab" * 32},
     # getkey and delkey: {"id": <a key the walk makes first>}
