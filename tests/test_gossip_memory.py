@@ -21,7 +21,7 @@ from foxnode.gossip import CACHE_ENTRY_BYTES, Envelope, GossipConfig
 from foxnode.testing import connect_as_peer, sleep, spawn_node, start_node, wait_for
 
 MAX_PAYLOAD = 64 * 1024  # the node's default --max-payload
-MESSAGES = 800
+MESSAGES = 640
 #: what the node may grow by under the flood: its cache is 32 MiB of frames
 GROWTH_BOUND = 150 * 1024 * 1024
 #: envelopes sent before the node's size is taken as the baseline
