@@ -197,6 +197,16 @@ class GossipConfig:
     sweep_interval: float = 5.0
     #: how long to wait for an announced envelope before asking for it
     graft_timeout: float = 0.4
+    #: lazy links each new id is announced to (``ihave``), at most, drawn
+    #: at random from those not known to hold it: gossipsub's D_lazy. All
+    #: of them, as plain Plumtree, costs an id frame over every link of
+    #: every node for each message, which on a large network is most of
+    #: the work; a handful still finds any node the tree missed.
+    lazy_fanout: int = 6
+    #: seconds new ids wait before they are announced, in one frame per
+    #: link: peers that send or announce an id meanwhile hold it and are
+    #: not told of it
+    lazy_delay: float = 0.05
     #: bad envelopes a peer may send (a burst, then per second) before it is dropped
     abuse_burst: float = 20.0
     abuse_rate: float = 0.5

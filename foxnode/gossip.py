@@ -18,7 +18,11 @@ idea as gossipsub's mesh plus IHAVE/IWANT): every peer link starts *eager*
 (full envelopes are pushed over it); a node that receives a copy it has
 already seen tells that sender ``prune``, and the link becomes *lazy*, over
 which only ids are announced (``ihave``). The eager links settle into a
-spanning tree, so each node receives about one full copy per message. A
+spanning tree, so each node receives about one full copy per message.
+Announcements go out ``lazy_delay`` after the envelope came, batched per
+link, to at most ``lazy_fanout`` lazy links drawn at random among those
+not known to hold it (gossipsub's D_lazy; plain Plumtree tells every lazy
+link, which on a large network is most of a node's work). A
 node that hears of an id over a lazy link and does not get the envelope
 soon after asks for it (``graft``), which also makes that link eager again:
 that is how the tree heals when a link or node goes away. The trade-off:
@@ -90,6 +94,7 @@ import binascii
 import hashlib
 import math
 import os
+import random
 import re
 import secrets
 from collections import OrderedDict
@@ -413,6 +418,13 @@ class Gossip:
         self.missing: dict[str, tuple[Any, list[Link]]] = {}
         #: awaited id -> the link that announced it first (whose share it takes)
         self._awaited_by: dict[str, Link] = {}
+        #: ids to announce at the next flush -> (origin, the connections
+        #: known to hold it: its sender, the eager links it went to, and
+        #: those that sent or announced it since); at most the envelopes
+        #: accepted in ``lazy_delay``
+        self._to_announce: dict[str, tuple[str, set[Any]]] = {}
+        self._announcing: Any = None
+        self._draw = random.Random()
         #: contents with a bad signature not yet said, and when it was last said
         self._bad_signatures = 0
         self._bad_signatures_said = -math.inf
@@ -433,7 +445,10 @@ class Gossip:
                        "prune": self.on_prune, "rejected": self.on_rejected}
 
     def stop(self) -> None:
-        """Cancel the graft timers (the node is stopping)."""
+        """Cancel the graft and announcement timers (the node is stopping)."""
+        if self._announcing is not None and self._announcing.active():
+            self._announcing.cancel()
+        self._to_announce.clear()
         for timer, _ in self.missing.values():
             if timer.active():
                 timer.cancel()
@@ -807,18 +822,48 @@ class Gossip:
         self.deliver(envelope, payload)
         if not forward:
             return True
-        announce = codec.encode_event("ihave", ids=[envelope.id])
         metrics = self.metrics
+        holders = {sender}
         for conn, link in self.links.items():
-            if conn is sender or conn.node_id == envelope.origin:
+            if conn is sender or conn.node_id == envelope.origin or link.lazy:
                 continue
-            if link.lazy:
-                conn.send_frame(announce, droppable=True)
-            elif conn.send_frame(frame, droppable=True):
+            if conn.send_frame(frame, droppable=True):
                 metrics.gossip_sent.inc()
+                holders.add(conn)
             else:
                 metrics.send_dropped.labels("peer").inc()
+        self.announce(envelope.id, envelope.origin, holders)
         return True
+
+    def announce(self, message_id: str, origin: str, holders: set[Any]) -> None:
+        """Tell lazy links of ``message_id`` at the next flush (none of
+        ``holders``, nor the origin's)."""
+        self._to_announce[message_id] = (origin, holders)
+        if self._announcing is None or not self._announcing.active():
+            self._announcing = self.reactor.callLater(self.config.lazy_delay, self._flush_announcements)
+
+    def _holds(self, conn: Any, message_id: Any) -> None:
+        """``conn`` sent or announced ``message_id``: it needs no announcement."""
+        pending = self._to_announce.get(message_id) if isinstance(message_id, str) else None
+        if pending is not None:
+            pending[1].add(conn)
+
+    def _flush_announcements(self) -> None:
+        self._announcing = None
+        pending, self._to_announce = self._to_announce, {}
+        fanout = self.config.lazy_fanout
+        batches: dict[Any, list[str]] = {}
+        for message_id, (origin, holders) in pending.items():
+            # Links that turned eager since are asked too: they were not
+            # sent the envelope when it came.
+            told = [c for c in self.links if c not in holders and c.node_id != origin]
+            if len(told) > fanout:
+                told = self._draw.sample(told, fanout)
+            for conn in told:
+                batches.setdefault(conn, []).append(message_id)
+        for conn, ids in batches.items():
+            for at in range(0, len(ids), 1000):
+                conn.send_frame(codec.encode_event("ihave", ids=ids[at:at + 1000]), droppable=True)
 
     def deliver(self, envelope: Envelope, payload: orjson.Fragment | None = None) -> None:
         """Push ``envelope`` to this node's subscriptions of its topic that
@@ -990,6 +1035,7 @@ class Gossip:
         if isinstance(message_id, str) and message_id in self.seen:
             # A copy over an eager link: one tree edge too many, make it lazy.
             self.metrics.gossip_received.labels("duplicate").inc()
+            self._holds(conn, message_id)
             if not link.lazy:
                 link.lazy = True
                 conn.send_frame(codec.encode_event("prune"), droppable=True)
@@ -1053,7 +1099,10 @@ class Gossip:
         if not isinstance(ids, list):
             return
         for message_id in ids[:1000]:
-            if not is_message_id(message_id) or message_id in self.seen:
+            if not is_message_id(message_id):
+                continue
+            if message_id in self.seen:
+                self._holds(conn, message_id)
                 continue
             waiting = self.missing.get(message_id)
             if waiting is not None:

@@ -267,6 +267,9 @@ class ShapedProtocol(ProtocolWrapper):
 
 class ShapedFactory(WrappingFactory):
     protocol = ShapedProtocol
+    # One is made per dial: "Starting factory" lines would be most of a
+    # large devnet's log.
+    noisy = False
 
     def __init__(self, wrapped: Any, clock: Any, shape: LinkShape, rng: random.Random,
                  min_rto: float) -> None:
