@@ -253,3 +253,23 @@ class _Quiet:
     def connection_opened(self, conn): pass
     def connection_lost(self, conn, code, reason): pass
     def handle_request(self, conn, req): return codec.Reply(200, "OK")
+
+
+def test_autobahn_pretty_prints_a_connection_only_for_a_line_that_is_written(monkeypatch):
+    # Autobahn formats every connection's options for a debug line that is
+    # written only with --debug: a sixth of a large devnet's CPU.
+    import pprint
+
+    import autobahn.websocket.protocol as autobahn_protocol
+    from twisted.internet.testing import StringTransport
+
+    calls = []
+    real = pprint.PrettyPrinter.pformat
+    monkeypatch.setattr(pprint.PrettyPrinter, "pformat", lambda self, o: calls.append(o) or real(self, o))
+    protocol = FoxServerFactory(None, reactor=Clock()).buildProtocol(None)
+    protocol.makeConnection(StringTransport())
+    assert calls == []
+    # Written, the line is what it was.
+    value = {"maxMessagePayloadSize": 1 << 20, "nested": [1, 2, 3]}
+    line = formatEvent({"log_format": "\n{attrs}", "attrs": autobahn_protocol.pformat(value)})
+    assert line == "\n" + pprint.pformat(value) and len(calls) == 2
