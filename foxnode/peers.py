@@ -789,9 +789,16 @@ class PeerManager:
         if not isinstance(offered, list):
             return
         store = self.store
-        room = self.config.exchange_cap - sum(1 for r in store.records() if r.source == EXCHANGE)
+        room = None
         learned = []
         for addr in offered[: self.config.exchange_sample]:
+            # On a settled network nearly every offer is known already:
+            # that is told by the text alone, before parsing (which is most
+            # of a large devnet's peer-exchange work).
+            if isinstance(addr, str) and addr in store:
+                continue
+            if room is None:
+                room = self.config.exchange_cap - sum(1 for r in store.records() if r.source == EXCHANGE)
             if len(learned) >= room:
                 break
             try:
