@@ -29,7 +29,8 @@
     S.laidFor = key;
     const adj = FoxNet.adjacency(G.nodes, G.links);
     S.pos = FoxNet.rings(G.nodes, adj, centre, c.width, c.height).pos;
-    layer.draw(S.pos, G.links, schedule);
+    S.layered = false;
+    layer.draw(S.pos, G.links, () => { S.layered = true; schedule(); });
     schedule();
   }
 
@@ -70,6 +71,7 @@
   }
 
   function onGraph(G) {
+    if (S.firstGraph === undefined) S.firstGraph = performance.now();
     const grew = !S.graph || S.graph.nodes !== G.nodes;
     S.graph = G;
     if (grew) {
