@@ -1,7 +1,9 @@
 """The devnet's live page: the whole network in a browser, served by the
 ``foxnode devnet`` process on loopback (``--page-port``).
 
-    GET  /           the page (static/devnet.html, drawing in static/network.js)
+    GET  /           the page (static/devnet.html, devnet.js; its worker, which
+                     reads /events and lays out, devnet-worker.js; the drawing
+                     static/network.js)
     GET  /state      JSON: every node (up or down, its id), every live peer
                      link, the last few messages and when each node got them
     GET  /events     the same as Server-Sent Events: ``graph`` when a node or
@@ -378,6 +380,7 @@ class _Root(Resource):
             b"": _Static(page, "devnet.html", b"text/html; charset=utf-8"),
             b"network.js": _Static(page, "network.js", b"text/javascript; charset=utf-8"),
             b"devnet.js": _Static(page, "devnet.js", b"text/javascript; charset=utf-8"),
+            b"devnet-worker.js": _Static(page, "devnet-worker.js", b"text/javascript; charset=utf-8"),
             b"state": _State(page), b"events": _Events(page), b"publish": _Publish(page),
         }
         self.missing = _Missing(page)

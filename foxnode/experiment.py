@@ -709,8 +709,9 @@ D.messages.forEach((m, i) => { const o = document.createElement('option'); o.val
   sel.appendChild(o); });
 let pos = null, msg = null, last = 1, playing = null;
 function layout(m) {
-  const graph = D.graphs[m.graph] || {}, links = [];
-  for (const a in graph) for (const b of graph[a]) if (+a < b) links.push([+a, b]);
+  const graph = D.graphs[m.graph] || {}, pairs = [];
+  for (const a in graph) for (const b of graph[a]) if (+a < b) pairs.push([+a, b]);
+  const links = FoxNet.flatten(pairs);
   pos = FoxNet.rings(D.nodes, FoxNet.adjacency(D.nodes, links), m.origin, c.width, c.height).pos;
   layer.draw(pos, links, () => draw(slider.value / 1000));
 }

@@ -11,7 +11,7 @@
   const layer = new FoxNet.LinkLayer(c.width, c.height);
   const C = FoxNet.COLOURS;
   // What the page knows: the graph (nodes, up, ids, links) and the messages.
-  const S = {graph: null, messages: [], shown: null, centre: 0, pos: null, laidFor: "",
+  const S = {graph: null, messages: [], shown: null, centre: 0, pos: null,
              play: null, dirty: false, frame: 0};
   // Exposed for tests and the curious: what is drawn, and how often.
   window.devnetPage = S;
@@ -20,18 +20,10 @@
     if (!S.dirty) { S.dirty = true; requestAnimationFrame(draw); }
   }
 
+  // The worker lays out around the node that published the message shown.
   function relayout() {
-    const G = S.graph;
-    if (!G) return;
     const m = S.shown, centre = m && m.origin !== null ? m.origin : 0;
-    const key = G.version + "/" + centre;
-    if (key === S.laidFor) return;
-    S.laidFor = key;
-    const adj = FoxNet.adjacency(G.nodes, G.links);
-    S.pos = FoxNet.rings(G.nodes, adj, centre, c.width, c.height).pos;
-    S.layered = false;
-    layer.draw(S.pos, G.links, () => { S.layered = true; schedule(); });
-    schedule();
+    if (centre !== S.centre) { S.centre = centre; worker.postMessage({centre}); }
   }
 
   // Seconds after publishing the picture shows: the real time, slowed so
@@ -62,27 +54,31 @@
     });
     if (m) {
       const reached = Object.keys(m.got).length;
-      status.textContent = `${G.up.filter(Boolean).length}/${G.nodes} nodes up, ${G.links.length} links; ` +
+      status.textContent = `${G.up.filter(Boolean).length}/${G.nodes} nodes up, ${G.linkCount} links; ` +
         `message ${m.id.slice(0, 8)}: ${reached}/${G.nodes} nodes` + (S.play ? ` (${t.toFixed(3)} s)` : "");
     } else {
-      status.textContent = `${G.up.filter(Boolean).length}/${G.nodes} nodes up, ${G.links.length} links`;
+      status.textContent = `${G.up.filter(Boolean).length}/${G.nodes} nodes up, ${G.linkCount} links`;
     }
     if (S.play) schedule();
   }
 
+  // Whether node a and node b are linked (for tests and the hover line).
+  S.linked = (a, b) => {
+    const L = S.graph ? S.graph.links : [];
+    for (let k = 0; k < L.length; k += 2) if ((L[k] === a && L[k + 1] === b) || (L[k] === b && L[k + 1] === a)) return true;
+    return false;
+  };
+
+  // A graph from the worker: positions and flat links, laid out already.
   function onGraph(G) {
     if (S.firstGraph === undefined) S.firstGraph = performance.now();
-    const grew = !S.graph || S.graph.nodes !== G.nodes;
-    S.graph = G;
-    if (grew) {
-      // One option per node: a select, not an element per node in the picture.
-      const frag = document.createDocumentFragment();
-      for (let i = 0; i < G.nodes; i++) {
-        const o = document.createElement("option"); o.value = i; o.textContent = `node-${i}`; frag.appendChild(o);
-      }
-      pick.length = 1; pick.appendChild(frag);
-    }
-    relayout(); schedule();
+    G.linkCount = G.links.length >> 1;
+    S.graph = G; S.pos = G.pos;
+    S.layered = false;
+    layer.draw(G.pos, G.links, () => { S.layered = true; schedule(); });
+    // A number to type, not an element per node.
+    pick.max = G.nodes - 1;
+    schedule();
   }
 
   function onSpread(list) {
@@ -113,7 +109,7 @@
   replay.onclick = () => { S.play = performance.now(); schedule(); };
 
   document.getElementById("publish").onclick = async () => {
-    const body = pick.value === "" ? {} : {node: +pick.value};
+    const body = pick.value.trim() === "" ? {} : {node: +pick.value};
     try {
       const r = await fetch("publish", {method: "POST", headers: {"content-type": "application/json"},
                                          body: JSON.stringify(body)});
@@ -130,18 +126,21 @@
     const i = FoxNet.nearest(S.pos, S.graph.nodes, (e.clientX - box.left) * c.width / box.width,
                              (e.clientY - box.top) * c.height / box.height, 6);
     if (i < 0) return;
-    const id = S.graph.ids[i], links = S.graph.links.filter(([a, b]) => a === i || b === i).length;
+    const L = S.graph.links, id = S.graph.ids[i];
+    let links = 0;
+    for (let k = 0; k < L.length; k++) if (L[k] === i) links++;
     document.getElementById("hover").textContent =
       `node-${i} ${S.graph.up[i] ? "up" : "down"}, ${links} links, id ${id ? id.slice(0, 16) : "?"}`;
   };
 
-  // The stream; EventSource reconnects by itself when the devnet restarts.
-  function listen(url) {
-    const es = new EventSource(url);
-    es.addEventListener("graph", (e) => onGraph(JSON.parse(e.data)));
-    es.addEventListener("spread", (e) => onSpread(JSON.parse(e.data)));
-    es.onerror = () => { status.textContent = "the devnet does not answer; retrying\u2026"; };
-    return es;
-  }
-  S.stream = listen("events");
+  // The worker reads the stream (EventSource reconnects by itself when the
+  // devnet restarts) and lays out; the page only draws.
+  const worker = new Worker("devnet-worker.js");
+  worker.onmessage = (e) => {
+    const m = e.data;
+    if (m.kind === "graph") onGraph(m);
+    else if (m.kind === "spread") onSpread(m.messages);
+    else status.textContent = "the devnet does not answer; retrying\u2026";
+  };
+  worker.postMessage({width: c.width, height: c.height});
 })();

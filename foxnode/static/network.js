@@ -3,25 +3,34 @@
 // it, so that there is one way of drawing a network.
 //
 // Built for a thousand nodes and tens of thousands of links: no element per
-// node; the layout is a breadth-first search (linear in the links); the links
-// are drawn once onto a layer of their own, a few thousand per animation
-// frame, and a frame then only copies that layer and fills the nodes, one
-// path per colour.
+// node; the layout is a breadth-first search (linear in the links), which
+// the devnet page runs in a Web Worker (devnet-worker.js loads this file
+// too); the links are drawn once onto a layer of their own, a thousand or so
+// per animation frame, and a frame then only copies that layer and fills the
+// nodes, one path per colour. Links are flat arrays [a0, b0, a1, b1, ...]
+// (an Int32Array crosses from a worker without a copy).
 "use strict";
 
 const FoxNet = (() => {
   // Links drawn per animation frame while a layer is being drawn: well under
   // a frame's time even in a software-rendered canvas.
-  const LINKS_PER_FRAME = 3000;
+  const LINKS_PER_FRAME = 1500;
 
-  // Adjacency lists (arrays of node indexes) of `count` nodes from a list of
-  // [a, b] links; a link either side reports is one link.
+  // Adjacency lists (arrays of node indexes) of `count` nodes from flat links.
   function adjacency(count, links) {
     const adj = Array.from({length: count}, () => []);
-    for (const [a, b] of links) {
+    for (let k = 0; k + 1 < links.length; k += 2) {
+      const a = links[k], b = links[k + 1];
       if (a >= 0 && b >= 0 && a < count && b < count && a !== b) { adj[a].push(b); adj[b].push(a); }
     }
     return adj;
+  }
+
+  // Flat links from a list of [a, b] pairs.
+  function flatten(pairs) {
+    const flat = new Int32Array(2 * pairs.length);
+    pairs.forEach(([a, b], k) => { flat[2 * k] = a; flat[2 * k + 1] = b; });
+    return flat;
   }
 
   // Positions of `count` nodes in rings around the centre by their hop count
@@ -74,20 +83,21 @@ const FoxNet = (() => {
       const g = this.canvas.getContext("2d"), gen = ++this.generation;
       g.clearRect(0, 0, this.canvas.width, this.canvas.height);
       // Fainter as there are more links: a thousand nodes stay readable.
-      const alpha = Math.max(0.03, Math.min(0.35, 60 / Math.sqrt(links.length + 1) / 10));
+      const count = links.length >> 1;
+      const alpha = Math.max(0.03, Math.min(0.35, 60 / Math.sqrt(count + 1) / 10));
       g.strokeStyle = `rgba(0,0,0,${alpha.toFixed(3)})`;
       g.lineWidth = 1;
       let at = 0;
       const chunk = () => {
         if (gen !== this.generation) return;
-        const end = Math.min(links.length, at + LINKS_PER_FRAME);
+        const end = Math.min(count, at + LINKS_PER_FRAME);
         g.beginPath();
         for (; at < end; at++) {
-          const a = links[at][0], b = links[at][1];
+          const a = links[2 * at], b = links[2 * at + 1];
           g.moveTo(pos[2 * a], pos[2 * a + 1]); g.lineTo(pos[2 * b], pos[2 * b + 1]);
         }
         g.stroke();
-        if (at < links.length) requestAnimationFrame(chunk);
+        if (at < count) requestAnimationFrame(chunk);
         else if (done) done();
       };
       requestAnimationFrame(chunk);
@@ -120,5 +130,5 @@ const FoxNet = (() => {
 
   const COLOURS = {origin: "#06c", reached: "#f80", waiting: "#999", down: "#d22", up: "#2a2"};
 
-  return {adjacency, rings, LinkLayer, drawNodes, nearest, COLOURS};
+  return {adjacency, flatten, rings, LinkLayer, drawNodes, nearest, COLOURS};
 })();
