@@ -177,8 +177,10 @@ class Devnet:
                 self.hosts.append(host)
                 for node in self.nodes[first:last + 1]:
                     node.host = host
-        # Asking a thousand nodes every half second would keep the machine busy.
-        self.poll_interval = max(poll_interval, count / 400)
+        # Asking a thousand nodes every half second would keep the machine
+        # busy: while they connect, about 200 a second at most (then
+        # watch_interval, the same).
+        self.poll_interval = max(poll_interval, count / 200)
         self._lock: int | None = None
         self._last_summary = ""
         #: set once stop began: the watch says no more

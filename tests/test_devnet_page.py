@@ -363,3 +363,52 @@ def test_the_experiment_page_draws_with_the_same_module(tmp_path):
             browser.close()
     assert not errors, errors
     assert pixels["orange"] > 900 * 6 and pixels["red"] >= 4, pixels  # node-7 never got it
+
+
+def test_the_watcher_asks_at_most_100_nodes_at_once_spread_over_its_interval(tmp_path):
+    """At 1000 nodes the watcher's ``info`` requests: never over
+    ``IN_FLIGHT`` at once, spread over the interval, each node once."""
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import Clock
+
+    from foxnode import devnet
+
+    clock = Clock()
+    net = devnet.Devnet(clock, tmp_path, 1000, 20000, "foxchain", per_process=50)
+
+    class Running:
+        running = True
+
+    for node in net.nodes:
+        node.process = Running()
+    asked: list[tuple[float, int]] = []
+    waiting: list[Deferred] = []
+
+    def info(node: Any, timeout: float = 2.0) -> Deferred:
+        asked.append((clock.seconds(), node.index))
+        d: Deferred = Deferred()
+        waiting.append(d)
+        return d
+
+    net._info = info  # type: ignore[method-assign]
+    interval = devnet.watch_interval(1000)
+    assert interval == 5.0
+    done = ensure(net._poll_connections(interval / 2))
+    for _ in range(400):
+        assert len(waiting) <= devnet.IN_FLIGHT
+        answered, waiting[:] = list(waiting), []
+        for d in answered:
+            d.callback({"connected": []})
+        clock.advance(0.05)
+        if done.called:
+            break
+    assert done.called
+    assert sorted(i for _, i in asked) == list(range(1000))
+    starts = sorted({t for t, _ in asked})
+    assert len(starts) == 10 and starts[-1] - starts[0] >= interval / 2 * 0.8
+
+
+def ensure(coroutine: Any) -> Any:
+    from twisted.internet.defer import ensureDeferred
+
+    return ensureDeferred(coroutine)
