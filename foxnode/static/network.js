@@ -57,7 +57,8 @@ const FoxNet = (() => {
       if (!byRing.has(h)) byRing.set(h, []);
       byRing.get(h).push(i);
     }
-    const R = Math.min(width, height) / 2 - 12, step = R / (far + 1.5);
+    // The farthest ring reached fills the canvas; the unreached ring lies outside it.
+    const R = Math.min(width, height) / 2 - 12, step = 0.9 * R / Math.max(1, far);
     const pos = new Float32Array(2 * count);
     for (const [h, ring] of byRing) {
       const r = h < 0 ? R : step * h, turn = h * 0.37;  // rings offset, so spokes do not line up
