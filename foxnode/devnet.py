@@ -12,6 +12,11 @@ process (host.py; its log DIR/host-j.log), and node i bootstraps from node
 (i-1)//2, so that the network is connected before any peer exchange. A host
 process that dies takes only its nodes down; the others go on, and their
 peers notice.
+The devnet serves a live page of the whole network (devnetpage.py) on
+127.0.0.1, ``--page-port`` (default BASE-1); its receive times come from
+the one connection the watcher keeps to each node, subscribed to the page's
+topic. The watcher asks at most ``IN_FLIGHT`` nodes at a time, each every
+``watch_interval`` seconds once the devnet is up.
 Progress goes to stdout, one line per change; failures end the command as
 every ``foxnode`` subcommand does (``cli.Failed``: one line on stderr, exit
 code 1 or 2).
