@@ -463,6 +463,11 @@ def _port(text: str) -> int:
     return value
 
 
+def _page_port(text: str) -> int:
+    """A port, or 0 for none."""
+    return 0 if text.strip() == "0" else _port(text)
+
+
 def parser() -> argparse.ArgumentParser:
     top = _Parser(
         prog="foxnode",
@@ -559,6 +564,10 @@ def parser() -> argparse.ArgumentParser:
                              "(default: 1 up to 30 nodes, 50 above)")
     devnet.add_argument("--base-port", type=_port, default=9000, metavar="P",
                         help="node i listens on P+i (default: %(default)s)")
+    devnet.add_argument("--page-port", type=_page_port, default=None, metavar="P",
+                        help="serve the devnet page (every node, every live link, a message spreading) "
+                             "on http://127.0.0.1:P/ (default: the port below --base-port, or any free "
+                             "one when that is in use; 0: no page)")
     devnet.add_argument("--dir", type=directory, default="devnet", metavar="DIR",
                         help="where the nodes keep their data (default: ./%(default)s)")
     devnet.add_argument("--network", type=text("network name", 64), default=default(NodeConfig, "network"),
@@ -680,6 +689,9 @@ def main(argv: list[str] | None = None) -> None:
     if opts.command == "devnet" and opts.base_port + opts.nodes - 1 > 65535:
         parser().exit(EXIT_USAGE, f"foxnode devnet: ports {opts.base_port}..{opts.base_port + opts.nodes - 1} "
                                   "run past 65535; choose a lower --base-port\n")
+    if opts.command == "devnet" and opts.page_port and opts.base_port <= opts.page_port < opts.base_port + opts.nodes:
+        parser().exit(EXIT_USAGE, f"foxnode devnet: --page-port {opts.page_port} is a node's port "
+                                  f"({opts.base_port}..{opts.base_port + opts.nodes - 1}); choose another\n")
     # A command started in the background by a non-interactive shell (a CI
     # job, a script's "&") inherits SIGINT ignored, and then Twisted does
     # not take it over: Ctrl-C and kill -INT must still stop us cleanly.

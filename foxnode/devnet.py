@@ -12,6 +12,11 @@ process (host.py; its log DIR/host-j.log), and node i bootstraps from node
 (i-1)//2, so that the network is connected before any peer exchange. A host
 process that dies takes only its nodes down; the others go on, and their
 peers notice.
+The devnet serves a live page of the whole network (devnetpage.py) on
+127.0.0.1, ``--page-port`` (default BASE-1); its receive times come from
+the one connection the watcher keeps to each node, subscribed to the page's
+topic. The watcher asks at most ``IN_FLIGHT`` nodes at a time, each every
+``watch_interval`` seconds once the devnet is up.
 Progress goes to stdout, one line per change; failures end the command as
 every ``foxnode`` subcommand does (``cli.Failed``: one line on stderr, exit
 code 1 or 2).
@@ -28,7 +33,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 import attrs
 import orjson
@@ -46,6 +51,16 @@ AUTO_PACK = 30
 PER_PROCESS = 50
 #: Above this many nodes, the live peer connections are shown as a summary.
 SHOW_EACH = 20
+#: The most ``info`` requests the watcher has in flight at once: a thousand
+#: at once would queue up in the nodes' listen backlogs and the devnet's CPU.
+IN_FLIGHT = 100
+
+
+def watch_interval(nodes: int) -> float:
+    """Seconds between two looks at one node once the devnet is up: 2 s,
+    longer above 400 nodes, so that the watcher asks about 200 nodes a second
+    at most."""
+    return max(2.0, nodes / 200)
 
 
 def per_process(nodes: int, asked: int | None) -> int:
@@ -88,6 +103,9 @@ class DevNode:
     node_id: str | None = None
     #: live peer connections at the last look (None: not asked yet)
     connected: int | None = None
+    #: the devnet nodes it has a live peer connection with, by index, at
+    #: the last look (the ``connected`` list of its ``info``)
+    peers: tuple[int, ...] = ()
     exit_reported: bool = False
     #: the devnet's own connection to the node, kept open for polling
     #: (one connection, rather than one per poll in the node's log)
@@ -137,7 +155,9 @@ class Devnet:
     def __init__(self, reactor: Any, directory: Path, count: int, base_port: int,
                  network: str, *, debug: bool = False, out: IO[str] | None = None,
                  poll_interval: float = 0.5, per_process: int = 1, node_options: tuple[str, ...] = (),
-                 plugins: tuple[str, ...] = ()) -> None:
+                 plugins: tuple[str, ...] = (),
+                 on_event: Callable[[DevNode, Any], None] | None = None,
+                 topics: tuple[str, ...] = ()) -> None:
         self.reactor = reactor
         self.directory = directory
         self.network = network
@@ -162,12 +182,22 @@ class Devnet:
                 self.hosts.append(host)
                 for node in self.nodes[first:last + 1]:
                     node.host = host
-        # Asking a thousand nodes every half second would keep the machine busy.
-        self.poll_interval = max(poll_interval, count / 400)
+        # Asking a thousand nodes every half second would keep the machine
+        # busy: while they connect, about 200 a second at most (then
+        # watch_interval, the same).
+        self.poll_interval = max(poll_interval, count / 200)
         self._lock: int | None = None
         self._last_summary = ""
         #: set once stop began: the watch says no more
         self.stopping = False
+        #: what the devnet's connection to each node subscribes to, and who
+        #: hears its events (the devnet page's receive times): the one
+        #: connection per node the watcher keeps, no second one
+        self.topics = tuple(topics)
+        self.on_event = on_event
+        #: grows whenever a node goes up or down or its peers change, so that
+        #: a reader (the devnet page) sees a change without comparing
+        self.version = 0
 
     def say(self, line: str) -> None:
         _say(self.out, line)
@@ -277,7 +307,7 @@ class Devnet:
         try:
             if node.conn is None or not node.conn.fox_open:
                 node.conn = None
-                node.conn = await client.connect(self.reactor, node.url, timeout=timeout)
+                node.conn = await self._connect(node, timeout)
             reply = await node.conn.request("info", timeout=timeout)
         except Exception:
             if node.conn is not None:
@@ -287,6 +317,39 @@ class Devnet:
         if reply.ok() and isinstance(reply.response, dict):
             return reply.response
         return None
+
+    async def _connect(self, node: DevNode, timeout: float) -> Any:
+        """The devnet's connection to ``node``, subscribed to ``topics``."""
+        on_event = None if self.on_event is None else (lambda event: self.on_event(node, event))
+        conn = await client.connect(self.reactor, node.url, timeout=timeout, on_event=on_event)
+        if self.topics:
+            try:
+                reply = await conn.request("subscribe", {"topics": list(self.topics)}, timeout=timeout)
+            except Exception:
+                conn.close()
+                raise
+            if not reply.ok():
+                conn.close()
+                raise RuntimeError(f"{node.name} refused the subscription: {reply.error}")
+        return conn
+
+    def peers_of(self, info: dict) -> tuple[int, ...]:
+        """The devnet nodes in an ``info``'s ``connected`` list, by index:
+        by node id, or by the port of its address when the id is not known."""
+        by_id = {n.node_id: n.index for n in self.nodes if n.node_id is not None}
+        found = set()
+        for peer in info.get("connected") or []:
+            if not isinstance(peer, dict):
+                continue
+            index = by_id.get(peer.get("node_id"))
+            if index is None:
+                try:
+                    index = int(str(peer["addr"]).rsplit(":", 1)[1].split("/")[0]) - self.base_port
+                except (KeyError, ValueError, IndexError):
+                    continue
+            if 0 <= index < len(self.nodes):
+                found.add(index)
+        return tuple(sorted(found))
 
     def _exited(self, during_start: bool) -> list[DevNode]:
         if self.hosts:
@@ -340,6 +403,8 @@ class Devnet:
                 if info is not None:
                     node.node_id = str(info.get("node_id"))
                     node.connected = len(info.get("connected") or [])
+                    node.peers = self.peers_of(info)
+                    self.version += 1
             now_up = sum(1 for n in self.nodes if n.node_id is not None)
             if now_up != up:
                 up = now_up
@@ -365,19 +430,30 @@ class Devnet:
 
     # -- watch ---------------------------------------------------------------------
 
-    async def _poll_connections(self) -> bool:
-        """Ask every running node for its live peer connections; True when
-        the counts changed."""
+    async def _poll_connections(self, spread: float = 0.0) -> bool:
+        """Ask every running node for its live peer connections, at most
+        ``IN_FLIGHT`` at a time, the batches spread over ``spread`` seconds;
+        True when the counts changed."""
         alive = [n for n in self.nodes if n.running()]
-        results = await DeferredList([ensureDeferred(self._info(n)) for n in alive])
+        batches = [alive[at:at + IN_FLIGHT] for at in range(0, len(alive), IN_FLIGHT)]
         changed = False
-        for node, (_, info) in zip(alive, results):
-            count = None if info is None else len(info.get("connected") or [])
-            if count != node.connected:
-                node.connected, changed = count, True
+        for k, batch in enumerate(batches):
+            if k and spread:
+                await _sleep(self.reactor, spread / len(batches))
+            results = await DeferredList([ensureDeferred(self._info(n)) for n in batch])
+            for node, (_, info) in zip(batch, results):
+                count = None if info is None else len(info.get("connected") or [])
+                peers = () if info is None else self.peers_of(info)
+                if peers != node.peers:
+                    node.peers = peers
+                    self.version += 1
+                if count != node.connected:
+                    node.connected, changed = count, True
+                    self.version += 1
         for node in self.nodes:
-            if not node.running() and node.connected is not None:
-                node.connected, changed = None, True
+            if not node.running() and (node.connected is not None or node.peers):
+                node.connected, node.peers, changed = None, (), True
+                self.version += 1
         return changed
 
     def show_connections(self) -> None:
@@ -435,17 +511,22 @@ class Devnet:
                 return
             await _sleep(self.reactor, self.poll_interval)
 
-    async def monitor(self, interval: float = 2.0) -> None:
-        """Keep showing changes (connections, nodes that exit) until stopped."""
+    async def monitor(self, interval: float | None = None) -> None:
+        """Keep showing changes (connections, nodes that exit) until stopped,
+        looking at each node every ``interval`` (default ``watch_interval``)."""
+        if interval is None:
+            interval = watch_interval(len(self.nodes))
         all_connected = not self.unconnected()
         while True:
-            await _sleep(self.reactor, interval)
-            self._exited(during_start=False)
+            # Half the interval asleep, half spreading the requests out.
+            await _sleep(self.reactor, interval / 2)
+            if self._exited(during_start=False):
+                self.version += 1
             if not any(n.running() for n in self.nodes):
                 raise Failed(EXIT_ERROR, "every node has exited")
             if self.stopping:
                 return
-            if len(self.nodes) > 1 and await self._poll_connections() and not self.stopping:
+            if len(self.nodes) > 1 and await self._poll_connections(interval / 2) and not self.stopping:
                 self.show_connections()
                 now = not self.unconnected()
                 if now and not all_connected:
@@ -511,15 +592,55 @@ def _names(nodes: list[DevNode], most: int = 10) -> str:
     return shown + (f" and {len(nodes) - most} more" if len(nodes) > most else "")
 
 
+def page_port(given: int | None, base_port: int) -> int:
+    """``--page-port``: as given (0: no page), else the port below the nodes'
+    when it is free, else any free port."""
+    if given is not None:
+        return given
+    if base_port > 1024 and not port_in_use(base_port - 1):
+        return base_port - 1
+    return -1  # a free one, chosen when listening
+
+
+async def serve_page(reactor: Any, net: Devnet, spreads: Any, port: int) -> Any:
+    """Serve the devnet page (foxnode.devnetpage); its listening port."""
+    from foxnode import devnetpage
+
+    page = devnetpage.DevnetPage(net, spreads)
+    try:
+        listening = await devnetpage.listen(reactor, page, max(0, port))
+    except Exception as e:
+        raise Failed(EXIT_USAGE, f"cannot serve the devnet page on {LOOPBACK}:{port}: {e}; "
+                                 "choose another --page-port, or 0 for none") from None
+    net.say(f"devnet page: http://{LOOPBACK}:{listening.getHost().port}/")
+    return page, listening
+
+
 async def run_devnet(reactor: Any, opts: argparse.Namespace) -> None:
+    from foxnode import devnetpage
+
+    port = page_port(getattr(opts, "page_port", 0), opts.base_port)
+    # The page's receive times come from the connections the watcher keeps,
+    # subscribed to the page's topic: one connection per node, as before.
+    spreads = devnetpage.Spreads(reactor) if port else None
     net = Devnet(reactor, Path(opts.dir).absolute(), opts.nodes, opts.base_port, opts.network,
                  debug=opts.debug, per_process=per_process(opts.nodes, opts.per_process),
                  node_options=link_options(opts.latency, opts.loss, opts.bandwidth),
-                 plugins=tuple(getattr(opts, "plugin", ()) or ()))
+                 plugins=tuple(getattr(opts, "plugin", ()) or ()),
+                 on_event=spreads.on_event if spreads else None,
+                 topics=(devnetpage.TOPIC,) if spreads else ())
     if net.node_options:
         net.say(f"links: {' '.join(net.node_options)} (emulated in each node's connections, "
                 f"no root: {links.EMULATION})")
     net.prepare()
+    if spreads is not None:
+        page, listening = await serve_page(reactor, net, spreads, port)
+
+        def close_page() -> Any:
+            page.close()
+            return listening.stopListening()
+
+        reactor.addSystemEventTrigger("before", "shutdown", close_page)
     reactor.addSystemEventTrigger("before", "shutdown", lambda: ensureDeferred(net.stop(opts.stop_timeout)))
     # A closed terminal stops the devnet as Ctrl-C does (the nodes are in
     # sessions of their own and would not notice).

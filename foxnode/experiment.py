@@ -65,6 +65,7 @@ import random
 import sys
 import time
 import tomllib
+from importlib import resources
 from pathlib import Path
 from typing import IO, Any
 
@@ -681,10 +682,10 @@ class Run:
 
 PLOTS = ("delivery.png", "copies.png", "latency.png", "connections.png")
 
-#: The devnet page: the whole network on one canvas, nodes in rings by
-#: their hop count from the message's origin, links drawn once on a layer
-#: of their own, the message's arrival animated by colour; nothing in it
-#: grows with the network faster than its links, so 1000 nodes draw at once.
+#: The experiment's network page: the whole network on one canvas, nodes in
+#: rings by their hop count from the message's origin, the message's arrival
+#: animated by colour. The drawing is static/network.js, the devnet's live
+#: page's too, inlined so that the page is one file that needs nothing else.
 _PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>foxnode experiment: the network</title>
 <style>body{font:14px sans-serif;margin:1em}canvas{border:1px solid #ccc}#bar{margin:.5em 0}</style>
@@ -697,40 +698,30 @@ _PAGE = """<!doctype html>
 <p>Each dot is a node, in rings by its hop count from the node that published (the centre);
 grey lines are live peer links; a node turns orange when the message reaches it; red: down or never reached.</p>
 <script id="data" type="application/json">DATA</script>
+<script>NETWORK_JS</script>
 <script>
 const D = JSON.parse(document.getElementById('data').textContent);
 const c = document.getElementById('c'), g = c.getContext('2d');
-const layer = document.createElement('canvas'); layer.width = c.width; layer.height = c.height;
+const layer = new FoxNet.LinkLayer(c.width, c.height);
 const sel = document.getElementById('msg'), slider = document.getElementById('t'), at = document.getElementById('at');
 D.messages.forEach((m, i) => { const o = document.createElement('option'); o.value = i;
   o.textContent = `${i + 1}: at ${m.sent}s from node-${m.origin}, ${Object.keys(m.got).length}/${D.nodes} nodes`;
   sel.appendChild(o); });
-let pos = [], msg = null, last = 1, playing = null;
+let pos = null, msg = null, last = 1, playing = null;
 function layout(m) {
-  const adj = D.graphs[m.graph] || {}, dist = {}; dist[m.origin] = 0; let front = [m.origin];
-  while (front.length) { const next = [];
-    for (const a of front) for (const b of (adj[a] || [])) if (!(b in dist)) { dist[b] = dist[a] + 1; next.push(b); }
-    front = next; }
-  const rings = {}; let far = 0;
-  for (let i = 0; i < D.nodes; i++) { const h = i in dist ? dist[i] : -1; (rings[h] = rings[h] || []).push(i);
-    if (h > far) far = h; }
-  const R = c.width / 2 - 20, step = R / (far + 1.5); pos = new Array(D.nodes);
-  for (const h in rings) { const ring = rings[h], r = h < 0 ? R : step * h;
-    ring.forEach((i, k) => { const a = 2 * Math.PI * k / ring.length;
-      pos[i] = [c.width / 2 + r * Math.cos(a), c.height / 2 + r * Math.sin(a)]; }); }
-  const lg = layer.getContext('2d'); lg.clearRect(0, 0, c.width, c.height);
-  lg.strokeStyle = 'rgba(0,0,0,0.08)'; lg.beginPath();
-  for (const a in adj) for (const b of adj[a]) if (+a < b && pos[a] && pos[b]) {
-    lg.moveTo(pos[a][0], pos[a][1]); lg.lineTo(pos[b][0], pos[b][1]); }
-  lg.stroke();
+  const graph = D.graphs[m.graph] || {}, pairs = [];
+  for (const a in graph) for (const b of graph[a]) if (+a < b) pairs.push([+a, b]);
+  const links = FoxNet.flatten(pairs);
+  pos = FoxNet.rings(D.nodes, FoxNet.adjacency(D.nodes, links), m.origin, c.width, c.height).pos;
+  layer.draw(pos, links, () => draw(slider.value / 1000));
 }
 function draw(frac) {
-  g.clearRect(0, 0, c.width, c.height); g.drawImage(layer, 0, 0);
+  g.clearRect(0, 0, c.width, c.height); g.drawImage(layer.canvas, 0, 0);
   const now = frac * last; at.textContent = `${now.toFixed(3)} s after publishing`;
-  const alive = D.graphs[msg.graph] || {};
-  for (let i = 0; i < D.nodes; i++) { const t = msg.got[i];
-    g.fillStyle = i === msg.origin ? '#06c' : (t !== undefined && t <= now) ? '#f80' : (!(i in alive) || t === undefined) ? '#d22' : '#bbb';
-    g.fillRect(pos[i][0] - 2, pos[i][1] - 2, 4, 4); }
+  const alive = D.graphs[msg.graph] || {}, C = FoxNet.COLOURS;
+  FoxNet.drawNodes(g, pos, D.nodes, (i) => { const t = msg.got[i];
+    return i === msg.origin ? C.origin : (t !== undefined && t <= now) ? C.reached
+      : (!(i in alive) || t === undefined) ? C.down : C.waiting; });
 }
 function choose() { msg = D.messages[+sel.value]; if (!msg) return;
   last = Math.max(0.001, ...Object.values(msg.got)); layout(msg); draw(slider.value / 1000); }
@@ -746,11 +737,13 @@ choose();
 def write_network_page(path: Path, nodes: int, graphs: list[dict[int, list[int]]],
                        messages: list[dict[str, Any]]) -> None:
     """network.html: the whole network and the messages spreading, in one
-    file that needs nothing else (its data inline)."""
+    file that needs nothing else (its data and its drawing code inline)."""
     data = orjson.dumps({"nodes": nodes, "graphs": graphs, "messages": messages},
                         option=orjson.OPT_NON_STR_KEYS).decode()
-    # Inline JSON in a script element: no "</" may end it early.
-    path.write_text(_PAGE.replace("DATA", data.replace("</", "<\\/")))
+    drawing = (resources.files("foxnode") / "static" / "network.js").read_text()
+    # Inline JSON and script in script elements: no "</" may end them early.
+    path.write_text(_PAGE.replace("NETWORK_JS", drawing.replace("</", "<\\/"))
+                    .replace("DATA", data.replace("</", "<\\/")))
 
 
 def plot(report: dict[str, Any], directory: Path) -> None:

@@ -335,6 +335,7 @@ CLI_BAD: dict[tuple[str, str], tuple[list[str], list[str]]] = {
     ("devnet", "--bandwidth"): (["devnet", "--bandwidth", "{}"], ["", "0", "fast", "nan", "-1mbit"]),
     ("devnet", "--per-process"): (["devnet", "--per-process", "{}"], ["0", "-1", "1001", "abc", "nan", "", "1.5"]),
     ("devnet", "--base-port"): (["devnet", "--base-port", "{}"], ["0", "-1", "65536", "abc", "nan", ""]),
+    ("devnet", "--page-port"): (["devnet", "--page-port", "{}"], ["-1", "65536", "abc", "nan", ""]),
     ("devnet", "--dir"): (["devnet", "--dir", "{}"], [""]),
     ("devnet", "--network"): (["devnet", "--network", "{}"], ["", "x" * 65, "lab\x01net", "lab" + UNDECODABLE]),
     ("devnet", "--start-timeout"): (["devnet", "--start-timeout", "{}"], SECONDS + ["0.5"]),
