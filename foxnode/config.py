@@ -195,8 +195,12 @@ class GossipConfig:
     cache_seconds: float = 120.0
     #: seconds between sweeps of expired ids and old cached envelopes
     sweep_interval: float = 5.0
-    #: how long to wait for an announced envelope before asking for it
+    #: how long to wait for an announced envelope before asking for it,
+    #: at least; where envelopes come later over the tree (slow links, a
+    #: busy machine), the wait follows how late they come, up to
+    #: ``graft_timeout_max``: a graft for an envelope on its way costs a copy
     graft_timeout: float = 0.4
+    graft_timeout_max: float = 4.0
     #: lazy links each new id is announced to (``ihave``), at most, drawn
     #: at random from those not known to hold it: gossipsub's D_lazy. All
     #: of them, as plain Plumtree, costs an id frame over every link of
@@ -207,6 +211,9 @@ class GossipConfig:
     #: link: peers that send or announce an id meanwhile hold it and are
     #: not told of it
     lazy_delay: float = 0.05
+    #: seconds after which each id is announced once more, to as many
+    #: other links not known to hold it by then
+    lazy_repeat: float = 1.0
     #: bad envelopes a peer may send (a burst, then per second) before it is dropped
     abuse_burst: float = 20.0
     abuse_rate: float = 0.5

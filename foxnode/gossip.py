@@ -22,10 +22,18 @@ spanning tree, so each node receives about one full copy per message.
 Announcements go out ``lazy_delay`` after the envelope came, batched per
 link, to at most ``lazy_fanout`` lazy links drawn at random among those
 not known to hold it (gossipsub's D_lazy; plain Plumtree tells every lazy
-link, which on a large network is most of a node's work). A
+link, which on a large network is most of a node's work), and once more
+``lazy_repeat`` later (or twice the graft wait) to as many others not known to hold it by then: a
+node whose tree parent went away and that no neighbour drew the first time
+hears of it the second (gossipsub too announces an id over several
+heartbeats). A
 node that hears of an id over a lazy link and does not get the envelope
 soon after asks for it (``graft``), which also makes that link eager again:
-that is how the tree heals when a link or node goes away. The trade-off:
+that is how the tree heals when a link or node goes away. How soon is
+``graft_wait``: ``graft_timeout``, or more where envelopes come later than
+that over the tree (an estimate of how late, as TCP's of a round trip: a
+mean and deviation of the time from an id's first announcement to its
+envelope over a link not grafted), up to ``graft_timeout_max``. The trade-off:
 fewer copies, at the price of a repair delay (``graft_timeout``) when the
 tree is broken, and small id announcements on the lazy links.
 
@@ -92,6 +100,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import itertools
 import math
 import os
 import random
@@ -134,6 +143,23 @@ def is_message_id(value: Any) -> bool:
     """A message id as ``Envelope.create`` makes them: 64 lowercase hex
     digits (so each one held costs the same few bytes)."""
     return isinstance(value, str) and _MESSAGE_ID.fullmatch(value) is not None
+
+
+class Awaited(NamedTuple):
+    """An announced id not yet received."""
+
+    timer: Any
+    #: the links that announced it, still to ask
+    announcers: list["Link"]
+    #: when it was first announced
+    since: float
+    #: the connections a graft for it went to
+    grafted: tuple[Any, ...] = ()
+
+
+#: ids received through a graft, kept (at most this many) so that the
+#: eager copy coming after tells how late it was
+GRAFTED_KEPT = 1024
 
 
 class Cached(NamedTuple):
@@ -415,7 +441,13 @@ class Gossip:
         #: order they came up
         self.links: dict[Any, Link] = {}
         #: announced ids we wait for: id -> (timer, announcing links still to ask)
-        self.missing: dict[str, tuple[Any, list[Link]]] = {}
+        self.missing: dict[str, Awaited] = {}
+        #: id received through a graft -> when it was first announced
+        self._grafted_at: OrderedDict[str, float] = OrderedDict()
+        #: how late envelopes come after their announcement: smoothed
+        #: mean and deviation (seconds), None before the first
+        self._late_mean: float | None = None
+        self._late_dev = 0.0
         #: awaited id -> the link that announced it first (whose share it takes)
         self._awaited_by: dict[str, Link] = {}
         #: ids to announce at the next flush -> (origin, the connections
@@ -424,6 +456,10 @@ class Gossip:
         #: accepted in ``lazy_delay``
         self._to_announce: dict[str, tuple[str, set[Any]]] = {}
         self._announcing: Any = None
+        #: the same for the second announcements, ids told the first time
+        #: in ``lazy_repeat``; those told then are among the holders
+        self._to_repeat: dict[str, tuple[str, set[Any]]] = {}
+        self._repeating: Any = None
         self._draw = random.Random()
         #: contents with a bad signature not yet said, and when it was last said
         self._bad_signatures = 0
@@ -446,16 +482,34 @@ class Gossip:
 
     def stop(self) -> None:
         """Cancel the graft and announcement timers (the node is stopping)."""
-        if self._announcing is not None and self._announcing.active():
-            self._announcing.cancel()
+        for timer in (self._announcing, self._repeating):
+            if timer is not None and timer.active():
+                timer.cancel()
         self._to_announce.clear()
-        for timer, _ in self.missing.values():
+        self._to_repeat.clear()
+        for timer, *_ in self.missing.values():
             if timer.active():
                 timer.cancel()
         self.missing.clear()
         self._awaited_by.clear()
 
-    def _unawait(self, message_id: str) -> tuple[Any, list[Link]] | None:
+    def graft_wait(self) -> float:
+        """How long an announced id is waited for before a graft."""
+        base = self.config.graft_timeout
+        if self._late_mean is None:
+            return base
+        return min(self.config.graft_timeout_max, max(base, self._late_mean + 2 * self._late_dev))
+
+    def _late(self, seconds: float) -> None:
+        """An envelope came ``seconds`` after its first announcement, over
+        a link not grafted for it (RFC 6298's smoothing)."""
+        if self._late_mean is None:
+            self._late_mean, self._late_dev = seconds, seconds / 2
+        else:
+            self._late_dev = 0.75 * self._late_dev + 0.25 * abs(self._late_mean - seconds)
+            self._late_mean = 0.875 * self._late_mean + 0.125 * seconds
+
+    def _unawait(self, message_id: str) -> Awaited | None:
         """``message_id`` no longer awaited; its first announcer's share back."""
         waiting = self.missing.pop(message_id, None)
         creator = self._awaited_by.pop(message_id, None)
@@ -803,8 +857,17 @@ class Gossip:
         if encoded is not None and self.history is not None:
             self.history.undelivered.discard(envelope.id)  # delivered now
         pending = self._unawait(envelope.id)
-        if pending is not None and pending[0].active():
-            pending[0].cancel()
+        if pending is not None:
+            if pending.timer.active():
+                pending.timer.cancel()
+            if sender in pending.grafted:
+                # The copy asked for: the tree's own copy, if it comes, says
+                # how late it was.
+                self._grafted_at[envelope.id] = pending.since
+                if len(self._grafted_at) > GRAFTED_KEPT:
+                    self._grafted_at.popitem(last=False)
+            elif sender is not None:
+                self._late(self.reactor.seconds() - pending.since)
         # The payload is encoded once, for every frame; after this method
         # nothing refers to its decoded form.
         if encoded is None:
@@ -838,19 +901,47 @@ class Gossip:
     def announce(self, message_id: str, origin: str, holders: set[Any]) -> None:
         """Tell lazy links of ``message_id`` at the next flush (none of
         ``holders``, nor the origin's)."""
+        if len(holders) > len(self.links):
+            return  # every link has it (or there is none: a new one catches up)
         self._to_announce[message_id] = (origin, holders)
         if self._announcing is None or not self._announcing.active():
             self._announcing = self.reactor.callLater(self.config.lazy_delay, self._flush_announcements)
 
     def _holds(self, conn: Any, message_id: Any) -> None:
         """``conn`` sent or announced ``message_id``: it needs no announcement."""
-        pending = self._to_announce.get(message_id) if isinstance(message_id, str) else None
+        if not isinstance(message_id, str):
+            return
+        pending = self._to_announce.get(message_id) or self._to_repeat.get(message_id)
         if pending is not None:
             pending[1].add(conn)
 
     def _flush_announcements(self) -> None:
         self._announcing = None
         pending, self._to_announce = self._to_announce, {}
+        self._send_announcements(pending)
+        repeat = self._to_repeat
+        for message_id, (origin, holders) in pending.items():
+            if any(c not in holders for c in self.links):
+                repeat[message_id] = (origin, holders)
+        # Bounded as the cache is: under a flood the oldest go without
+        # their second announcement (the first has gone out).
+        for message_id in list(itertools.islice(repeat, max(0, len(repeat) - self.config.cache_capacity))):
+            del repeat[message_id]
+        if repeat:
+            if self._repeating is None or not self._repeating.active():
+                # Later where envelopes come late: told of an id still on
+                # its way over the tree, a node would graft for it.
+                self._repeating = self.reactor.callLater(max(self.config.lazy_repeat, 2 * self.graft_wait()),
+                                                         self._repeat_announcements)
+
+    def _repeat_announcements(self) -> None:
+        self._repeating = None
+        pending, self._to_repeat = self._to_repeat, {}
+        self._send_announcements(pending)
+
+    def _send_announcements(self, pending: dict[str, tuple[str, set[Any]]]) -> None:
+        """One ihave frame per link for the ids ``pending`` draws it for;
+        the links told join each id's holders."""
         fanout = self.config.lazy_fanout
         batches: dict[Any, list[str]] = {}
         for message_id, (origin, holders) in pending.items():
@@ -859,6 +950,7 @@ class Gossip:
             told = [c for c in self.links if c not in holders and c.node_id != origin]
             if len(told) > fanout:
                 told = self._draw.sample(told, fanout)
+            holders.update(told)
             for conn in told:
                 batches.setdefault(conn, []).append(message_id)
         for conn, ids in batches.items():
@@ -1036,6 +1128,9 @@ class Gossip:
             # A copy over an eager link: one tree edge too many, make it lazy.
             self.metrics.gossip_received.labels("duplicate").inc()
             self._holds(conn, message_id)
+            since = self._grafted_at.pop(message_id, None)
+            if since is not None:
+                self._late(self.reactor.seconds() - since)
             if not link.lazy:
                 link.lazy = True
                 conn.send_frame(codec.encode_event("prune"), droppable=True)
@@ -1114,8 +1209,8 @@ class Gossip:
             capacity = self.config.cache_capacity
             if len(self.missing) >= capacity or link.awaited >= capacity // max(1, len(self.links)):
                 continue
-            timer = self.reactor.callLater(self.config.graft_timeout, self._graft, message_id)
-            self.missing[message_id] = (timer, [link])
+            timer = self.reactor.callLater(self.graft_wait(), self._graft, message_id)
+            self.missing[message_id] = Awaited(timer, [link], self.reactor.seconds())
             self._awaited_by[message_id] = link
             link.awaited += 1
 
@@ -1134,15 +1229,15 @@ class Gossip:
         if waiting is None or message_id in self.seen:
             self._unawait(message_id)
             return
-        _, announcers = waiting
+        announcers = waiting.announcers
         while announcers:
             link = announcers.pop(0)
             if self.links.get(link.conn) is not link:
                 continue  # that link is down
             link.lazy = False
             link.conn.send_frame(codec.encode_event("graft", ids=[message_id]))
-            timer = self.reactor.callLater(self.config.graft_timeout * 2, self._graft, message_id)
-            self.missing[message_id] = (timer, announcers)
+            timer = self.reactor.callLater(self.graft_wait() * 2, self._graft, message_id)
+            self.missing[message_id] = waiting._replace(timer=timer, grafted=waiting.grafted + (link.conn,))
             return
         self._unawait(message_id)
 
