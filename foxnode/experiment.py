@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import sys
 import time
@@ -71,7 +72,7 @@ from typing import IO, Any
 
 import attrs
 import orjson
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred
 from twisted.python.failure import Failure
 
 from foxnode import client, devnet, links
@@ -91,6 +92,11 @@ MEASURE_KEYS = {"settle", "plots"}
 TOP_KEYS = {"network", "timeline", "measure"}
 #: The longest an experiment's timeline may run, in seconds.
 MAX_AT = 86_400
+
+
+#: seconds at the end of a warm-up (of at least twice this) over which
+#: the idle network's CPU is measured
+IDLE_WINDOW = 10.0
 
 
 class ScenarioError(ValueError):
@@ -280,6 +286,12 @@ class Run:
         #: taken when the timeline starts and after each change of the network
         self.graphs: list[dict[int, list[int]]] = []
         self.memory: dict[str, Any] | None = None
+        #: cores the node processes used idle (the warm-up's last
+        #: IDLE_WINDOW seconds) and over the timeline, and what one message
+        #: cost beyond idle
+        self.cpu: dict[str, Any] = {}
+        self._cpu_start: dict[int, float] = {}
+        self._cpu_last: dict[int, float] = {}
         self.interrupted = False
 
     def say(self, line: str) -> None:
@@ -477,12 +489,25 @@ class Run:
         self.startup = time.monotonic() - started
         if s.warmup:
             self.say(f"warming up for {s.warmup:g}s (peer exchange meshes the network)")
-            await _sleep(self.reactor, s.warmup)
+            if s.warmup >= 2 * IDLE_WINDOW:
+                # The last part of it measures what the network costs idle.
+                await _sleep(self.reactor, s.warmup - IDLE_WINDOW)
+                before = self.cpu_seconds()
+                await _sleep(self.reactor, IDLE_WINDOW)
+                after = self.cpu_seconds()
+                self.cpu["idle_cores"] = round(
+                    sum(after.get(p, t) - t for p, t in before.items()) / IDLE_WINDOW, 3)
+            else:
+                await _sleep(self.reactor, s.warmup)
         await self.subscribe(net.nodes)
         self.copies_before = await self.copies()
         self.measure_memory()
         await self.snapshot()
         self.t0 = self.reactor.seconds()
+        self._cpu_start = self.cpu_seconds()
+        self._cpu_last = dict(self._cpu_start)
+        sampling = ensureDeferred(self._sample_cpu())
+        sampling.addErrback(lambda f: f.trap(CancelledError))
         self.say(f"t=0: timeline starts ({len(s.timeline)} event(s))")
         background = []
         for event in s.timeline:
@@ -511,6 +536,36 @@ class Run:
             await DeferredList(background)
         self.say(f"t={self.now():.1f}s: settling for {s.settle:g}s")
         await _sleep(self.reactor, s.settle)
+        self._cpu_last.update(self.cpu_seconds())
+        sampling.cancel()
+        used = sum(self._cpu_last[p] - t for p, t in self._cpu_start.items())
+        self.cpu["timeline_seconds"] = round(self.now(), 1)
+        self.cpu["timeline_cores"] = round(used / max(self.now(), 1e-9), 3)
+        published = len(self.messages)
+        if self.cpu.get("idle_cores") is not None and published:
+            self.cpu["per_message_cpu_seconds"] = round(
+                max(0.0, used - self.cpu["idle_cores"] * self.now()) / published, 3)
+        self.say("cpu of the node processes: " + ", ".join(f"{k} {v}" for k, v in self.cpu.items()))
+
+    def cpu_seconds(self) -> dict[int, float]:
+        """CPU time (user and system) of each running node process, by pid."""
+        found = {}
+        tick = os.sysconf("SC_CLK_TCK")
+        for _, process in self.net.processes():
+            if not process.running:
+                continue
+            try:
+                fields = Path(f"/proc/{process.pid}/stat").read_text().rpartition(")")[2].split()
+                found[process.pid] = (int(fields[11]) + int(fields[12])) / tick
+            except (OSError, IndexError, ValueError):
+                pass  # not Linux, or just gone
+        return found
+
+    async def _sample_cpu(self) -> None:
+        # A killed process's time is what it had at its last sample.
+        while True:
+            await _sleep(self.reactor, 2.0)
+            self._cpu_last.update(self.cpu_seconds())
 
     # -- measuring -------------------------------------------------------
 
@@ -595,6 +650,7 @@ class Run:
             "messages": len(msgs),
             "phases": phases,
             "memory": self.memory,
+            "cpu": self.cpu,
             "link_latency": one_way,
             "latency_by_hops": by_hops,
             "delivery": delivered / expected if expected else None,

@@ -135,6 +135,9 @@ def test_the_shipped_example_runs_at_a_small_size_and_writes_its_report(tmp_path
     data = orjson.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>', page, re.S)[1])
     assert data["nodes"] == 6 and data["graphs"] and data["messages"]
     assert report["memory"]["rss_per_node_mib"] < 60
+    # The nodes' CPU over the timeline, what a student compares runs by.
+    assert 0 < report["cpu"]["timeline_cores"] < os.cpu_count() + 1
+    assert report["cpu"]["timeline_seconds"] > 0
     assert all(m["hops"] is None or m["best"] == pytest.approx(m["hops"] * 0.04) for m in report["per_message"])
 
 
