@@ -243,6 +243,20 @@ class Net:
     def holding(self, message_id: str) -> int:
         return sum(1 for i, g in enumerate(self.nodes) if i not in self.down and message_id in g.seen)
 
+    def phase(self, rng: random.Random, count: int, gap: float, settle: float) -> float:
+        """``count`` messages from random live nodes, ``gap`` apart, then
+        ``settle``: every live node must hold each; the copies per live
+        node per message."""
+        alive = [i for i in range(len(self.nodes)) if i not in self.down]
+        before, ids = list(self.copies), []
+        for k in range(count):
+            ids.append(self.publish(rng.choice(alive), k))
+            self.run(gap)
+        self.run(settle)
+        for message_id in ids:
+            assert self.holding(message_id) == len(alive), "a node never got a message"
+        return sum(self.copies[i] - before[i] for i in alive) / len(alive) / count
+
 
 @settings(max_examples=3, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1))
@@ -250,18 +264,9 @@ def test_every_node_gets_every_message_about_once_also_after_a_fifth_went_away(s
     n = 150
     net = Net(n, degree=6, seed=seed)
     rng = random.Random(seed)
-    up = lambda: [i for i in range(n) if i not in net.down]  # noqa: E731
 
     def phase(count: int) -> float:
-        before, alive = list(net.copies), up()
-        ids = []
-        for k in range(count):
-            ids.append(net.publish(rng.choice(alive), k))
-            net.run(0.5)
-        net.run(3)
-        for message_id in ids:
-            assert net.holding(message_id) == len(alive), "a node never got a message"
-        return sum(net.copies[i] - before[i] for i in alive) / len(alive) / count
+        return net.phase(rng, count, gap=0.5, settle=3)
 
     phase(3)  # the first messages flood every link until duplicates prune them
     assert phase(10) <= 1.3
@@ -363,15 +368,7 @@ def slow_network_copies(seed: int, **config) -> list[float]:
     net = Net(n, degree=6, seed=seed, latency=0.25, **config)
 
     def phase(count: int) -> float:
-        alive = [i for i in range(n) if i not in net.down]
-        before, ids = list(net.copies), []
-        for k in range(count):
-            ids.append(net.publish(rng.choice(alive), k))
-            net.run(1.0)
-        net.run(10)
-        for message_id in ids:
-            assert net.holding(message_id) == len(alive), "a node never got a message"
-        return sum(net.copies[i] - before[i] for i in alive) / len(alive) / count
+        return net.phase(rng, count, gap=1.0, settle=10)
 
     copies = [phase(5), phase(10)]
     for i in rng.sample(range(n), n // 5):
