@@ -29,9 +29,11 @@ import attrs
 import orjson
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
 
 from foxnode import logs
 from foxnode.launch import LOOPBACK
@@ -109,6 +111,30 @@ class Spreads:
 
     def as_list(self) -> list[dict[str, Any]]:
         return [s.as_dict() for s in self.messages.values()]
+
+
+@implementer(IPushProducer)
+class _Stream:
+    """One open event stream. Its transport pauses it when the reader falls
+    behind (the send buffer is full): pushes skip it then, so a page that
+    stops reading costs no more than that buffer, and on resuming it is
+    sent the whole state at once."""
+
+    def __init__(self, page: "DevnetPage", request: Any) -> None:
+        self.page, self.request = page, request
+        self.paused = self.stale = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self.stale:
+            self.stale = False
+            self.request.write(self.page.everything())
+
+    def stopProducing(self) -> None:
+        self.paused = True
 
 
 class PageError(Exception):
@@ -218,19 +244,24 @@ class DevnetPage:
     def open_stream(self, request: Any) -> bool:
         if len(self.streams) >= MAX_STREAMS:
             return False
-        self.streams.append(request)
-        request.notifyFinish().addBoth(lambda _: self._closed(request))
-        request.write(b"retry: 2000\n\n" + self._event(b"graph", self.graph_json())
-                      + self._event(b"spread", orjson.dumps(self.spreads.as_list())))
+        stream = _Stream(self, request)
+        self.streams.append(stream)
+        request.registerProducer(stream, True)
+        request.notifyFinish().addBoth(lambda _: self._closed(stream))
+        request.write(b"retry: 2000\n\n" + self.everything())
         if not self._pusher.running:
             # What the first stream was just sent is what was pushed.
             self._pushed = (self._version(), self.spreads.version)
             self._pusher.start(PUSH_EVERY, now=False)
         return True
 
-    def _closed(self, request: Any) -> None:
-        if request in self.streams:
-            self.streams.remove(request)
+    def everything(self) -> bytes:
+        """The graph and the spreads, as a stream's first events."""
+        return self._event(b"graph", self.graph_json()) + self._event(b"spread", orjson.dumps(self.spreads.as_list()))
+
+    def _closed(self, stream: _Stream) -> None:
+        if stream in self.streams:
+            self.streams.remove(stream)
         if not self.streams and self._pusher.running:
             self._pusher.stop()
 
@@ -251,12 +282,16 @@ class DevnetPage:
         if not out and self._idle >= KEEPALIVE:
             out, self._idle = b": keepalive\n\n", 0.0
         if out:
-            for request in list(self.streams):
-                request.write(out)
+            for stream in list(self.streams):
+                if stream.paused:
+                    stream.stale = True
+                else:
+                    stream.request.write(out)
 
     def close(self) -> None:
-        for request in list(self.streams):
-            request.finish()
+        for stream in list(self.streams):
+            stream.request.unregisterProducer()
+            stream.request.finish()
         if self._pusher.running:
             self._pusher.stop()
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import signal
 import time
 import urllib.error
@@ -24,7 +23,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThread
 
 from foxnode import codec, devnetpage
@@ -412,3 +411,54 @@ def ensure(coroutine: Any) -> Any:
     from twisted.internet.defer import ensureDeferred
 
     return ensureDeferred(coroutine)
+
+
+class StreamRequest:
+    """An event stream's request, as the page uses it; records writes."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.producer = None
+        self.finished = Deferred()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        assert streaming
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def notifyFinish(self) -> Deferred:
+        return self.finished
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def finish(self) -> None:
+        self.finished.callback(None)
+
+
+def test_a_page_that_stops_reading_is_not_written_to_until_it_reads_again():
+    # Its transport pauses the stream when the send buffer is full; writing
+    # on would grow that buffer with every push, without bound.
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    net = FakeNet(clock, 20, 40)
+    page = devnetpage.DevnetPage(net, net.spreads)
+    request = StreamRequest()
+    assert page.open_stream(request)
+    opened = len(request.written)
+    request.producer.pauseProducing()
+    for i in range(10):
+        net.link(0, 2 + i)
+        clock.advance(devnetpage.PUSH_EVERY)
+    assert len(request.written) == opened
+    request.producer.resumeProducing()
+    assert len(request.written) == opened + 1
+    assert b"event: graph" in request.written[-1] and b"event: spread" in request.written[-1]
+    net.link(1, 15)
+    clock.advance(devnetpage.PUSH_EVERY)
+    assert len(request.written) == opened + 2
+    page.close()
+    assert page.streams == [] and request.producer is None
