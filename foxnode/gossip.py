@@ -23,10 +23,10 @@ Announcements go out ``lazy_delay`` after the envelope came, batched per
 link, to at most ``lazy_fanout`` lazy links drawn at random among those
 not known to hold it (gossipsub's D_lazy; plain Plumtree tells every lazy
 link, which on a large network is most of a node's work), and once more
-``lazy_repeat`` later (or twice the graft wait) to as many others not known to hold it by then: a
-node whose tree parent went away and that no neighbour drew the first time
-hears of it the second (gossipsub too announces an id over several
-heartbeats). A
+``lazy_repeat`` later (or twice the graft wait) to as many others not known
+to hold it by then: a node whose tree parent went away and that no
+neighbour drew the first time hears of it the second (gossipsub too
+announces an id over several heartbeats). A
 node that hears of an id over a lazy link and does not get the envelope
 soon after asks for it (``graft``), which also makes that link eager again:
 that is how the tree heals when a link or node goes away. How soon is
@@ -34,7 +34,7 @@ that is how the tree heals when a link or node goes away. How soon is
 that over the tree (an estimate of how late, as TCP's of a round trip: a
 mean and deviation of the time from an id's first announcement to its
 envelope over a link not grafted), up to ``graft_timeout_max``. The trade-off:
-fewer copies, at the price of a repair delay (``graft_timeout``) when the
+fewer copies, at the price of a repair delay (``graft_wait``) when the
 tree is broken, and small id announcements on the lazy links.
 
 Peer frames (events, only after the ``hello`` handshake):
@@ -440,7 +440,7 @@ class Gossip:
         #: live peer connections (from the peer manager's events), in the
         #: order they came up
         self.links: dict[Any, Link] = {}
-        #: announced ids we wait for: id -> (timer, announcing links still to ask)
+        #: announced ids we wait for
         self.missing: dict[str, Awaited] = {}
         #: id received through a graft -> when it was first announced
         self._grafted_at: OrderedDict[str, float] = OrderedDict()
@@ -502,7 +502,10 @@ class Gossip:
 
     def _late(self, seconds: float) -> None:
         """An envelope came ``seconds`` after its first announcement, over
-        a link not grafted for it (RFC 6298's smoothing)."""
+        a link not grafted for it (RFC 6298's smoothing). A sample counts
+        at most ``graft_timeout_max``: a peer replaying an old copy of a
+        grafted id must not hold the wait up for long."""
+        seconds = min(seconds, self.config.graft_timeout_max)
         if self._late_mean is None:
             self._late_mean, self._late_dev = seconds, seconds / 2
         else:

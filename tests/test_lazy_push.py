@@ -386,3 +386,17 @@ def test_on_slow_links_the_wait_grows_and_saves_copies():
     # find nodes deep in the tree without the envelope).
     assert adaptive[1] <= 1.6 and adaptive[3] <= 1.6
     assert adaptive[3] < fixed[3] - 0.2  # once the wait has learned
+
+
+def test_one_very_late_copy_does_not_hold_the_wait_up():
+    # A peer replaying an old copy of a grafted id: one sample of 100 s
+    # counts as the longest wait, and honest samples bring the wait back.
+    gossip = make_gossip()
+    announcer, tree = lazy_links(gossip, 2)
+    for _ in range(10):
+        _announce_then_send(gossip, announcer, tree, late=0.1)
+    gossip._late(100.0)
+    assert gossip.graft_wait() <= gossip.config.graft_timeout_max
+    for _ in range(30):
+        _announce_then_send(gossip, announcer, tree, late=0.1)
+    assert gossip.graft_wait() == gossip.config.graft_timeout
