@@ -39,6 +39,7 @@ import pprint
 from typing import Any
 
 import autobahn
+import txaio
 import autobahn.websocket.protocol as _autobahn_protocol
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.task import Clock
@@ -74,7 +75,13 @@ def missing_insides() -> tuple[str, ...]:
     looked for on one: opened in memory (a ``StringTransport``, a ``Clock``,
     never the global reactor, which must not be installed by an import).
     """
-    factory = WebSocketServerFactory(reactor=Clock())
+    clock = Clock()
+    factory = WebSocketServerFactory(reactor=clock)
+    # Autobahn's timers go through txaio's loop, which, unset, imports (and
+    # so installs) the global reactor: lend it the clock meanwhile, or
+    # importing foxnode would install the default reactor under twistd's
+    # --reactor and under any program that installs its own later.
+    lent, txaio.config.loop = txaio.config.loop, clock
     # The Twisted protocol foxnode's is built on (the factory's default is
     # Autobahn's framework-neutral one).
     factory.protocol = WebSocketServerProtocol
@@ -93,6 +100,7 @@ def missing_insides() -> tuple[str, ...]:
             protocol.dropConnection(abort=True)
         except Exception:
             pass
+        txaio.config.loop = lent
 
 
 #: What this Autobahn lacks of ``AUTOBAHN_INSIDES``: empty, or the fast

@@ -29,7 +29,6 @@ from typing import Any, Union
 import attrs
 import orjson
 from autobahn.twisted.resource import WebSocketResource
-from prometheus_client.twisted import MetricsResource
 from twisted.web import pages
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
@@ -517,6 +516,10 @@ def make_site(node: Node, ws_factory: FoxServerFactory, config: WebConfig | None
     root.putChild(b"", NodePage(node))
     root.putChild(b"ws", NodeWebSocket(ws_factory, site.policy, site.quiet))
     root.putChild(b"healthz", Health(node))
+    # Imported here: the module imports (so installs) the global reactor,
+    # which an import of foxnode must leave to twistd's --reactor.
+    from prometheus_client.twisted import MetricsResource
+
     root.putChild(b"metrics", MetricsResource(registry=node.metrics.registry))
     static = File(str(STATIC))
     static.indexNames = []
